@@ -1,0 +1,157 @@
+"""A store in a local (or parallel-filesystem) directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from tlreg.storage_backends.base import Data, Store, as_parts, check_key
+from tlreg.storage_backends.errors import ObjectNotFound, StoreError
+
+# writev takes at most IOV_MAX buffers and at most ~2 GiB per call on Linux.
+_MAX_WRITE = 1 << 30
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view[:_MAX_WRITE])
+        view = view[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore(Store):
+    """Objects as files under ``root``.
+
+    Writes go to a temporary file in the target directory, are fsynced (unless
+    ``fsync=False``), then renamed into place and the directory is fsynced: on POSIX
+    filesystems, Lustre and GPFS included, rename is the atomic commit. No file locks.
+    """
+
+    supports_local_path = True
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root).expanduser().absolute()
+        super().__init__(self.root.as_uri())
+        self.fsync = fsync
+        self.supports_fsync = fsync
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (LocalStore, (str(self.root),), {"fsync": self.fsync})
+
+    def __setstate__(self, state: dict[str, bool]) -> None:
+        self.fsync = state["fsync"]
+        self.supports_fsync = self.fsync
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    # docstring inherited
+    def put(self, key: str, data: Data) -> None:
+        path = self._path(key)
+        parts = as_parts(data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create {path.parent}: {e.strerror}; check the store path") from e
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                for part in parts:
+                    _write_all(fd, part)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(path.parent)
+
+    # docstring inherited
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key!r} in {self.url}") from None
+
+    # docstring inherited
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key!r} in {self.url}") from None
+
+    # docstring inherited
+    def get_into(self, key: str, out: memoryview, start: int = 0) -> None:
+        out = out.cast("B")
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                f.seek(start)
+                view = out
+                while view:
+                    n = f.readinto(view)
+                    if not n:
+                        raise EOFError(f"object {key!r} in {self.url} is shorter than expected")
+                    view = view[n:]
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key!r} in {self.url}") from None
+
+    # docstring inherited
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    # docstring inherited
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key!r} in {self.url}") from None
+
+    # docstring inherited
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            for name in files:
+                if name.startswith(".") and ".tmp-" in name:
+                    continue  # an in-flight or abandoned atomic write
+                yield name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+
+    # docstring inherited
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        # prune empty fan-out directories, never the root itself
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    break
+                raise
+            parent = parent.parent
+
+    # docstring inherited
+    def local_path(self, key: str) -> str | None:
+        return str(self._path(key))

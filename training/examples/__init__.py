@@ -1,0 +1,1 @@
+"""tlreg.training.examples"""
