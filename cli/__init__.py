@@ -1,1 +1,1 @@
-"""tlreg.cli"""
+"""The ``tlreg`` command line: formatting only, every command calls the Python API."""

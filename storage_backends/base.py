@@ -36,7 +36,7 @@ def check_key(key: str) -> str:
         or key.startswith("/")
         or key.endswith("/")
         or posixpath.normpath(key) != key
-        or key.split("/")[0] == ".."
+        or key.split("/")[0] in (".", "..")
         or any(ord(c) < 32 for c in key)
     ):
         raise InvalidKey(f"invalid store key {key!r}: use a relative path like 'objects/ab/cd/x'")

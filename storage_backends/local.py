@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,7 +85,7 @@ class LocalStore(Store):
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in {self.url}") from None
 
     # docstring inherited
@@ -93,7 +94,7 @@ class LocalStore(Store):
             with open(self._path(key), "rb") as f:
                 f.seek(start)
                 return f.read(length)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in {self.url}") from None
 
     # docstring inherited
@@ -108,7 +109,7 @@ class LocalStore(Store):
                     if not n:
                         raise EOFError(f"object {key!r} in {self.url} is shorter than expected")
                     view = view[n:]
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in {self.url}") from None
 
     # docstring inherited
@@ -118,9 +119,12 @@ class LocalStore(Store):
     # docstring inherited
     def size(self, key: str) -> int:
         try:
-            return self._path(key).stat().st_size
+            st = self._path(key).stat()
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {key!r} in {self.url}") from None
+        if not stat.S_ISREG(st.st_mode):  # a folder of keys is not an object
+            raise ObjectNotFound(f"no object {key!r} in {self.url}")
+        return st.st_size
 
     # docstring inherited
     def list(self, prefix: str = "") -> Iterator[str]:

@@ -1,1 +1,1 @@
-"""tlreg.training.examples"""
+"""Example tasks: ``digits`` (scikit-learn digits, lower and upper halves)."""

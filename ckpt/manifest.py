@@ -1,0 +1,256 @@
+"""The manifest: the immutable JSON document that makes a set of objects one checkpoint.
+
+``manifests/<id>.json``::
+
+    {"format": "tlreg.manifest", "version": 1, "id": "<32 hex>", "step": 100,
+     "created": "2025-01-01T00:00:00.000000+00:00", "metadata": {...}, "tree": {...},
+     "tensors": {"model/fc.weight": {"object": "<hash>", "offset": 0, "nbytes": 4096,
+                                     "dtype": "float32", "shape": [32, 32], "hash": "<hash>"}},
+     "objects": {"<hash>": 67108864}}
+
+``tree`` is the state's structure (see :mod:`tlreg.ckpt.tree`), ``tensors`` maps every tensor
+path to where its bytes live (an object and a byte offset in it) and the BLAKE3 hash of those
+bytes, and ``objects`` lists every object the checkpoint references with its size. A
+zero-byte tensor has ``object: ""`` and is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from tlreg.ckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
+from tlreg.storage_backends import ObjectNotFound, Store
+
+FORMAT = "tlreg.manifest"
+VERSION = 1
+MANIFESTS = "manifests"
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live and what they are."""
+
+    object: str
+    """Hash of the object holding the bytes ('' for a zero-byte tensor)."""
+    offset: int
+    """Byte offset of the tensor in the object."""
+    nbytes: int
+    """Length of the tensor's bytes."""
+    dtype: str
+    """Torch dtype name, e.g. ``bfloat16`` (see :data:`tlreg.ckpt.dtypes.DTYPES`)."""
+    shape: tuple[int, ...]
+    """Tensor shape; ``()`` for a 0-d tensor."""
+    hash: str
+    """BLAKE3 hex digest of the tensor's bytes."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as it appears in the manifest."""
+        return {
+            "object": self.object,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorEntry:
+        """Parse an entry; ``ValueError``/``KeyError``/``TypeError`` if malformed."""
+        entry = cls(
+            object=_str(data["object"]),
+            offset=_nonneg(data["offset"]),
+            nbytes=_nonneg(data["nbytes"]),
+            dtype=_str(data["dtype"]),
+            shape=tuple(_nonneg(n) for n in data["shape"]),
+            hash=_str(data["hash"]),
+        )
+        if not _HASH.match(entry.hash) or (entry.object and not _HASH.match(entry.object)):
+            raise ValueError(f"bad hash in {dict(data)}")
+        return entry
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One checkpoint: its tensors' locations, the objects they live in, and its structure."""
+
+    id: str
+    step: int | None
+    created: datetime
+    """When the save was made (timezone-aware, UTC)."""
+    tensors: dict[str, TensorEntry]
+    objects: dict[str, int]
+    """Every object the checkpoint references: hash -> size in bytes."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The caller's JSON metadata."""
+    tree: Any = None
+    """The state's structure, see :mod:`tlreg.ckpt.tree`."""
+    version: int = VERSION
+
+    @property
+    def logical_bytes(self) -> int:
+        """Bytes of all tensors, whether or not this checkpoint wrote them."""
+        return sum(e.nbytes for e in self.tensors.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as a JSON-ready dict (key order kept: it is the state's order)."""
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "id": self.id,
+            "step": self.step,
+            "created": self.created.isoformat(),
+            "metadata": self.metadata,
+            "tree": self.tree,
+            "tensors": {path: e.to_json() for path, e in self.tensors.items()},
+            "objects": dict(self.objects),
+        }
+
+    def to_bytes(self) -> bytes:
+        """The manifest file's content (UTF-8 JSON, standard: no NaN literals)."""
+        return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str | bytes, *, name: str = "manifest") -> Manifest:
+        """Parse a manifest document.
+
+        Raises :class:`UnsupportedFormat` for another format or a newer version and
+        :class:`CorruptCheckpoint` (naming ``name``) for anything malformed.
+        """
+        try:
+            if isinstance(data, str | bytes):
+                data = json.loads(data)
+            if not isinstance(data, Mapping):
+                raise TypeError("not a JSON object")
+        except (ValueError, TypeError) as e:
+            raise CorruptCheckpoint(
+                f"{name} is not valid JSON ({e}); the file is damaged, restore it from a copy"
+            ) from None
+        fmt, version = data.get("format"), data.get("version")
+        if fmt != FORMAT:
+            raise UnsupportedFormat(f"{name} is not a tlreg manifest (format {fmt!r})")
+        if type(version) is not int or version < 1:
+            raise CorruptCheckpoint(f"{name} has no valid version ({version!r})")
+        if version > VERSION:
+            raise UnsupportedFormat(
+                f"{name} has format version {version}, written by a newer tlreg "
+                f"(this one reads up to {VERSION}); upgrade tlreg to read it"
+            )
+        try:
+            step = data["step"]
+            if step is not None and type(step) is not int:
+                raise TypeError(f"step {step!r}")
+            created = datetime.fromisoformat(_str(data["created"]))
+            if created.tzinfo is None:
+                raise ValueError("created has no timezone")
+            metadata = data.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise TypeError("metadata is not an object")
+            tensors = {_str(p): TensorEntry.from_json(e) for p, e in data["tensors"].items()}
+            objects = {_str(h): _nonneg(n) for h, n in data["objects"].items()}
+            if not all(_HASH.match(h) for h in objects):
+                raise ValueError("bad object hash")
+            missing = {e.object for e in tensors.values() if e.object} - objects.keys()
+            if missing:
+                raise ValueError(f"tensors reference unlisted objects {sorted(missing)[:3]}")
+            manifest_id = _str(data["id"])
+            if not _ID.match(manifest_id):
+                raise ValueError(f"bad id {manifest_id!r}")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptCheckpoint(
+                f"{name} is malformed ({type(e).__name__}: {e}); it cannot be loaded"
+            ) from None
+        return cls(
+            id=manifest_id,
+            step=step,
+            created=created,
+            tensors=tensors,
+            objects=objects,
+            metadata=metadata,
+            tree=data.get("tree"),
+            version=version,
+        )
+
+
+def _str(value: Any) -> str:
+    if type(value) is not str:
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _nonneg(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise TypeError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def manifest_key(manifest_id: str) -> str:
+    """The store key of a manifest."""
+    return f"{MANIFESTS}/{manifest_id}.json"
+
+
+def read_manifest(store: Store, manifest_id: str) -> Manifest:
+    """Read and parse the manifest ``manifest_id`` from ``store``.
+
+    Raises :class:`CheckpointNotFound` if it does not exist, :class:`UnsupportedFormat` if a
+    newer tlreg wrote it and :class:`CorruptCheckpoint` if it is malformed.
+    """
+    if not isinstance(manifest_id, str) or not _ID.match(manifest_id):
+        raise CheckpointNotFound(
+            f"{manifest_id!r} is not a checkpoint manifest id (32 hex digits); "
+            "list the store's manifests/ or ask the registry for the id"
+        )
+    try:
+        raw = store.get(manifest_key(manifest_id))
+    except ObjectNotFound:
+        raise CheckpointNotFound(
+            f"no checkpoint manifest {manifest_id} in {store.url}; check the id and the store URL"
+        ) from None
+    manifest = Manifest.from_json(raw, name=f"manifest {manifest_id} in {store.url}")
+    if manifest.id != manifest_id:
+        raise CorruptCheckpoint(
+            f"manifest {manifest_id} in {store.url} claims id {manifest.id}; it was renamed or damaged"
+        )
+    return manifest
+
+
+def write_manifest(store: Store, manifest: Manifest) -> None:
+    """Write ``manifest`` (atomically, as every store put is); this is the checkpoint's commit."""
+    store.put(manifest_key(manifest.id), manifest.to_bytes())
+
+
+_id_lock = threading.Lock()
+_last_id = (0, 0)
+
+
+def new_manifest_id() -> str:
+    """A unique id that sorts by creation time: 48 bits of milliseconds + 80 random bits.
+
+    Within one process ids are strictly increasing even inside one millisecond.
+    """
+    global _last_id
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        last_ms, last_rand = _last_id
+        if ms <= last_ms:
+            ms, rand = last_ms, last_rand + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
+        _last_id = (ms, rand)
+    return f"{ms:012x}{rand:020x}"
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)

@@ -1,0 +1,160 @@
+"""Objects: immutable, content-addressed Zarr v3 arrays of bytes.
+
+An object is a 1-D ``uint8`` Zarr v3 array at ``objects/<h0h1>/<h2h3>/<hash>/`` whose name is
+the BLAKE3 hash of its bytes: ``zarr.json`` plus chunk files ``c/0``, ``c/1``, ... (default
+chunk key encoding, uncompressed ``bytes`` codec), so ``zarr.open_array`` reads any object.
+
+The engine writes the chunk files itself, from the staged buffers, and writes ``zarr.json``
+last: its existence marks a complete object, and it is what dedup checks. Zarr v3 expects
+every chunk at full chunk size, the final one included (zarr-python refuses a short one), so
+the chunk size is chosen per object as ``ceil(nbytes / k)`` for the smallest ``k`` that keeps
+chunks under the target: the zero padding of the last chunk is then below ``k`` bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tlreg.ckpt.errors import UnsupportedFormat
+from tlreg.storage_backends import Store
+
+OBJECTS = "objects"
+CHUNK_BYTES = 16 << 20
+"""Target chunk size: large sequential writes, few files, bounded read amplification."""
+
+_ZEROS = bytes(1 << 16)
+
+
+def object_prefix(digest: str) -> str:
+    """The folder of object ``digest`` (fanned out so no directory holds millions of entries)."""
+    return f"{OBJECTS}/{digest[:2]}/{digest[2:4]}/{digest}"
+
+
+def meta_key(digest: str) -> str:
+    """Key of the object's ``zarr.json``; its existence means the object is complete."""
+    return f"{object_prefix(digest)}/zarr.json"
+
+
+def chunk_key(digest: str, index: int) -> str:
+    """Key of chunk ``index`` of the object (zarr v3 default chunk key encoding)."""
+    return f"{object_prefix(digest)}/c/{index}"
+
+
+@dataclass(frozen=True)
+class ObjectLayout:
+    """Size and chunking of one object."""
+
+    nbytes: int
+    chunk: int
+
+    @classmethod
+    def plan(cls, nbytes: int, target: int = CHUNK_BYTES) -> ObjectLayout:
+        """Chunking for an object of ``nbytes`` (> 0) with chunks of at most ``target``."""
+        if nbytes <= 0:
+            raise ValueError("an object holds at least one byte")
+        count = -(-nbytes // target)
+        return cls(nbytes, -(-nbytes // count))
+
+    @property
+    def nchunks(self) -> int:
+        """Number of chunk files."""
+        return -(-self.nbytes // self.chunk)
+
+    def zarr_json(self) -> bytes:
+        """The object's ``zarr.json``."""
+        meta = {
+            "zarr_format": 3,
+            "node_type": "array",
+            "shape": [self.nbytes],
+            "data_type": "uint8",
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [self.chunk]}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0,
+            "codecs": [{"name": "bytes"}],
+            "attributes": {},
+            "storage_transformers": [],
+        }
+        return json.dumps(meta, indent=2).encode()
+
+    @classmethod
+    def from_zarr_json(cls, raw: bytes, *, name: str) -> ObjectLayout:
+        """Parse an object's ``zarr.json``; :class:`UnsupportedFormat` unless tlreg could
+        have written it (1-D uint8, regular chunks, default keys, uncompressed bytes)."""
+        try:
+            meta: Any = json.loads(raw)
+            (nbytes,) = meta["shape"]
+            (chunk,) = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            ok = (
+                meta["zarr_format"] == 3
+                and meta["node_type"] == "array"
+                and meta["data_type"] == "uint8"
+                and meta["chunk_grid"]["name"] == "regular"
+                and meta["chunk_key_encoding"]
+                == {"name": "default", "configuration": {"separator": "/"}}
+                and [c["name"] for c in meta["codecs"]] == ["bytes"]
+                and not meta.get("storage_transformers")
+                and type(nbytes) is int
+                and type(chunk) is int
+                and nbytes > 0
+                and chunk > 0
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise UnsupportedFormat(f"{name} has unreadable zarr.json ({e!r})") from None
+        if not ok:
+            raise UnsupportedFormat(
+                f"{name} is not a tlreg object (expected a 1-D uint8 array with the plain bytes codec)"
+            )
+        return cls(nbytes, chunk)
+
+    def pieces(self, start: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """``(chunk index, offset in chunk, length)`` covering bytes ``[start, start+length)``."""
+        end = start + length
+        while start < end:
+            index, offset = divmod(start, self.chunk)
+            n = min(self.chunk - offset, end - start)
+            yield index, offset, n
+            start += n
+
+
+def split_chunks(parts: Sequence[memoryview], layout: ObjectLayout) -> list[list[memoryview]]:
+    """Cut the object's bytes (``parts`` back to back, ``layout.nbytes`` in all) into the
+    buffers of each chunk file, the last padded with zeros to the full chunk size."""
+    chunks: list[list[memoryview]] = [[]]
+    room = layout.chunk
+    for part in parts:
+        while part:
+            if room == 0:
+                chunks.append([])
+                room = layout.chunk
+            take = part[:room]
+            chunks[-1].append(take)
+            room -= len(take)
+            part = part[len(take) :]
+    while room:
+        pad = memoryview(_ZEROS)[: min(room, len(_ZEROS))]
+        chunks[-1].append(pad)
+        room -= len(pad)
+    if len(chunks) != layout.nchunks:
+        raise AssertionError(f"{len(chunks)} chunks for a layout of {layout.nchunks}")
+    return chunks
+
+
+def zero_pad(nbytes: int) -> memoryview:
+    """``nbytes`` (< 64 KiB) zero bytes, without allocating."""
+    return memoryview(_ZEROS)[:nbytes]
+
+
+def read_layout(store: Store, digest: str) -> ObjectLayout:
+    """Read an object's layout from its ``zarr.json`` (``ObjectNotFound`` if incomplete)."""
+    return ObjectLayout.from_zarr_json(store.get(meta_key(digest)), name=f"object {digest}")
+
+
+def read_range(store: Store, digest: str, layout: ObjectLayout, start: int, out: memoryview) -> None:
+    """Fill ``out`` with the object's bytes from ``start``."""
+    done = 0
+    for index, offset, n in layout.pieces(start, len(out)):
+        store.get_into(chunk_key(digest, index), out[done : done + n], offset)
+        done += n

@@ -1,0 +1,179 @@
+"""``tlreg log``, ``tlreg lineage`` and ``tlreg show``: browsing what happened."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import click
+
+from tlreg.ckpt import read_manifest
+from tlreg.cli.common import (
+    Env,
+    checkpoint_line,
+    echo_json,
+    fmt_bytes,
+    fmt_metrics,
+    json_option,
+    pass_env,
+    short,
+)
+from tlreg.registry import CheckpointRecord
+
+
+@click.command()
+@click.argument("branch")
+@click.option("-n", "--limit", type=click.IntRange(min=1), help="Show at most N checkpoints.")
+@json_option
+@pass_env
+def log(env: Env, branch: str, limit: int | None, as_json: bool) -> None:
+    """Checkpoints reachable from BRANCH's head, newest first.  Example: tlreg log upper-head"""
+    records = env.registry.log(branch, limit=limit)
+    if as_json:
+        echo_json([r.to_json() for r in records])
+        return
+    for r in records:
+        when = r.created.strftime("%Y-%m-%d %H:%M:%S")
+        line = f"{short(r.id)}  {r.branch}@{r.step}  {when}  {r.kind}"
+        click.echo(f"{line}  {fmt_metrics(r.metrics)}".rstrip())
+
+
+def render_tree(nodes: dict[str, CheckpointRecord], focus: str) -> list[str]:
+    """Draw the lineage DAG restricted to ``nodes`` as text.
+
+    A chain on one branch is drawn straight down; a child on another branch opens an
+    indented subtree under the checkpoint it branched from. A node with several parents
+    (a merge) is drawn once, under its first parent, and referenced elsewhere.
+    """
+    children: dict[str, list[CheckpointRecord]] = defaultdict(list)
+    for r in nodes.values():
+        for p in r.parents[:1]:
+            if p in nodes:
+                children[p].append(r)
+    for kids in children.values():
+        kids.sort(key=lambda r: (r.created, r.id))
+    roots = sorted(
+        (r for r in nodes.values() if not any(p in nodes for p in r.parents)),
+        key=lambda r: (r.created, r.id),
+    )
+    lines: list[str] = []
+
+    def label(r: CheckpointRecord) -> str:
+        extra = [f"merge of {', '.join(short(p) for p in r.parents)}"] if len(r.parents) > 1 else []
+        mark = "  <-" if r.id == focus else ""
+        return "  ".join([checkpoint_line(r), *extra]) + mark
+
+    def chain(r: CheckpointRecord | None, prefix: str, first_prefix: str) -> None:
+        lead = first_prefix
+        while r is not None:
+            lines.append(lead + label(r))
+            lead = prefix
+            kids = children.get(r.id, [])
+            same = [k for k in kids if k.branch == r.branch]
+            cont = same[0] if same else None
+            side = [k for k in kids if k is not cont]
+            for i, k in enumerate(side):
+                last = i == len(side) - 1 and cont is None
+                chain(k, prefix + ("   " if last else "│  "), prefix + ("└─ " if last else "├─ "))
+            r = cont
+
+    for root in roots:
+        chain(root, "", "")
+    return lines
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--depth", type=click.IntRange(min=0), help="Limit to N generations each way.")
+@json_option
+@pass_env
+def lineage(env: Env, ref: str, depth: int | None, as_json: bool) -> None:
+    """Ancestors and descendants of REF as a tree.  Example: tlreg lineage base"""
+    focus = env.registry.resolve(ref)
+    ancestors = env.registry.ancestors(ref)
+    descendants = env.registry.descendants(ref)
+    if depth is not None:
+        ancestors = _within(focus, ancestors, depth, up=True)
+        descendants = _within(focus, descendants, depth, up=False)
+    nodes = {r.id: r for r in [*ancestors, focus, *descendants]}
+    if as_json:
+        echo_json({
+            "ref": ref,
+            "checkpoint": focus.id,
+            "ancestors": [r.to_json() for r in ancestors],
+            "descendants": [r.to_json() for r in descendants],
+            "edges": sorted(
+                [p, r.id] for r in nodes.values() for p in r.parents if p in nodes
+            ),
+        })
+        return
+    for line in render_tree(nodes, focus.id):
+        click.echo(line)
+
+
+def _within(
+    focus: CheckpointRecord, records: list[CheckpointRecord], depth: int, *, up: bool
+) -> list[CheckpointRecord]:
+    by_id = {r.id: r for r in records}
+    level = {focus.id: 0}
+    frontier = [focus]
+    while frontier:
+        nxt = []
+        for r in frontier:
+            if level[r.id] >= depth:
+                continue
+            linked = (
+                [by_id[p] for p in r.parents if p in by_id]
+                if up
+                else [c for c in records if r.id in c.parents]
+            )
+            for c in linked:
+                if c.id not in level:
+                    level[c.id] = level[r.id] + 1
+                    nxt.append(c)
+        frontier = nxt
+    return [r for r in records if r.id in level]
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--tensors", is_flag=True, help="List every tensor.")
+@json_option
+@pass_env
+def show(env: Env, ref: str, tensors: bool, as_json: bool) -> None:
+    """Details of checkpoint REF (a branch, tag, id or id prefix).  Example: tlreg show base"""
+    r = env.registry.resolve(ref)
+    manifest = read_manifest(env.store, r.manifest)
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for path, entry in manifest.tensors.items():
+        g = groups[path.split("/", 1)[0]]
+        g[0] += 1
+        g[1] += entry.nbytes
+    if as_json:
+        doc = r.to_json()
+        doc["tensors"] = {
+            path: {"dtype": e.dtype, "shape": list(e.shape), "nbytes": e.nbytes, "object": e.object}
+            for path, e in manifest.tensors.items()
+        }
+        doc["objects"] = manifest.objects
+        echo_json(doc)
+        return
+    click.echo(f"checkpoint  {r.id}")
+    click.echo(f"branch      {r.branch}")
+    click.echo(f"step        {r.step}")
+    click.echo(f"kind        {r.kind}")
+    click.echo(f"created     {r.created.isoformat()}")
+    click.echo(f"parents     {', '.join(short(p) for p in r.parents) or '-'}")
+    if r.message:
+        click.echo(f"message     {r.message}")
+    if r.metrics:
+        click.echo(f"metrics     {fmt_metrics(r.metrics)}")
+    click.echo(f"bytes       {fmt_bytes(r.logical_bytes)} logical, {fmt_bytes(r.new_bytes)} new")
+    click.echo(f"objects     {len(manifest.objects)}")
+    for name, (count, nbytes) in sorted(groups.items()):
+        click.echo(f"  {name:<10}{count:>6} tensors  {fmt_bytes(nbytes)}")
+    if tensors:
+        for path, e in sorted(manifest.tensors.items()):
+            click.echo(f"  {path}  {e.dtype}  {list(e.shape)}")
+
+
+COMMANDS = [log, lineage, show]

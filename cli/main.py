@@ -1,0 +1,67 @@
+"""``tlreg``: the command group and ``tlreg init``."""
+
+from __future__ import annotations
+
+import click
+
+from tlreg.cli import branches, history, train, weights
+from tlreg.cli.common import Env, TlregGroup, echo_json, json_option, pass_env
+from tlreg.registry import Registry
+from tlreg.training import write_settings
+
+
+@click.group(cls=TlregGroup)
+@click.option("--home", envvar="TLREG_HOME", help="tlreg home (default ~/.tlreg).")
+@click.option("--registry", "registry_url", help="Registry URL (overrides TLREG_REGISTRY_URL).")
+@click.option("--store", "store_url", help="Store path or URL (overrides TLREG_STORE_URL).")
+@click.version_option(package_name="tlreg")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, registry_url: str | None, store_url: str | None) -> None:
+    """Async checkpoints and a lineage registry for transfer learning on Ray.
+
+    \b
+    Example:  tlreg init && tlreg branch base && tlreg train base --task tlreg.training.examples.digits:lower
+    """
+    env = Env(home, registry_url, store_url)
+    ctx.obj = env
+    ctx.call_on_close(env.close)
+
+
+@cli.command()
+@json_option
+@pass_env
+def init(env: Env, as_json: bool) -> None:
+    """Create the registry and store, and write tlreg.toml.  Example: tlreg init --store s3://b/p"""
+    settings = env.settings
+    path = write_settings(settings)
+    registry = Registry(settings.registry_url)
+    try:
+        recorded = registry.get_meta("store_url")
+        if recorded is None:
+            registry.set_meta("store_url", settings.store_url)
+        elif recorded != settings.store_url:
+            raise click.ClickException(
+                f"registry {settings.registry_url} already records store {recorded!r}, "
+                f"not {settings.store_url!r}: pass --store {recorded}"
+            )
+    finally:
+        registry.close()
+    env.store  # noqa: B018 - opening validates the URL and the credentials
+    info = {"home": str(settings.home), "config": str(path), "registry_url": settings.registry_url,
+            "store_url": settings.store_url}
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"initialised tlreg in {settings.home}")
+        click.echo(f"  registry  {settings.registry_url}")
+        click.echo(f"  store     {settings.store_url}")
+
+
+for module in (branches, history, train, weights):
+    for command in module.COMMANDS:
+        cli.add_command(command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="tlreg")

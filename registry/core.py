@@ -1,0 +1,761 @@
+"""The registry: one SQLModel implementation over SQLite (embedded) and PostgreSQL (clusters).
+
+Every public call opens one session and one transaction; a call that raises rolls its
+transaction back, so a failed call leaves the database unchanged. Uniqueness (branch, tag and
+checkpoint names) is enforced by primary keys and reported from the IntegrityError.
+
+Writers are serialised per branch: a commit locks the branch row (``SELECT ... FOR UPDATE`` on
+PostgreSQL; ``BEGIN IMMEDIATE`` takes SQLite's single write lock) before it reads the head, then
+moves the head with a compare-and-swap ``UPDATE`` whose row count is checked. This is what makes
+concurrent commits from many Ray workers safe without file locks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, literal_column, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, col, delete, select, update
+
+from tlreg.registry import models as m
+from tlreg.registry.errors import (
+    AmbiguousRef,
+    BranchExists,
+    BranchNotFound,
+    CheckpointExists,
+    EmptyBranch,
+    HeadMoved,
+    RefNotFound,
+    RunNotFound,
+    SchemaVersionError,
+    TagExists,
+    UnsupportedDatabase,
+)
+from tlreg.registry.names import validate_name
+from tlreg.registry.records import (
+    Branch,
+    CheckpointRecord,
+    Run,
+    Tag,
+    decode_metrics,
+    encode_metrics,
+)
+
+CHECKPOINT_KINDS = ("train", "import", "merge")
+"""Values of ``CheckpointRecord.kind``."""
+RUN_STATUSES = ("running", "succeeded", "failed")
+"""Values of ``Run.status``."""
+MIN_PREFIX = 4
+"""Shortest checkpoint id prefix that ``resolve`` accepts."""
+RANK_METRIC = "val_accuracy"
+"""The metric ``best_ancestor`` breaks ties with (higher is better)."""
+
+_TABLES = [
+    model.__table__  # type: ignore[attr-defined]
+    for model in (
+        m.Meta,
+        m.Run,
+        m.Checkpoint,
+        m.Edge,
+        m.Branch,
+        m.Tag,
+        m.Object,
+        m.CheckpointObject,
+        m.LayerPrefix,
+    )
+]
+_SCHEMA_LOCK_KEY = 0x746C726567  # "tlreg": serialises schema creation across processes
+_CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
+_BRANCHES_HINT = "list branches with 'tlreg branches'"
+_REFS_HINT = "pass a branch, a tag or a checkpoint id (see 'tlreg branches' and 'tlreg log')"
+
+
+def prefix_hashes(signature: Sequence[str]) -> list[str]:
+    """Hash of ``signature[:d]`` for d = 1..len(signature), chained and length-prefixed so that
+    equal hashes mean equal prefixes (of equal depth)."""
+    h = hashlib.blake2b(digest_size=20, person=b"tlreg-sig")
+    out = []
+    for part in signature:
+        data = str(part).encode()
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+        out.append(h.copy().hexdigest())
+    return out
+
+
+def _quote(value: str | None) -> str:
+    return "(empty)" if value is None else repr(value)
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+def _create_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise UnsupportedDatabase(
+            f"cannot parse registry URL {url!r}: use sqlite:///path.db or "
+            "postgresql+psycopg://user@host/db"
+        ) from e
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        return create_engine(parsed, pool_pre_ping=True)
+    if backend != "sqlite":
+        raise UnsupportedDatabase(
+            f"registry URL {parsed.render_as_string(hide_password=True)!r} names a {backend} "
+            "database: use sqlite:///path.db or postgresql+psycopg://user@host/db"
+        )
+    database = parsed.database or ""
+    memory = database in ("", ":memory:") or database.startswith("file:")
+    if memory:
+        # One shared connection, or every connection would see its own empty database.
+        engine = create_engine(
+            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    else:
+        path = Path(database).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed.set(database=str(path)), connect_args={"timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Issue BEGIN ourselves (below) instead of letting pysqlite defer it: a commit must
+        # hold the write lock from its first read of the branch head.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 60000")
+        if not memory:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        write = conn.get_execution_options().get("tlreg_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+class Registry:
+    """The lineage registry: branches, checkpoints, tags, runs and object references.
+
+    ``url`` is ``sqlite:///path.db`` (the file and its parent directories are created; WAL mode)
+    or ``postgresql+psycopg://user@host/db``. The schema is created if missing. A Registry is
+    thread-safe, and pickles by URL (it reconnects in the receiving process).
+    """
+
+    url: str
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = _create_engine(url)
+        self._writer = self._engine.execution_options(tlreg_write=True)
+        self._dialect = self._engine.dialect.name
+        try:
+            self._init_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every pooled connection. The object must not be used afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[type[Registry], tuple[str]]:
+        return (Registry, (self.url,))
+
+    def __repr__(self) -> str:
+        return f"Registry({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    def _init_schema(self) -> None:
+        with self._writer.begin() as conn:
+            if self._dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            m.metadata.create_all(conn, tables=_TABLES)
+            stored = conn.execute(
+                select(m.Meta.value).where(m.Meta.key == "schema_version")
+            ).scalar_one_or_none()
+            if stored is None:
+                conn.execute(
+                    m.Meta.__table__.insert(),  # type: ignore[attr-defined]
+                    {"key": "schema_version", "value": str(m.SCHEMA_VERSION)},
+                )
+            elif int(stored) > m.SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"registry {self!r} has schema version {stored}, newer than this tlreg "
+                    f"supports ({m.SCHEMA_VERSION}): upgrade tlreg"
+                )
+
+    @contextmanager
+    def _session(self, *, write: bool = False) -> Iterator[Session]:
+        """One session and one transaction; committed on success, rolled back on error."""
+        with Session(self._writer if write else self._engine, expire_on_commit=False) as s:
+            with s.begin():
+                yield s
+
+    def _insert(self, model: Any) -> sqlite.Insert | postgresql.Insert:
+        if self._dialect == "postgresql":
+            return postgresql.insert(model)
+        return sqlite.insert(model)
+
+    # -- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """The value stored under ``key``, or None."""
+        with self._session() as s:
+            row = s.get(m.Meta, key)
+            return None if row is None else row.value
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key``, replacing any previous value."""
+        stmt = self._insert(m.Meta).values(key=key, value=value)
+        stmt = stmt.on_conflict_do_update(index_elements=["key"], set_={"value": value})
+        with self._session(write=True) as s:
+            s.exec(stmt)
+
+    # -- branches ------------------------------------------------------------------------
+
+    def create_branch(
+        self, name: str, *, from_ref: str | None = None, task: str | None = None
+    ) -> Branch:
+        """Create branch ``name``.
+
+        Without ``from_ref`` the branch is an empty root (head None). Otherwise ``from_ref``
+        (branch, tag, checkpoint id or prefix) is resolved and the new branch's head and base
+        are that checkpoint, as in git. Raises BranchExists, InvalidName, RefNotFound.
+        """
+        validate_name(name, "branch")
+        with self._session(write=True) as s:
+            head = None if from_ref is None else self._resolve(s, from_ref).id
+            row = m.Branch(name=name, head=head, base=head, task=task, created=m.utcnow())
+            try:
+                s.exec(self._insert(m.Branch).values(**row.model_dump()))
+            except IntegrityError:
+                raise BranchExists(
+                    f"branch {name!r} already exists: pick another name or {_BRANCHES_HINT}"
+                ) from None
+            return _branch(row)
+
+    def get_branch(self, name: str) -> Branch:
+        """The branch called ``name``; raises BranchNotFound."""
+        with self._session() as s:
+            return _branch(self._branch_row(s, name))
+
+    def branches(self) -> list[Branch]:
+        """Every branch, sorted by name."""
+        with self._session() as s:
+            rows = s.exec(select(m.Branch).order_by(col(m.Branch.name))).all()
+            return [_branch(r) for r in rows]
+
+    def delete_branch(self, name: str) -> None:
+        """Delete the branch name only; its checkpoints stay (reachable by id and tags)."""
+        with self._session(write=True) as s:
+            result = s.exec(delete(m.Branch).where(col(m.Branch.name) == name))
+            if result.rowcount != 1:
+                raise BranchNotFound(f"branch {name!r} does not exist: {_BRANCHES_HINT}")
+
+    def branch_bytes(self, branch: str) -> tuple[int, int]:
+        """(logical, new) bytes summed over the checkpoints committed on ``branch``."""
+        with self._session() as s:
+            self._branch_row(s, branch)
+            logical, new = s.exec(
+                select(
+                    func.coalesce(func.sum(m.Checkpoint.logical_bytes), 0),
+                    func.coalesce(func.sum(m.Checkpoint.new_bytes), 0),
+                ).where(m.Checkpoint.branch == branch)
+            ).one()
+            return int(logical), int(new)
+
+    def _branch_row(self, s: Session, name: str, *, lock: bool = False) -> m.Branch:
+        stmt = select(m.Branch).where(m.Branch.name == name)
+        if lock:
+            stmt = stmt.with_for_update()
+        row = s.exec(stmt).first()
+        if row is None:
+            raise BranchNotFound(f"branch {name!r} does not exist: {_BRANCHES_HINT}")
+        return row
+
+    # -- commit --------------------------------------------------------------------------
+
+    def commit(
+        self,
+        branch: str,
+        manifest_id: str,
+        *,
+        step: int,
+        parents: Sequence[str] | None = None,
+        objects: Mapping[str, int],
+        metrics: Mapping[str, float] | None = None,
+        expected_head: str | None = ...,  # type: ignore[assignment]
+        logical_bytes: int = 0,
+        kind: str = "train",
+        signature: Sequence[str] | None = None,
+        message: str | None = None,
+        run_id: int | None = None,
+    ) -> CheckpointRecord:
+        """Record checkpoint ``manifest_id`` on ``branch`` and move the branch head to it.
+
+        One transaction: the object rows the store gained (``objects`` maps object hash to its
+        size; ``new_bytes`` counts only hashes the registry had never seen), the checkpoint, its
+        object references, its edges, its architecture-signature prefixes, and the head moved
+        by compare-and-swap from ``expected_head``. ``expected_head`` left out means "the head
+        as this transaction finds it" (concurrent committers then form one chain); given, a
+        different head raises HeadMoved and nothing is written.
+
+        ``parents`` (checkpoint ids, first parent first) default to the current head, or none
+        on an empty branch. Edge kinds: "merge" with several parents, else "continue" when the
+        parent was committed on this branch and "branch" when not.
+
+        Raises BranchNotFound, RefNotFound (a parent), RunNotFound, CheckpointExists,
+        HeadMoved, ValueError (bad arguments).
+        """
+        if kind not in CHECKPOINT_KINDS:
+            raise ValueError(f"checkpoint kind {kind!r} is not one of {CHECKPOINT_KINDS}")
+        if not isinstance(manifest_id, str) or not manifest_id:
+            raise ValueError(f"manifest_id must be a non-empty string, got {manifest_id!r}")
+        parent_ids = None if parents is None else [str(p) for p in parents]
+        if parent_ids is not None and len(set(parent_ids)) != len(parent_ids):
+            raise ValueError(f"parents of {manifest_id!r} repeat a checkpoint: {parent_ids}")
+        sizes = {str(h): int(n) for h, n in objects.items()}
+        if any(n < 0 for n in sizes.values()):
+            raise ValueError(f"object sizes of {manifest_id!r} must be >= 0")
+        stored_metrics = encode_metrics(metrics)
+        rank = stored_metrics.get(RANK_METRIC)
+        sig = None if signature is None else [str(x) for x in signature]
+
+        with self._session(write=True) as s:
+            row = self._branch_row(s, branch, lock=True)
+            current = row.head
+            expected = current if expected_head is ... else expected_head
+            if expected != current:
+                raise _head_moved(branch, expected, current)
+            if parent_ids is None:
+                parent_ids = [] if current is None else [current]
+            parent_branch = dict(
+                s.exec(
+                    select(m.Checkpoint.id, m.Checkpoint.branch).where(
+                        col(m.Checkpoint.id).in_(parent_ids)
+                    )
+                ).all()
+            )
+            for p in parent_ids:
+                if p not in parent_branch:
+                    raise RefNotFound(
+                        f"parent checkpoint {p!r} of {manifest_id!r} does not exist: "
+                        "pass ids of committed checkpoints"
+                    )
+            if run_id is not None and s.get(m.Run, run_id) is None:
+                raise RunNotFound(f"run {run_id} does not exist: start one with start_run()")
+
+            new_bytes = self._insert_objects(s, sizes)
+            created = m.utcnow()
+            checkpoint = m.Checkpoint(
+                id=manifest_id,
+                branch=branch,
+                step=int(step),
+                manifest=manifest_id,
+                metrics=stored_metrics,
+                val_accuracy=rank if isinstance(rank, float) else None,
+                logical_bytes=int(logical_bytes),
+                new_bytes=new_bytes,
+                kind=kind,
+                message=message,
+                signature=sig,
+                run_id=run_id,
+                created=created,
+            )
+            try:
+                s.exec(self._insert(m.Checkpoint).values(**checkpoint.model_dump()))
+            except IntegrityError:
+                raise CheckpointExists(
+                    f"checkpoint {manifest_id!r} is already committed: "
+                    "write a new manifest, or tag the existing one"
+                ) from None
+            if sizes:
+                s.exec(
+                    self._insert(m.CheckpointObject),
+                    params=[{"checkpoint": manifest_id, "object": h} for h in sizes],
+                )
+            if parent_ids:
+                s.exec(
+                    self._insert(m.Edge),
+                    params=[
+                        {
+                            "child": manifest_id,
+                            "parent": p,
+                            "position": i,
+                            "kind": _edge_kind(branch, parent_branch[p], len(parent_ids)),
+                        }
+                        for i, p in enumerate(parent_ids)
+                    ],
+                )
+            if sig:
+                s.exec(
+                    self._insert(m.LayerPrefix),
+                    params=[
+                        {"checkpoint": manifest_id, "depth": d, "prefix": h}
+                        for d, h in enumerate(prefix_hashes(sig), start=1)
+                    ],
+                )
+            moved = s.exec(
+                update(m.Branch)
+                .where(
+                    col(m.Branch.name) == branch,
+                    col(m.Branch.head).is_not_distinct_from(expected),
+                )
+                .values(head=manifest_id)
+            )
+            if moved.rowcount != 1:
+                actual = s.exec(select(m.Branch.head).where(m.Branch.name == branch)).first()
+                raise _head_moved(branch, expected, actual)
+            return _record(checkpoint, tuple(parent_ids))
+
+    def _insert_objects(self, s: Session, sizes: Mapping[str, int]) -> int:
+        """Insert unseen objects; return the bytes of those that were new.
+
+        ``ON CONFLICT DO NOTHING RETURNING`` reports exactly the rows this transaction
+        inserted, also when another transaction races to insert the same hash (PostgreSQL
+        waits for it, then skips the row), so an object is counted once across all commits.
+        Hashes go in sorted order so that two concurrent commits never deadlock on them.
+        """
+        if not sizes:
+            return 0
+        now = m.utcnow()
+        total = 0
+        hashes = sorted(sizes)
+        for chunk in _chunks(hashes):
+            stmt = (
+                self._insert(m.Object)
+                .values([{"hash": h, "nbytes": sizes[h], "created": now} for h in chunk])
+                .on_conflict_do_nothing(index_elements=["hash"])
+                .returning(col(m.Object.nbytes))
+            )
+            total += sum(int(n) for (n,) in s.exec(stmt).all())
+        return total
+
+    # -- reading checkpoints -------------------------------------------------------------
+
+    def get(self, checkpoint_id: str) -> CheckpointRecord:
+        """The checkpoint with exactly this id; raises RefNotFound."""
+        with self._session() as s:
+            row = s.get(m.Checkpoint, checkpoint_id)
+            if row is None:
+                raise RefNotFound(f"checkpoint {checkpoint_id!r} does not exist: {_REFS_HINT}")
+            return self._records(s, [row])[0]
+
+    def resolve(self, ref: str) -> CheckpointRecord:
+        """The checkpoint ``ref`` names, trying in order: a branch (its head), a tag, a full
+        checkpoint id, a unique id prefix of at least 4 characters.
+
+        Raises EmptyBranch (a branch without checkpoints), AmbiguousRef (a prefix of several
+        ids, listed in the message), RefNotFound.
+        """
+        with self._session() as s:
+            return self._records(s, [self._resolve(s, ref)])[0]
+
+    def _resolve(self, s: Session, ref: str) -> m.Checkpoint:
+        if not isinstance(ref, str) or not ref:
+            raise RefNotFound(f"empty ref {ref!r}: {_REFS_HINT}")
+        target: str | None = None
+        branch = s.get(m.Branch, ref)
+        if branch is not None:
+            if branch.head is None:
+                raise EmptyBranch(
+                    f"branch {ref!r} has no checkpoint yet: commit to it, or branch from a "
+                    "ref that has one"
+                )
+            target = branch.head
+        else:
+            tag = s.get(m.Tag, ref)
+            if tag is not None:
+                target = tag.checkpoint
+        row = s.get(m.Checkpoint, target if target is not None else ref)
+        if row is not None:
+            return row
+        if target is None and len(ref) >= MIN_PREFIX:
+            id_col = col(m.Checkpoint.id)
+            stmt = select(m.Checkpoint).where(
+                id_col >= ref, id_col.startswith(ref, autoescape=True)
+            )
+            if ord(ref[-1]) < 0x10FFFF:
+                # An explicit upper bound turns the prefix match into an index range scan.
+                stmt = stmt.where(id_col < ref[:-1] + chr(ord(ref[-1]) + 1))
+            found = s.exec(stmt.order_by(id_col).limit(11)).all()
+            if len(found) == 1:
+                return found[0]
+            if found:
+                shown = ", ".join(c.id for c in found[:10]) + (", ..." if len(found) > 10 else "")
+                raise AmbiguousRef(
+                    f"ref {ref!r} is a prefix of several checkpoints ({shown}): "
+                    "type more characters"
+                )
+        raise RefNotFound(f"no branch, tag or checkpoint matches {ref!r}: {_REFS_HINT}")
+
+    def checkpoints(self) -> list[CheckpointRecord]:
+        """Every checkpoint, oldest first."""
+        with self._session() as s:
+            rows = s.exec(
+                select(m.Checkpoint).order_by(col(m.Checkpoint.created), col(m.Checkpoint.id))
+            ).all()
+            return self._records(s, rows)
+
+    def log(self, branch: str, *, limit: int | None = None) -> list[CheckpointRecord]:
+        """The branch's history, newest first: its head, then first parents back to a root,
+        across branch points (like ``git log``). Empty for an empty branch."""
+        if limit is not None and limit <= 0:
+            return []
+        with self._session() as s:
+            head = self._branch_row(s, branch).head
+            if head is None:
+                return []
+            chain = (
+                select(col(m.Checkpoint.id).label("id"), literal_column("0").label("n"))
+                .where(m.Checkpoint.id == head)
+                .cte("chain", recursive=True)
+            )
+            step = (
+                select(col(m.Edge.parent), chain.c.n + literal_column("1"))
+                .join(chain, col(m.Edge.child) == chain.c.id)
+                .where(m.Edge.position == 0)
+            )
+            if limit is not None:
+                step = step.where(chain.c.n + literal_column("1") < limit)
+            chain = chain.union_all(step)
+            rows = s.exec(
+                select(m.Checkpoint)
+                .join(chain, col(m.Checkpoint.id) == chain.c.id)
+                .order_by(chain.c.n)
+            ).all()
+            return self._records(s, rows)
+
+    def ancestors(self, ref: str) -> list[CheckpointRecord]:
+        """Every ancestor of ``ref`` through all parents, nearest first (ties: newest first);
+        ``ref`` itself is not included."""
+        return self._walk(ref, up=True)
+
+    def descendants(self, ref: str) -> list[CheckpointRecord]:
+        """Every descendant of ``ref`` through all children, nearest first (ties: oldest
+        first); ``ref`` itself is not included."""
+        return self._walk(ref, up=False)
+
+    def _walk(self, ref: str, *, up: bool) -> list[CheckpointRecord]:
+        near, far = (col(m.Edge.child), col(m.Edge.parent))
+        if not up:
+            near, far = far, near
+        with self._session() as s:
+            start = self._resolve(s, ref).id
+            walk = (
+                select(far.label("id"), literal_column("1").label("d"))
+                .where(near == start)
+                .cte("walk", recursive=True)
+            )
+            # UNION (not ALL) keeps each (id, distance) once, so DAG diamonds do not multiply.
+            walk = walk.union(
+                select(far, walk.c.d + literal_column("1")).join(walk, near == walk.c.id)
+            )
+            dist = select(walk.c.id, func.min(walk.c.d).label("d")).group_by(walk.c.id).subquery()
+            created = col(m.Checkpoint.created)
+            rows = s.exec(
+                select(m.Checkpoint)
+                .join(dist, col(m.Checkpoint.id) == dist.c.id)
+                .order_by(dist.c.d, created.desc() if up else created, col(m.Checkpoint.id))
+            ).all()
+            return self._records(s, rows)
+
+    def children(self, checkpoint_id: str) -> list[CheckpointRecord]:
+        """The direct children of a checkpoint (any ref is accepted), oldest first."""
+        with self._session() as s:
+            parent = self._resolve(s, checkpoint_id).id
+            rows = s.exec(
+                select(m.Checkpoint)
+                .join(m.Edge, col(m.Edge.child) == col(m.Checkpoint.id))
+                .where(m.Edge.parent == parent)
+                .order_by(col(m.Checkpoint.created), col(m.Checkpoint.id))
+            ).all()
+            return self._records(s, rows)
+
+    def best_ancestor(self, signature: Sequence[str]) -> tuple[CheckpointRecord, int] | None:
+        """The committed checkpoint whose architecture signature shares the longest prefix with
+        ``signature``, and the matched depth; ties go to the higher ``val_accuracy`` metric,
+        then to the newest. None when not even the first module matches.
+
+        One query over the ``layer_prefix`` index: the hashes of every prefix of
+        ``signature`` are looked up at once and the deepest match wins.
+        """
+        hashes = prefix_hashes(list(signature))
+        if not hashes:
+            return None
+        with self._session() as s:
+            depth = col(m.LayerPrefix.depth)
+            found = s.exec(
+                select(m.Checkpoint, depth)
+                .join(m.LayerPrefix, col(m.LayerPrefix.checkpoint) == col(m.Checkpoint.id))
+                .where(col(m.LayerPrefix.prefix).in_(hashes))
+                .order_by(
+                    depth.desc(),
+                    col(m.Checkpoint.val_accuracy).desc().nulls_last(),
+                    col(m.Checkpoint.created).desc(),
+                    col(m.Checkpoint.id).desc(),
+                )
+                .limit(1)
+            ).first()
+            if found is None:
+                return None
+            row, matched = found
+            return self._records(s, [row])[0], int(matched)
+
+    def _records(self, s: Session, rows: Sequence[m.Checkpoint]) -> list[CheckpointRecord]:
+        """Detach rows into records, fetching every row's parents in a few batched queries."""
+        parents: dict[str, list[str]] = {r.id: [] for r in rows}
+        for chunk in _chunks(list(parents)):
+            edges = s.exec(
+                select(m.Edge.child, m.Edge.parent)
+                .where(col(m.Edge.child).in_(chunk))
+                .order_by(col(m.Edge.child), col(m.Edge.position))
+            ).all()
+            for child, parent in edges:
+                parents[child].append(parent)
+        return [_record(r, tuple(parents[r.id])) for r in rows]
+
+    # -- tags ----------------------------------------------------------------------------
+
+    def tag(self, ref: str, name: str) -> Tag:
+        """Name the checkpoint ``ref`` resolves to; raises TagExists, InvalidName, RefNotFound."""
+        validate_name(name, "tag")
+        with self._session(write=True) as s:
+            target = self._resolve(s, ref).id
+            row = m.Tag(name=name, checkpoint=target, created=m.utcnow())
+            try:
+                s.exec(self._insert(m.Tag).values(**row.model_dump()))
+            except IntegrityError:
+                raise TagExists(
+                    f"tag {name!r} already exists: pick another name or delete the tag first"
+                ) from None
+            return Tag(name=row.name, checkpoint=row.checkpoint, created=row.created)
+
+    def tags(self) -> list[Tag]:
+        """Every tag, sorted by name."""
+        with self._session() as s:
+            rows = s.exec(select(m.Tag).order_by(col(m.Tag.name))).all()
+            return [Tag(name=r.name, checkpoint=r.checkpoint, created=r.created) for r in rows]
+
+    def delete_tag(self, name: str) -> None:
+        """Delete a tag (the checkpoint stays); raises RefNotFound."""
+        with self._session(write=True) as s:
+            result = s.exec(delete(m.Tag).where(col(m.Tag.name) == name))
+            if result.rowcount != 1:
+                raise RefNotFound(f"tag {name!r} does not exist: list tags with Registry.tags()")
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def start_run(
+        self, branch: str, config: Mapping[str, Any], *, ray_job_id: str | None = None
+    ) -> Run:
+        """Record a run on ``branch`` in status "running". ``config`` must be JSON-serialisable
+        (it is stored as JSON; tuples come back as lists). Raises BranchNotFound."""
+        stored = json.loads(json.dumps(dict(config), allow_nan=False))
+        with self._session(write=True) as s:
+            self._branch_row(s, branch)
+            row = m.Run(branch=branch, config=stored, ray_job_id=ray_job_id, created=m.utcnow())
+            s.add(row)
+            s.flush()
+            return _run(row)
+
+    def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> Run:
+        """Mark a run "succeeded" or "failed" (with ``error``); raises RunNotFound."""
+        if status not in RUN_STATUSES[1:]:
+            raise ValueError(f"a run finishes as one of {RUN_STATUSES[1:]}, not {status!r}")
+        with self._session(write=True) as s:
+            row = s.get(m.Run, run_id, with_for_update=True)
+            if row is None:
+                raise RunNotFound(f"run {run_id} does not exist: list runs with Registry.runs()")
+            row.status = status
+            row.error = error
+            row.finished = m.utcnow()
+            s.flush()
+            return _run(row)
+
+    def runs(self, branch: str | None = None) -> list[Run]:
+        """Every run (or those on ``branch``), oldest first."""
+        with self._session() as s:
+            stmt = select(m.Run).order_by(col(m.Run.id))
+            if branch is not None:
+                stmt = stmt.where(m.Run.branch == branch)
+            return [_run(r) for r in s.exec(stmt).all()]
+
+
+# -- row -> record -------------------------------------------------------------------------
+
+
+def _edge_kind(branch: str, parent_branch: str, n_parents: int) -> str:
+    if n_parents > 1:
+        return "merge"
+    return "continue" if parent_branch == branch else "branch"
+
+
+def _head_moved(branch: str, expected: str | None, actual: str | None) -> HeadMoved:
+    return HeadMoved(
+        f"branch {branch!r} moved: expected head {_quote(expected)}, found {_quote(actual)}: "
+        "resolve the branch again and retry the commit",
+        branch=branch,
+        expected=expected,
+        actual=actual,
+    )
+
+
+def _record(row: m.Checkpoint, parents: tuple[str, ...]) -> CheckpointRecord:
+    return CheckpointRecord(
+        id=row.id,
+        branch=row.branch,
+        step=row.step,
+        manifest=row.manifest,
+        parents=parents,
+        created=row.created,
+        metrics=decode_metrics(row.metrics),
+        logical_bytes=row.logical_bytes,
+        new_bytes=row.new_bytes,
+        kind=row.kind,
+        message=row.message,
+        signature=None if row.signature is None else tuple(row.signature),
+        run_id=row.run_id,
+    )
+
+
+def _branch(row: m.Branch) -> Branch:
+    return Branch(name=row.name, head=row.head, base=row.base, task=row.task, created=row.created)
+
+
+def _run(row: m.Run) -> Run:
+    assert row.id is not None  # flushed rows have their key
+    return Run(
+        id=row.id,
+        branch=row.branch,
+        config=dict(row.config),
+        status=row.status,
+        error=row.error,
+        ray_job_id=row.ray_job_id,
+        created=row.created,
+        finished=row.finished,
+    )

@@ -1,0 +1,76 @@
+"""Errors raised by the registry.
+
+Every leaf also subclasses the matching builtin (so ``except LookupError`` keeps working) and
+pickles, because Ray ships exceptions between processes. Messages are one line that names the
+object and the next step.
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base class for every registry error."""
+
+
+class BranchNotFound(RegistryError, LookupError):
+    """The branch does not exist."""
+
+
+class RefNotFound(RegistryError, LookupError):
+    """No branch, tag, checkpoint id or id prefix matches the ref."""
+
+
+class AmbiguousRef(RegistryError, LookupError):
+    """A checkpoint id prefix matches more than one checkpoint."""
+
+
+class EmptyBranch(RegistryError, LookupError):
+    """The ref names a branch that has no checkpoint yet."""
+
+
+class RunNotFound(RegistryError, LookupError):
+    """No run has this id."""
+
+
+class BranchExists(RegistryError, FileExistsError):
+    """A branch with this name already exists."""
+
+
+class TagExists(RegistryError, FileExistsError):
+    """A tag with this name already exists."""
+
+
+class CheckpointExists(RegistryError, FileExistsError):
+    """A checkpoint with this id was already committed."""
+
+
+class InvalidName(RegistryError, ValueError):
+    """A branch or tag name that git's check-ref-format rules refuse."""
+
+
+class UnsupportedDatabase(RegistryError, ValueError):
+    """The registry URL names a database other than SQLite or PostgreSQL."""
+
+
+class SchemaVersionError(RegistryError, RuntimeError):
+    """The database was created by a newer tlreg whose schema this one does not know."""
+
+
+class HeadMoved(RegistryError):
+    """The branch head is not the one the committer expected (compare-and-swap failed).
+
+    ``branch``, ``expected`` and ``actual`` carry the details; they survive pickling.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        branch: str | None = None,
+        expected: str | None = None,
+        actual: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.branch = branch
+        self.expected = expected
+        self.actual = actual

@@ -1,0 +1,132 @@
+"""SQLModel table models: the registry's schema (DESIGN §5).
+
+These are internal; the public API returns the frozen records of :mod:`tlreg.registry.records`.
+Datetimes are timezone-aware UTC (``UTCDateTime``: PostgreSQL stores ``timestamptz``; SQLite
+stores UTC text and gets the zone back on read).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, String
+from sqlmodel import Field, SQLModel
+from sqlmodel.sql.sqltypes import UTCDateTime
+
+SCHEMA_VERSION = 1
+"""Bumped with every schema change; stored in ``meta`` under ``schema_version``."""
+
+# Checkpoint ids are compared byte-wise so that a prefix is a contiguous btree range on both
+# backends (SQLite's default BINARY collation; "C" on PostgreSQL, whatever the database's).
+ID_TYPE = String().with_variant(String(collation="C"), "postgresql")
+
+metadata = SQLModel.metadata
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class Meta(SQLModel, table=True):
+    """Small key/value table: schema version, the store URL the CLI configured, ..."""
+
+    __tablename__ = "meta"
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class Run(SQLModel, table=True):
+    """One training run on a branch (a Ray job, or a local loop)."""
+
+    __tablename__ = "run"
+    id: int | None = Field(default=None, primary_key=True)
+    branch: str = Field(index=True)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = "running"
+    error: str | None = None
+    ray_job_id: str | None = None
+    created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime())
+    finished: datetime | None = Field(default=None, sa_type=UTCDateTime())
+
+
+class Checkpoint(SQLModel, table=True):
+    """A committed checkpoint; its id is the manifest id."""
+
+    __tablename__ = "checkpoint"
+    __table_args__ = (Index("ix_checkpoint_branch_created", "branch", "created"),)
+    id: str = Field(primary_key=True, sa_type=ID_TYPE)
+    # Plain text, not a foreign key: deleting a branch keeps its checkpoints.
+    branch: str
+    step: int = Field(sa_type=BigInteger())
+    manifest: str
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # metrics["val_accuracy"] when finite: its own column so best_ancestor can sort on it.
+    val_accuracy: float | None = None
+    logical_bytes: int = Field(default=0, sa_type=BigInteger())
+    new_bytes: int = Field(default=0, sa_type=BigInteger())
+    kind: str = "train"
+    message: str | None = None
+    signature: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    run_id: int | None = Field(default=None, foreign_key="run.id", index=True)
+    created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime())
+
+
+class Edge(SQLModel, table=True):
+    """``child`` was derived from ``parent``; ``position`` is the parent's index (0 = first)."""
+
+    __tablename__ = "edge"
+    __table_args__ = (Index("ix_edge_parent", "parent", "child"),)
+    child: str = Field(primary_key=True, foreign_key="checkpoint.id", sa_type=ID_TYPE)
+    parent: str = Field(primary_key=True, foreign_key="checkpoint.id", sa_type=ID_TYPE)
+    kind: str
+    position: int
+
+
+class Branch(SQLModel, table=True):
+    """A movable name for a line of work; ``head`` is its newest checkpoint."""
+
+    __tablename__ = "branch"
+    name: str = Field(primary_key=True, sa_type=ID_TYPE)
+    head: str | None = Field(default=None, foreign_key="checkpoint.id", sa_type=ID_TYPE)
+    base: str | None = Field(default=None, foreign_key="checkpoint.id", sa_type=ID_TYPE)
+    task: str | None = None
+    created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime())
+
+
+class Tag(SQLModel, table=True):
+    """An immutable name for one checkpoint."""
+
+    __tablename__ = "tag"
+    name: str = Field(primary_key=True, sa_type=ID_TYPE)
+    checkpoint: str = Field(foreign_key="checkpoint.id", index=True, sa_type=ID_TYPE)
+    created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime())
+
+
+class Object(SQLModel, table=True):
+    """A content-addressed object in the store (a packed Zarr array)."""
+
+    __tablename__ = "object"
+    hash: str = Field(primary_key=True, sa_type=ID_TYPE)
+    nbytes: int = Field(sa_type=BigInteger())
+    created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime())
+
+
+class CheckpointObject(SQLModel, table=True):
+    """Checkpoint -> object references, for GC."""
+
+    __tablename__ = "checkpoint_object"
+    __table_args__ = (Index("ix_checkpoint_object_object", "object"),)
+    checkpoint: str = Field(primary_key=True, foreign_key="checkpoint.id", sa_type=ID_TYPE)
+    object: str = Field(primary_key=True, foreign_key="object.hash", sa_type=ID_TYPE)
+
+
+class LayerPrefix(SQLModel, table=True):
+    """The hash of ``signature[:depth]`` of one checkpoint, for the best-ancestor lookup."""
+
+    __tablename__ = "layer_prefix"
+    __table_args__ = (Index("ix_layer_prefix_prefix", "prefix"),)
+    checkpoint: str = Field(primary_key=True, foreign_key="checkpoint.id", sa_type=ID_TYPE)
+    depth: int = Field(primary_key=True)
+    prefix: str = Field(sa_type=ID_TYPE)

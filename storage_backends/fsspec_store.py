@@ -1,0 +1,173 @@
+"""A store over any fsspec filesystem (gcs://, abfs://, sftp://, memory://, file://, ...)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import fsspec.core
+from fsspec.registry import known_implementations
+
+from tlreg.storage_backends.base import Data, Store, as_parts, check_key
+from tlreg.storage_backends.errors import BackendMissing, ObjectNotFound, UnknownScheme
+
+# Protocols whose single upload of a whole object is atomic (object stores, and fsspec's
+# in-memory filesystem, which publishes a file when it is closed). Everything else is treated
+# as a filesystem: write a temporary name, then rename it into place.
+OBJECT_STORE_PROTOCOLS = frozenset(
+    {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2", "tos", "memory"}
+)
+
+_TMP_MARK = ".tmp-"
+
+
+def url_protocol(url: str) -> str:
+    """The fsspec protocol of ``url`` ('file' for a plain path; the outermost of a chain)."""
+    first = url.split("::", 1)[0]
+    return first.split("://", 1)[0] if "://" in first else "file"
+
+
+def check_protocol(url: str) -> None:
+    """Raise :class:`UnknownScheme` or :class:`BackendMissing` unless fsspec can open ``url``."""
+    protocol = url_protocol(url)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        hint = known_implementations.get(protocol, {}).get("err") or str(e)
+        raise BackendMissing(f"cannot open {url}: {hint}") from None
+    except ValueError:
+        raise UnknownScheme(
+            f"unknown store URL scheme '{protocol}://': use a path, file://, memory://, s3:// "
+            "or an installed fsspec protocol"
+        ) from None
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and _TMP_MARK in name
+
+
+class FsspecStore(Store):
+    """Objects as files of an fsspec filesystem under the URL's path.
+
+    ``storage_options`` go to the filesystem's constructor. On object stores a put is one
+    upload of the whole object; on other filesystems it is a write to a hidden temporary
+    name followed by a rename, which ``list`` never shows. Pickling keeps the URL and the
+    options; the filesystem is opened again on the other side.
+    """
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        check_protocol(url)
+        super().__init__(url)
+        self.storage_options = storage_options
+        self._fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        self.root = root.rstrip("/")
+        protocols = self._fs.protocol
+        names = {protocols} if isinstance(protocols, str) else set(protocols)
+        self.atomic_put = bool(names & OBJECT_STORE_PROTOCOLS)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reopen, (self.url, self.storage_options))
+
+    def _path(self, key: str) -> str:
+        check_key(key)
+        return f"{self.root}/{key}" if self.root else key
+
+    def _missing(self, key: str) -> ObjectNotFound:
+        return ObjectNotFound(f"no object {key!r} in {self.url}")
+
+    # docstring inherited
+    def put(self, key: str, data: Data) -> None:
+        path = self._path(key)
+        parts = as_parts(data)
+        if self.atomic_put:
+            # one upload of the whole object; backends differ in which buffer types they take
+            blob = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+            self._fs.pipe_file(path, blob)
+            self._fs.invalidate_cache(path)
+            return
+        parent, _, name = path.rpartition("/")
+        tmp_name = f".{name}{_TMP_MARK}{uuid.uuid4().hex}"
+        tmp = f"{parent}/{tmp_name}" if parent else tmp_name
+        if parent:
+            self._fs.makedirs(parent, exist_ok=True)
+        try:
+            with self._fs.open(tmp, "wb") as f:
+                for part in parts:
+                    f.write(part)
+            self._fs.mv(tmp, path)
+        except BaseException:
+            if self._fs.exists(tmp):
+                self._fs.rm_file(tmp)
+            raise
+        finally:
+            self._fs.invalidate_cache(parent)
+
+    # docstring inherited
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return bytes(self._fs.cat_file(path))
+        except (FileNotFoundError, IsADirectoryError):
+            raise self._missing(key) from None
+
+    # docstring inherited
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        path = self._path(key)
+        if length <= 0:
+            self.size(key)  # raises for a missing key
+            return b""
+        try:
+            return bytes(self._fs.cat_file(path, start=start, end=start + length))
+        except (FileNotFoundError, IsADirectoryError):
+            raise self._missing(key) from None
+
+    def _info(self, key: str) -> dict[str, Any] | None:
+        path = self._path(key)
+        self._fs.invalidate_cache(path)  # another process may have written since
+        try:
+            info: dict[str, Any] = self._fs.info(path)
+        except FileNotFoundError:
+            return None
+        return info if info.get("type") == "file" else None
+
+    # docstring inherited
+    def exists(self, key: str) -> bool:
+        return self._info(key) is not None
+
+    # docstring inherited
+    def size(self, key: str) -> int:
+        info = self._info(key)
+        if info is None:
+            raise self._missing(key)
+        return int(info["size"])
+
+    # docstring inherited
+    def list(self, prefix: str = "") -> Iterator[str]:
+        prefix = prefix.strip("/")
+        base = self._fs._strip_protocol(f"{self.root}/{prefix}" if prefix else self.root)
+        base = base.rstrip("/")
+        self._fs.invalidate_cache(base)
+        root = self._fs._strip_protocol(self.root).rstrip("/")
+        root_len = len(root) + 1 if root else 0
+        folder = base + "/" if base else ""
+        for path in self._fs.find(base, withdirs=False):
+            path = path.rstrip("/")
+            # find() on a file name returns the file itself: only keys *under* the folder count
+            if not path.startswith(folder) or _is_tmp(path.rpartition("/")[2]):
+                continue
+            yield path[root_len:]
+
+    # docstring inherited
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            self._fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        self._fs.invalidate_cache(path)
+
+
+def _reopen(url: str, storage_options: dict[str, Any]) -> FsspecStore:
+    return FsspecStore(url, **storage_options)

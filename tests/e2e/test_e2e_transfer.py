@@ -1,0 +1,106 @@
+"""The whole path through the real CLI: init -> import -> branch -> train on Ray -> lineage
+-> export, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from tlreg.ckpt import AsyncCheckpointer, read_manifest
+from tlreg.cli.main import cli
+from tlreg.storage_backends import open_store
+from tlreg.training.examples.digits import lower
+
+UPPER = "tlreg.training.examples.digits:upper"
+
+pytestmark = pytest.mark.slow
+
+
+def run_tlreg(env: dict[str, str], *args: str) -> str:
+    """`tlreg ARGS` in a subprocess, as a user runs it (train starts its own local Ray)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tlreg.cli", *args], env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
+    tmp_path: Path, registry_url: str
+) -> None:
+    env = {**os.environ, "TLREG_HOME": str(tmp_path / "home"), "TLREG_REGISTRY_URL": registry_url,
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    env.pop("TLREG_STORE_URL", None)
+    runner = CliRunner(env={k: v for k, v in env.items() if k.startswith("TLREG")})
+
+    def tlreg(*args: str) -> str:
+        result = runner.invoke(cli, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    weights = tmp_path / "ancestor.safetensors"
+    ancestor = {k: v.contiguous() for k, v in lower.build_model(3).state_dict().items()}
+    save_file(ancestor, str(weights))
+    tlreg("init")
+    root = json.loads(tlreg("import", str(weights), "--name", "base", "--json"))
+    tlreg("branch", "upper-head", "base", "--task", UPPER)
+
+    summary = json.loads(run_tlreg(
+        env, "train", "upper-head", "--workers", "2", "--steps", "20", "--checkpoint-every", "10",
+        "--eval-every", "10", "--freeze", "features.*", "--json",
+    ))
+    assert summary["status"] == "succeeded"
+    assert summary["transferred_from"] == root["id"]
+    assert sorted(summary["frozen"]) == sorted(k for k in ancestor if k.startswith("features."))
+    assert sorted(summary["skipped"]) == ["head.bias", "head.weight"]
+    assert [c["step"] for c in summary["checkpoints"]] == [10, 20]
+
+    # Resume: a second run continues from the head at step 20.
+    resumed = json.loads(run_tlreg(
+        env, "train", "upper-head", "--workers", "2", "--steps", "30", "--checkpoint-every", "10",
+        "--eval-every", "10", "--freeze", "features.*", "--json",
+    ))
+    assert resumed["resumed_from"] == summary["checkpoints"][-1]["id"]
+    assert [c["step"] for c in resumed["checkpoints"]] == [30]
+
+    log = json.loads(tlreg("log", "upper-head", "--json"))
+    assert [(c["branch"], c["step"]) for c in log] == [
+        ("upper-head", 30), ("upper-head", 20), ("upper-head", 10), ("base", 0)]
+    ids = [c["id"] for c in log]
+    assert [c["parents"] for c in log] == [[ids[1]], [ids[2]], [ids[3]], []]
+    assert all("val_accuracy" in c["metrics"] for c in log[:3])
+
+    lineage = json.loads(tlreg("lineage", "base", "--json"))
+    assert lineage["edges"] == sorted([[ids[3], ids[2]], [ids[2], ids[1]], [ids[1], ids[0]]])
+    tree = tlreg("lineage", "base").splitlines()
+    assert [line.split()[0] for line in tree] == [i[:12] for i in reversed(ids)]
+
+    # Frozen features are bit-identical to the ancestor and cost zero new bytes.
+    out = tmp_path / "head.safetensors"
+    tlreg("export", "upper-head", str(out))
+    exported = load_file(str(out))
+    for name, tensor in ancestor.items():
+        if name.startswith("features."):
+            assert torch.equal(exported[name].view(torch.int32), tensor.view(torch.int32)), name
+    assert not torch.equal(exported["head.weight"], ancestor["head.weight"])
+    store = open_store(str(tmp_path / "home" / "store"))
+    root_objects = set(read_manifest(store, root["manifest"]).objects)
+    for c in log[:3]:
+        manifest = read_manifest(store, c["manifest"])
+        for path, entry in manifest.tensors.items():
+            if path.startswith("model/features."):
+                assert entry.object in root_objects, path
+    # What export wrote is exactly what the head checkpoint stores.
+    stored = AsyncCheckpointer(store).load(log[0]["manifest"], prefix="model")["model"]
+    assert stored.keys() == exported.keys()
+    for name, tensor in stored.items():
+        assert torch.equal(tensor.view(torch.int32), exported[name].view(torch.int32)), name

@@ -1,0 +1,250 @@
+"""The glue users touch: an async checkpoint engine bound to one registry branch.
+
+This is the only place where a checkpoint written by ``tlreg.ckpt`` becomes a commit in
+``tlreg.registry``: objects, then the manifest (the engine), then one registry transaction
+that moves the branch head with a compare-and-swap (here). A save that fails anywhere
+before that transaction never becomes visible.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import nn
+
+from tlreg.ckpt import AsyncCheckpointer, PendingSave
+from tlreg.registry import CheckpointRecord, Registry
+from tlreg.storage_backends import Store, open_store
+from tlreg.training.config import load_settings
+from tlreg.training.errors import CheckpointMismatch
+
+_STATEFUL_KEYS = ("model", "optimizer", "scheduler", "extra")
+
+
+@dataclass(slots=True)
+class RestoreReport:
+    """What :meth:`Checkpointer.restore` did."""
+
+    checkpoint: CheckpointRecord | None = None
+    """The checkpoint that was read, or None for an empty branch."""
+    resumed: bool = False
+    """True when the checkpoint belongs to this branch: model, optimizer, scheduler, extra and
+    RNG were all restored and training continues from its step. False when the branch
+    starts from an ancestor on another branch: only matching model tensors transfer."""
+    transferred: list[str] = field(default_factory=list)
+    """Model tensors loaded from the checkpoint."""
+    skipped: list[str] = field(default_factory=list)
+    """Model tensors left as initialised (reset globs, missing or differently shaped)."""
+
+
+def matches_any(name: str, globs: Sequence[str]) -> bool:
+    """Whether ``name`` matches one of the fnmatch-style ``globs``."""
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def state_of(stateful: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain state (tensors and JSON values) of ``model=``, ``optimizer=``, ... objects."""
+    unknown = set(stateful) - set(_STATEFUL_KEYS)
+    if unknown:
+        raise TypeError(f"unknown stateful names {sorted(unknown)}: use {', '.join(_STATEFUL_KEYS)}")
+    state: dict[str, Any] = {}
+    for key, obj in stateful.items():
+        if obj is None:
+            continue
+        if key == "extra":
+            state[key] = dict(obj)
+        else:
+            state[key] = _unwrap(obj).state_dict()
+    state["rng"] = {"torch": torch.get_rng_state()}
+    return state
+
+
+def _unwrap(module: Any) -> Any:
+    # DDP/FSDP-style wrappers keep the real module in .module; its keys have no prefix.
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+class Checkpointer:
+    """Save and restore training state on a registry branch.
+
+    ``save`` returns at once with a :class:`~tlreg.ckpt.PendingSave`: ``staged`` when the
+    state has been copied (the optimizer may step), ``committed`` (the checkpoint id) when
+    the checkpoint is durable in the store *and* is the branch head in the registry.
+    Commits happen in save order on one background thread; a failed save is reported by
+    ``pending.result()`` and leaves the branch unchanged.
+    """
+
+    def __init__(
+        self,
+        branch: str,
+        *,
+        registry: Registry,
+        store: str | Store,
+        lazy: bool = False,
+        max_inflight_bytes: int | None = None,
+        run_id: int | None = None,
+    ) -> None:
+        self.registry = registry
+        self.branch = registry.get_branch(branch).name
+        self.engine = AsyncCheckpointer(
+            open_store(store), lazy=lazy, max_inflight_bytes=max_inflight_bytes
+        )
+        self.run_id = run_id
+        self._expected_head = registry.get_branch(branch).head
+        self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlreg-commit")
+        self._lock = threading.Lock()
+        self.last_restore = RestoreReport()
+        """What the latest :meth:`restore` did."""
+
+    @classmethod
+    def for_branch(
+        cls,
+        branch: str,
+        *,
+        home: str | PathLike[str] | None = None,
+        lazy: bool = False,
+        **kwargs: Any,
+    ) -> Checkpointer:
+        """A checkpointer for ``branch`` with the registry and store from tlreg's settings."""
+        settings = load_settings(home=home)
+        return cls(
+            branch,
+            registry=Registry(settings.registry_url),
+            store=settings.store_url,
+            lazy=lazy,
+            **kwargs,
+        )
+
+    @property
+    def head(self) -> CheckpointRecord | None:
+        """The branch head as last committed or restored by this checkpointer."""
+        return self.registry.get(self._expected_head) if self._expected_head else None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer.step`` wait until the latest save is staged (lazy mode)."""
+        self.engine.attach_optimizer(optimizer)
+
+    def save(
+        self,
+        step: int,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        **stateful: Any,
+    ) -> PendingSave:
+        """Checkpoint ``model=``, ``optimizer=``, ``scheduler=`` and ``extra=`` at ``step``."""
+        state = state_of(stateful)
+        inner = self.engine.save(state, step=step, metadata={"branch": self.branch})
+        committed: Future[str] = Future()
+        metrics = dict(metrics or {})
+
+        def commit() -> None:
+            try:
+                manifest_id = inner.result()
+                manifest = self.engine.manifest(manifest_id)
+                with self._lock:
+                    record = self.registry.commit(
+                        self.branch,
+                        manifest_id,
+                        step=step,
+                        parents=[self._expected_head] if self._expected_head else [],
+                        objects=manifest.objects,
+                        metrics=metrics,
+                        expected_head=self._expected_head,
+                        logical_bytes=manifest.logical_bytes,
+                        run_id=self.run_id,
+                    )
+                    self._expected_head = record.id
+                committed.set_result(record.id)
+            except BaseException as e:  # surfaced through pending.result()
+                committed.set_exception(e)
+
+        self._commits.submit(commit)
+        return PendingSave(staged=inner.staged, committed=committed, stats=inner.stats)
+
+    def restore(
+        self,
+        *,
+        checkpoint: str | None = None,
+        reset: Sequence[str] = (),
+        **stateful: Any,
+    ) -> CheckpointRecord | None:
+        """Load the branch head (or ``checkpoint``) into ``model=``, ``optimizer=``, ...
+
+        Returns the checkpoint read, or None on an empty branch. See :attr:`last_restore`
+        for whether training resumes or starts from a transferred ancestor.
+        """
+        self.last_restore = self._restore(checkpoint=checkpoint, reset=reset, stateful=stateful)
+        return self.last_restore.checkpoint
+
+    def _restore(
+        self, *, checkpoint: str | None, reset: Sequence[str], stateful: Mapping[str, Any]
+    ) -> RestoreReport:
+        head = checkpoint or self.registry.get_branch(self.branch).head
+        if head is None:
+            return RestoreReport()
+        record = self.registry.get(head)
+        self._expected_head = self.registry.get_branch(self.branch).head
+        resumed = record.branch == self.branch
+        state = self.engine.load(record.manifest, prefix=None if resumed else "model")
+        report = RestoreReport(checkpoint=record, resumed=resumed)
+        model = stateful.get("model")
+        if model is not None:
+            _load_model(
+                _unwrap(model), state.get("model", {}), reset=() if resumed else reset,
+                report=report,
+            )
+            if resumed and report.skipped:
+                raise CheckpointMismatch(
+                    f"checkpoint {record.id[:12]} on branch {self.branch!r} does not fit the model: "
+                    f"{len(report.skipped)} tensors missing or of another shape "
+                    f"(first: {report.skipped[0]!r}); train this model on a new branch instead"
+                )
+        if resumed:
+            for key in ("optimizer", "scheduler"):
+                obj = stateful.get(key)
+                if obj is not None and key in state:
+                    obj.load_state_dict(state[key])
+            extra = stateful.get("extra")
+            if extra is not None:
+                extra.clear()
+                extra.update(state.get("extra", {}))
+            if "rng" in state:
+                torch.set_rng_state(state["rng"]["torch"])
+        return report
+
+    def close(self) -> None:
+        """Wait for pending saves and commits, then release the engine."""
+        self.engine.close()
+        self._commits.shutdown(wait=True)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_model(
+    model: nn.Module, tensors: Mapping[str, Any], *, reset: Sequence[str], report: RestoreReport
+) -> None:
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, target in own.items():
+            source = tensors.get(name)
+            if (
+                isinstance(source, torch.Tensor)
+                and source.shape == target.shape
+                and source.dtype == target.dtype
+                and not matches_any(name, reset)
+            ):
+                target.copy_(source)
+                report.transferred.append(name)
+            else:
+                report.skipped.append(name)

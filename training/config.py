@@ -1,0 +1,101 @@
+"""Where the registry and the store live.
+
+Precedence, highest first: explicit arguments (CLI flags), environment (``TLREG_HOME``,
+``TLREG_REGISTRY_URL``, ``TLREG_STORE_URL``), ``$TLREG_HOME/tlreg.toml``, then the embedded
+defaults: a SQLite registry and a store directory inside ``TLREG_HOME`` (``~/.tlreg``).
+Credentials never go here: stores read them from the environment or the provider's config.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlreg.training.errors import ConfigError
+
+CONFIG_FILE = "tlreg.toml"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Settings:
+    """Resolved locations of one tlreg installation."""
+
+    home: Path
+    """Directory holding tlreg.toml and, by default, the registry and the store."""
+    registry_url: str
+    """SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql+psycopg://...``."""
+    store_url: str
+    """Path or URL of the object store (file path, file://, s3://bucket/prefix, ...)."""
+
+    def __post_init__(self) -> None:
+        # A relative sqlite path would silently depend on the working directory of each
+        # Ray worker; require the absolute form.
+        if self.registry_url.startswith("sqlite:///") and not self.registry_url.startswith(
+            "sqlite:////"
+        ):
+            raise ConfigError(
+                f"registry URL {self.registry_url!r} is relative: use sqlite:////absolute/path.db"
+            )
+
+
+def default_home() -> Path:
+    """``$TLREG_HOME`` or ``~/.tlreg``."""
+    return Path(os.environ.get("TLREG_HOME") or "~/.tlreg").expanduser().absolute()
+
+
+def _read_toml(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML ({e}): fix or delete it") from None
+    section = data.get("tlreg", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [tlreg] must be a table")
+    unknown = set(section) - {"registry_url", "store_url"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} in [tlreg]")
+    return {k: str(v) for k, v in section.items()}
+
+
+def load_settings(
+    *, home: str | os.PathLike[str] | None = None, registry_url: str | None = None,
+    store_url: str | None = None,
+) -> Settings:
+    """Resolve the settings with the precedence described in the module docstring."""
+    home_path = Path(home).expanduser().absolute() if home else default_home()
+    file_values = _read_toml(home_path / CONFIG_FILE)
+    registry = (
+        registry_url
+        or os.environ.get("TLREG_REGISTRY_URL")
+        or file_values.get("registry_url")
+        or f"sqlite:///{home_path / 'registry.db'}"
+    )
+    store = (
+        store_url
+        or os.environ.get("TLREG_STORE_URL")
+        or file_values.get("store_url")
+        or str(home_path / "store")
+    )
+    return Settings(home=home_path, registry_url=registry, store_url=store)
+
+
+def write_settings(settings: Settings) -> Path:
+    """Write ``tlreg.toml`` in ``settings.home`` (creating it) and return its path."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path = settings.home / CONFIG_FILE
+    body = (
+        "# Written by `tlreg init`. Environment variables and flags override these.\n"
+        "[tlreg]\n"
+        f"registry_url = {_toml_str(settings.registry_url)}\n"
+        f"store_url = {_toml_str(settings.store_url)}\n"
+    )
+    path.write_text(body)
+    return path
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

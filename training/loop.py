@@ -1,0 +1,353 @@
+"""Train a branch on Ray Train: restore, freeze, train with DDP, checkpoint through tlreg.
+
+The driver (``train``) records a Run in the registry, starts a ``TorchTrainer`` and relays
+progress events from rank 0 through a Ray queue. Each worker restores the branch head: on
+its own branch that is a resume (model, optimizer, RNG, step); on a new branch it is a
+transfer from the ancestor (matching model tensors, minus the task's reset globs).
+Only tlreg writes checkpoints; Ray's own checkpoint upload is never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlreg.registry import Registry
+from tlreg.training.errors import ConfigError, RunFailed
+from tlreg.training.task import load_task
+
+Event = dict[str, Any]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """One training run of one branch; everything a worker needs, JSON-serialisable."""
+
+    branch: str
+    """Registry branch to restore from and commit to."""
+    task: str
+    """``MODULE:ATTR`` naming a :class:`~tlreg.training.task.Task`."""
+    registry_url: str
+    """Registry every worker commits to (rank 0) and reads from."""
+    store_url: str
+    """Object store every worker reads from and writes to."""
+    workers: int = 2
+    """Ray Train workers (DDP ranks, gloo on CPU)."""
+    steps: int = 200
+    """Train until this branch step (a resumed run continues from its last checkpoint)."""
+    checkpoint_every: int = 50
+    """Checkpoint every N steps, and at the last step."""
+    eval_every: int = 10
+    """Evaluate the validation metric every N steps (rank 0)."""
+    freeze: tuple[str, ...] = ()
+    """Globs of parameter names that do not train (feature extraction)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    batch_size: int = 32
+    """Examples per rank per step."""
+    seed: int = 0
+    """Seed for model initialisation and batch order."""
+    lazy: bool = False
+    """Lazy checkpoint staging (the copy overlaps the next forward/backward)."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may do; each resumes from the last commit."""
+
+    def __post_init__(self) -> None:
+        # Each rule is checked here once so that workers never start with a bad config.
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be >= 1, got {self.eval_every}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.freeze = tuple(self.freeze)
+
+
+@dataclass(slots=True)
+class TrainSummary:
+    """What a run did, assembled from rank 0's events."""
+
+    branch: str
+    run_id: int
+    status: str
+    start_step: int = 0
+    final_step: int = 0
+    resumed_from: str | None = None
+    transferred_from: str | None = None
+    transferred: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    evals: list[Event] = field(default_factory=list)
+    checkpoints: list[Event] = field(default_factory=list)
+    checkpoint_errors: list[Event] = field(default_factory=list)
+    wall_s: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict of every field."""
+        return dataclasses.asdict(self)
+
+    def first_step_reaching(self, target: float) -> tuple[int, float] | None:
+        """(step, seconds since training started) of the first eval with metric >= target."""
+        for e in self.evals:
+            if e["metric"] >= target:
+                return int(e["step"]), float(e["elapsed_s"])
+        return None
+
+
+def _ensure_ray(num_cpus: int) -> None:
+    import ray
+
+    # Without this every ray.train.report waits ~2 s for the controller's next poll.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit` or pointed at a cluster: join it.
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    storage_path: str | os.PathLike[str],
+    on_event: Callable[[Event], None] | None = None,
+) -> TrainSummary:
+    """Run ``config`` on Ray Train and return a summary; raises :class:`RunFailed` on error.
+
+    ``storage_path`` is Ray Train's run directory (small result files only; tlreg writes
+    the checkpoints). ``on_event`` receives rank 0's progress events as they happen.
+    """
+    load_task(config.task)  # fail before starting Ray on a bad --task
+    registry = Registry(config.registry_url)
+    try:
+        registry.get_branch(config.branch)
+        run = registry.start_run(config.branch, dataclasses.asdict(config))
+        summary = TrainSummary(branch=config.branch, run_id=run.id, status="running")
+        try:
+            _fit(config, run.id, Path(storage_path), summary, on_event)
+        except Exception as e:
+            summary.status = "failed"
+            summary.error = f"{type(e).__name__}: {e}".splitlines()[0]
+            registry.finish_run(run.id, status="failed", error=summary.error)
+            raise RunFailed(
+                f"training branch {config.branch!r} failed (run {run.id}): {summary.error}"
+            ) from e
+        summary.status = "succeeded"
+        registry.finish_run(run.id, status="succeeded")
+        return summary
+    finally:
+        registry.close()
+
+
+def _fit(
+    config: TrainConfig,
+    run_id: int,
+    storage_path: Path,
+    summary: TrainSummary,
+    on_event: Callable[[Event], None] | None,
+) -> None:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    _ensure_ray(max(2, config.workers))
+    events: Queue = Queue()
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": dataclasses.asdict(config), "run_id": run_id, "events": events},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=False),
+        run_config=ray.train.RunConfig(
+            name=f"tlreg-run-{run_id}",
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:
+            outcome["error"] = e
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=fit, name="tlreg-fit", daemon=True)
+    thread.start()
+    while thread.is_alive() or not events.empty():
+        try:
+            event = events.get(timeout=0.2)
+        except Exception:  # queue.Empty from the actor
+            continue
+        _apply_event(summary, event)
+        if on_event is not None:
+            on_event(event)
+    thread.join()
+    summary.wall_s = time.perf_counter() - started
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _apply_event(summary: TrainSummary, event: Event) -> None:
+    kind = event["type"]
+    if kind == "restore":
+        summary.start_step = event["step"]
+        summary.resumed_from = event["checkpoint"] if event["resumed"] else None
+        summary.transferred_from = None if event["resumed"] else event["checkpoint"]
+        summary.transferred = list(event["transferred"])
+        summary.skipped = list(event["skipped"])
+        summary.frozen = list(event["frozen"])
+        # A restarted worker group replays from the last commit: drop what it will redo.
+        summary.evals = [e for e in summary.evals if e["step"] <= event["step"]]
+    elif kind == "eval":
+        summary.evals.append(event)
+        summary.final_step = max(summary.final_step, event["step"])
+    elif kind == "checkpoint":
+        summary.checkpoints.append(event)
+    elif kind == "checkpoint_failed":
+        summary.checkpoint_errors.append(event)
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """The per-worker training function run by Ray Train (one process per rank)."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train.torch import prepare_model
+
+    from tlreg.training.checkpointer import Checkpointer, matches_any
+
+    config = TrainConfig(**loop_config["config"])
+    events = loop_config["events"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    emit = events.put if rank == 0 else (lambda _e: None)
+
+    task = load_task(config.task)
+    (x_train, y_train), (x_val, y_val) = task.datasets()
+    model = task.build_model(config.seed)
+    frozen = [n for n, p in model.named_parameters() if matches_any(n, config.freeze)]
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError(f"--freeze {list(config.freeze)} froze every parameter: nothing to train")
+    optimizer = torch.optim.Adam(trainable, lr=config.lr)
+
+    registry = Registry(config.registry_url)
+    ckpt = Checkpointer(
+        config.branch,
+        registry=registry,
+        store=config.store_url,
+        lazy=config.lazy,
+        run_id=loop_config["run_id"],
+    )
+    if config.lazy:
+        ckpt.attach_optimizer(optimizer)
+    # Every rank must restore the same checkpoint: rank 0 picks it, the others follow.
+    head = _broadcast_str(registry.get_branch(config.branch).head if rank == 0 else None, rank)
+    extra: dict[str, Any] = {}
+    record = ckpt.restore(checkpoint=head, model=model, optimizer=optimizer, extra=extra,
+                          reset=task.reset)
+    report = ckpt.last_restore
+    start_step = record.step if (record is not None and report.resumed) else 0
+    emit({
+        "type": "restore", "step": start_step, "checkpoint": record.id if record else None,
+        "resumed": report.resumed, "transferred": report.transferred,
+        "skipped": report.skipped, "frozen": frozen,
+    })
+
+    ddp_model = prepare_model(model) if world > 1 else model
+    started = time.perf_counter()
+    pending = []
+    last_committed: str | None = record.id if record else None
+    loss_value = float("nan")
+    for step in range(start_step + 1, config.steps + 1):
+        # Batches depend only on (seed, step): a resumed run sees the same data it would have.
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        order = torch.randint(len(x_train), (config.batch_size * world,), generator=g)
+        idx = order[rank * config.batch_size : (rank + 1) * config.batch_size]
+        ddp_model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(ddp_model(x_train[idx]), y_train[idx])
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+
+        metrics: dict[str, float] = {"loss": loss_value}
+        if step % config.eval_every == 0 or step == config.steps:
+            model.eval()
+            with torch.no_grad():
+                metrics[task.metric_name] = task.metric(model(x_val), y_val)
+            model.train()
+            emit({"type": "eval", "step": step, "loss": loss_value,
+                  "metric": metrics[task.metric_name], "metric_name": task.metric_name,
+                  "elapsed_s": time.perf_counter() - started, "checkpoint": last_committed})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            if rank == 0:
+                t0 = time.perf_counter()
+                p = ckpt.save(step, metrics=metrics, model=model, optimizer=optimizer,
+                              extra={"step": step, "task": config.task, "seed": config.seed})
+                pending.append((step, p, (time.perf_counter() - t0) * 1e3))
+                last_committed = _drain(pending, emit) or last_committed
+        ray.train.report({"step": step, **metrics, "checkpoint": last_committed})
+    if rank == 0:
+        for _step, p, _stall in pending:
+            p.committed.exception()  # wait; errors are reported as events
+        _drain(pending, emit)
+    ckpt.close()
+    registry.close()
+    if world > 1:
+        dist.barrier()
+
+
+def _drain(pending: list[Any], emit: Callable[[Event], None]) -> str | None:
+    """Emit events for finished saves (in order) and return the newest committed id."""
+    newest = None
+    while pending and pending[0][1].committed.done():
+        step, p, stall_ms = pending.pop(0)
+        error = p.committed.exception()
+        if error is None:
+            newest = p.committed.result()
+            emit({"type": "checkpoint", "step": step, "id": newest, "stall_ms": stall_ms,
+                  "new_bytes": p.stats.new_bytes, "logical_bytes": p.stats.logical_bytes})
+        else:
+            emit({"type": "checkpoint_failed", "step": step, "error": str(error)})
+    return newest
+
+
+def _broadcast_str(value: str | None, rank: int) -> str | None:
+    """Broadcast a short string from rank 0 as a tensor (no pickling between ranks)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    buf = torch.zeros(129, dtype=torch.uint8)
+    if rank == 0 and value is not None:
+        raw = value.encode()
+        buf[0] = 1
+        buf[1 : 1 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(buf, src=0)
+    if not buf[0]:
+        return None
+    return bytes(buf[1:].tolist()).rstrip(b"\0").decode()

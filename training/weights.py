@@ -1,0 +1,169 @@
+"""Weights in and out of the registry: ``tlreg import`` and ``tlreg export``.
+
+Reading never executes code: safetensors files are parsed, torch files are loaded with
+``weights_only=True`` and must hold a flat mapping of names to tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlreg.ckpt import AsyncCheckpointer
+from tlreg.registry import CheckpointRecord, Registry, validate_name
+from tlreg.registry.errors import BranchExists, BranchNotFound
+from tlreg.storage_backends import Store, open_store
+from tlreg.training.errors import WeightsFormatError
+
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a ``.safetensors`` file, a torch state-dict file or a Hugging Face model folder.
+
+    Returns ``(tensors, info)``; ``info`` records the source format and, for a Hugging Face
+    folder, its ``config.json``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return _read_hf_folder(p)
+    if not p.is_file():
+        raise WeightsFormatError(f"{p}: no such file or folder")
+    if p.suffix == ".safetensors":
+        return _read_safetensors(p), {"format": "safetensors", "source": p.name}
+    return _read_torch(p), {"format": "torch", "source": p.name}
+
+
+def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(p)))
+    except Exception as e:  # SafetensorError, OSError: truncated or not safetensors at all
+        raise WeightsFormatError(
+            f"{p} is not a readable safetensors file ({str(e).splitlines()[0]}): re-export it"
+        ) from None
+
+
+def _read_torch(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsFormatError(
+            f"{p} is not a torch state-dict file loadable with weights_only=True "
+            f"({str(e).splitlines()[0][:200]}); convert it to .safetensors"
+        ) from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise WeightsFormatError(f"{p} does not hold a state dict (a mapping of names to tensors)")
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise WeightsFormatError(f"{p}: entry {bad[0]!r} is not a named tensor; save model.state_dict()")
+    return dict(obj)
+
+
+def _read_hf_folder(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    info: dict[str, Any] = {"format": "huggingface", "source": p.name}
+    config = p / "config.json"
+    if config.is_file():
+        try:
+            info["config"] = json.loads(config.read_text())
+        except json.JSONDecodeError as e:
+            raise WeightsFormatError(f"{config} is not valid JSON ({e})") from None
+    if (p / "model.safetensors").is_file():
+        return _read_safetensors(p / "model.safetensors"), info
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise WeightsFormatError(f"{index} has no weight_map ({e})") from None
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(_read_safetensors(p / shard))
+        return tensors, info
+    if (p / "pytorch_model.bin").is_file():
+        return _read_torch(p / "pytorch_model.bin"), info
+    raise WeightsFormatError(
+        f"{p} is a folder without model weights: expected one of {', '.join(_HF_WEIGHT_FILES)}"
+    )
+
+
+def import_weights(
+    path: str | os.PathLike[str],
+    branch: str,
+    *,
+    registry: Registry,
+    store: str | Store,
+    task: str | None = None,
+) -> CheckpointRecord:
+    """Store the weights at ``path`` as the root checkpoint of a new branch ``branch``.
+
+    The weights are read and the name checked before anything is written; the checkpoint
+    becomes visible only when the branch and its first commit exist.
+    """
+    validate_name(branch, "branch")
+    try:
+        registry.get_branch(branch)
+        raise BranchExists(f"branch {branch!r} already exists: import under another --name")
+    except BranchNotFound:
+        pass
+    tensors, info = read_weights(path)
+    with AsyncCheckpointer(open_store(store)) as engine:
+        manifest_id = engine.save({"model": tensors, "extra": {"import": info}}, step=0).result()
+        manifest = engine.manifest(manifest_id)
+    registry.create_branch(branch, task=task)
+    try:
+        return registry.commit(
+            branch,
+            manifest_id,
+            step=0,
+            parents=[],
+            objects=manifest.objects,
+            logical_bytes=manifest.logical_bytes,
+            kind="import",
+            message=f"import {info['format']} {info['source']}",
+            expected_head=None,
+        )
+    except BaseException:
+        registry.delete_branch(branch)
+        raise
+
+
+def export_weights(
+    ref: str,
+    out: str | os.PathLike[str],
+    *,
+    registry: Registry,
+    store: str | Store,
+) -> tuple[CheckpointRecord, int]:
+    """Write the model tensors of checkpoint ``ref`` to a safetensors file ``out``.
+
+    Returns the checkpoint and the number of tensors. The file appears atomically.
+    """
+    from safetensors.torch import save_file
+
+    record = registry.resolve(ref)
+    with AsyncCheckpointer(open_store(store)) as engine:
+        state = engine.load(record.manifest, prefix="model")
+    tensors = {k: v.contiguous() for k, v in state.get("model", {}).items()}
+    if not tensors:
+        raise WeightsFormatError(f"checkpoint {record.id[:12]} has no model tensors to export")
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"tlreg_checkpoint": record.id, "branch": record.branch})
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return record, len(tensors)
