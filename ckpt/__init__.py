@@ -1,1 +1,46 @@
-"""tlreg.ckpt"""
+"""tlreg.ckpt — the checkpoint format and the asynchronous checkpoint engine.
+
+Save nested PyTorch state off the training path as content-addressed Zarr v3 objects plus a
+JSON manifest, and load it back bit-exactly::
+
+    with AsyncCheckpointer("/scratch/ckpts") as ckpt:
+        pending = ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, step=10)
+        ...                                   # train on; pending.staged is already done
+        state = ckpt.load(pending.result())   # manifest id once durable
+"""
+
+from tlreg.ckpt.checkpointer import (
+    PACK_BYTES,
+    SOLO_BYTES,
+    AsyncCheckpointer,
+    PendingSave,
+    SaveStats,
+)
+from tlreg.ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    UnsupportedFormat,
+)
+from tlreg.ckpt.manifest import Manifest, TensorEntry, read_manifest
+from tlreg.ckpt.tree import flatten_state, unflatten_state
+from tlreg.ckpt.verify import VerifyReport, verify
+
+__all__ = [
+    "PACK_BYTES",
+    "SOLO_BYTES",
+    "AsyncCheckpointer",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "CorruptCheckpoint",
+    "Manifest",
+    "PendingSave",
+    "SaveStats",
+    "TensorEntry",
+    "UnsupportedFormat",
+    "VerifyReport",
+    "flatten_state",
+    "read_manifest",
+    "unflatten_state",
+    "verify",
+]

@@ -42,7 +42,9 @@ _NAMES = (
 )
 
 DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name) for name in _NAMES if isinstance(getattr(torch, name, None), torch.dtype)
+    name: getattr(torch, name)
+    for name in _NAMES
+    if isinstance(getattr(torch, name, None), torch.dtype)
 }
 """Every dtype that can be stored, by its manifest name."""
 

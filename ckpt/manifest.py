@@ -122,7 +122,9 @@ class Manifest:
         return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any] | str | bytes, *, name: str = "manifest") -> Manifest:
+    def from_json(
+        cls, data: Mapping[str, Any] | str | bytes, *, name: str = "manifest"
+    ) -> Manifest:
         """Parse a manifest document.
 
         Raises :class:`UnsupportedFormat` for another format or a newer version and
@@ -220,7 +222,8 @@ def read_manifest(store: Store, manifest_id: str) -> Manifest:
     manifest = Manifest.from_json(raw, name=f"manifest {manifest_id} in {store.url}")
     if manifest.id != manifest_id:
         raise CorruptCheckpoint(
-            f"manifest {manifest_id} in {store.url} claims id {manifest.id}; it was renamed or damaged"
+            f"manifest {manifest_id} in {store.url} claims id {manifest.id}; "
+            "it was renamed or damaged"
         )
     return manifest
 

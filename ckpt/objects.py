@@ -51,8 +51,10 @@ class ObjectLayout:
     chunk: int
 
     @classmethod
-    def plan(cls, nbytes: int, target: int = CHUNK_BYTES) -> ObjectLayout:
-        """Chunking for an object of ``nbytes`` (> 0) with chunks of at most ``target``."""
+    def plan(cls, nbytes: int, target: int | None = None) -> ObjectLayout:
+        """Chunking for an object of ``nbytes`` (> 0) with chunks of at most ``target``
+        (default :data:`CHUNK_BYTES`)."""
+        target = target or CHUNK_BYTES
         if nbytes <= 0:
             raise ValueError("an object holds at least one byte")
         count = -(-nbytes // target)
@@ -105,7 +107,8 @@ class ObjectLayout:
             raise UnsupportedFormat(f"{name} has unreadable zarr.json ({e!r})") from None
         if not ok:
             raise UnsupportedFormat(
-                f"{name} is not a tlreg object (expected a 1-D uint8 array with the plain bytes codec)"
+                f"{name} is not a tlreg object "
+                "(expected a 1-D uint8 array with the plain bytes codec)"
             )
         return cls(nbytes, chunk)
 
@@ -152,7 +155,9 @@ def read_layout(store: Store, digest: str) -> ObjectLayout:
     return ObjectLayout.from_zarr_json(store.get(meta_key(digest)), name=f"object {digest}")
 
 
-def read_range(store: Store, digest: str, layout: ObjectLayout, start: int, out: memoryview) -> None:
+def read_range(
+    store: Store, digest: str, layout: ObjectLayout, start: int, out: memoryview
+) -> None:
     """Fill ``out`` with the object's bytes from ``start``."""
     done = 0
     for index, offset, n in layout.pieces(start, len(out)):

@@ -10,18 +10,20 @@ the caller's stream.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-
 from tlreg.ckpt.dtypes import tensor_nbytes
 
 ALIGN = 64
 """Byte alignment of every tensor in an arena and in a pack (cache lines, and any dtype)."""
 
 _GRANULE = 1 << 20  # arenas are sized in MiB steps so slightly different states share them
+_FAN_OUT_BYTES = 8 << 20  # below this a state is copied on the calling thread
 
 
 def align(n: int) -> int:
@@ -51,13 +53,27 @@ class Event:
 
 
 class Stager:
-    """Owns the arena pool and the CUDA side streams of one checkpointer."""
+    """Owns the arena pool, the copy threads and the CUDA side streams of one checkpointer.
 
-    def __init__(self, *, keep: int = 4) -> None:
+    Host copies run on ``threads`` copy threads, each taking a contiguous share of the
+    tensors by bytes. Measured on a 2-vCPU VM, 511 MiB: 90 ms from a worker thread but
+    300-400 ms from the main thread, where ATen's OpenMP-parallel copy contends with itself;
+    on larger machines the threads add memory bandwidth.
+    """
+
+    def __init__(self, *, keep: int = 4, threads: int | None = None) -> None:
         self._keep = keep
         self._free: dict[tuple[int, bool], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._threads = threads or max(1, min(8, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tlreg-ckpt-copy")
+
+    def close(self) -> None:
+        """Stop the copy threads and drop the free arenas."""
+        self._pool.shutdown()
+        with self._lock:
+            self._free.clear()
 
     # -- arenas -------------------------------------------------------------------------
 
@@ -69,8 +85,12 @@ class Stager:
             if free:
                 return free.pop()
         arena = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
-        if not pinned:
-            arena.zero_()  # fault the pages in now, not during the first copy (cudaHostAlloc already did)
+        if not pinned:  # (cudaHostAlloc faults pinned pages in itself)
+            # fault the pages in now, not during the first copy; on the copy threads
+            step = -(-size // self._threads)
+            parts = [arena[i : i + step] for i in range(0, size, step)]
+            for future in [self._pool.submit(torch.Tensor.zero_, part) for part in parts]:
+                future.result()
         return arena
 
     def release(self, arena: torch.Tensor) -> None:
@@ -108,12 +128,13 @@ class Stager:
     ) -> None:
         """Copy every tensor into ``arena``; returns when the copies are complete."""
         on_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        on_host: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tensor, offset in zip(tensors, offsets, strict=True):
             dst = arena_slice(arena, offset, tensor)
             if tensor.device.type == "cuda":
                 on_device.setdefault(tensor.device, []).append((tensor, dst))
             else:
-                dst.copy_(tensor)
+                on_host.append((tensor, dst))
         streams = []
         for device, pairs in on_device.items():
             stream = self._stream(device)
@@ -123,8 +144,24 @@ class Stager:
                 for tensor, dst in pairs:
                     dst.copy_(tensor, non_blocking=True)
             streams.append(stream)
+        self._copy_host(on_host)
         for stream in streams:
             stream.synchronize()
+
+    def _copy_host(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        total = sum(tensor_nbytes(dst) for _, dst in pairs)
+        if total < _FAN_OUT_BYTES or self._threads == 1:
+            _copy_all(pairs)
+            return
+        share, groups, start, acc = -(-total // self._threads), [], 0, 0
+        for i, (_, dst) in enumerate(pairs):
+            acc += tensor_nbytes(dst)
+            if acc >= share:
+                groups.append(pairs[start : i + 1])
+                start, acc = i + 1, 0
+        groups.append(pairs[start:])
+        for future in [self._pool.submit(_copy_all, group) for group in groups if group]:
+            future.result()
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         with self._lock:
@@ -132,3 +169,8 @@ class Stager:
             if stream is None:
                 stream = self._streams[device] = torch.cuda.Stream(device)
             return stream
+
+
+def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for src, dst in pairs:
+        dst.copy_(src)

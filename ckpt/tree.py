@@ -30,7 +30,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-
 from tlreg.ckpt.dtypes import dtype_name
 from tlreg.ckpt.errors import CorruptCheckpoint
 
@@ -60,9 +59,13 @@ class _Flattener:
             return {"$dtype": str(obj).removeprefix("torch.")}
         if t is list or t is tuple or t is dict or t is OrderedDict:
             if key and t is not tuple:
-                raise TypeError(f"cannot checkpoint a {t.__name__} as a dict key at {_path(parts)!r}")
+                raise TypeError(
+                    f"cannot checkpoint a {t.__name__} as a dict key at {_path(parts)!r}"
+                )
             if id(obj) in self._stack:
-                raise TypeError(f"cannot checkpoint a cycle at {_path(parts)!r}: it contains itself")
+                raise TypeError(
+                    f"cannot checkpoint a cycle at {_path(parts)!r}: it contains itself"
+                )
             self._stack.add(id(obj))
             try:
                 return self._encode_container(obj, parts, key=key)
@@ -79,7 +82,9 @@ class _Flattener:
         if type(obj) is list:
             return [self.encode(v, [*parts, str(i)]) for i, v in enumerate(obj)]
         if type(obj) is tuple:
-            return {"$tuple": [self.encode(v, [*parts, str(i)], key=key) for i, v in enumerate(obj)]}
+            return {
+                "$tuple": [self.encode(v, [*parts, str(i)], key=key) for i, v in enumerate(obj)]
+            }
         if type(obj) is dict and all(type(k) is str and not k.startswith("$") for k in obj):
             return {k: self.encode(v, [*parts, k]) for k, v in obj.items()}
         pairs = [
@@ -90,7 +95,11 @@ class _Flattener:
 
     def _add_tensor(self, tensor: torch.Tensor, parts: list[str]) -> str:
         path = _path(parts)
-        if tensor.layout is not torch.strided or tensor.is_quantized or tensor.device.type == "meta":
+        if (
+            tensor.layout is not torch.strided
+            or tensor.is_quantized
+            or tensor.device.type == "meta"
+        ):
             raise TypeError(
                 f"cannot checkpoint the {tensor.layout} {tensor.device.type} tensor at {path!r}: "
                 "only dense tensors with data are stored; convert it with .to_dense() or drop it"
