@@ -44,7 +44,9 @@ def open_store(url: str | Store, **options: Any) -> Store:
     if isinstance(url, Store):
         return url
     if not url:
-        raise UnknownScheme("empty store URL: pass a directory path or a URL like s3://bucket/prefix")
+        raise UnknownScheme(
+            "empty store URL: pass a directory path or a URL like s3://bucket/prefix"
+        )
     scheme = urlsplit(url).scheme if "://" in url else ""
     if scheme in ("", "file"):
         path = url[len("file://") :] if scheme == "file" else url

@@ -63,7 +63,9 @@ class LocalStore(Store):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot create {path.parent}: {e.strerror}; check the store path") from e
+            raise StoreError(
+                f"cannot create {path.parent}: {e.strerror}; check the store path"
+            ) from e
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

@@ -1,0 +1,359 @@
+"""A store in an S3 bucket (AWS or any S3-compatible server), on s3fs.
+
+Credentials come only from the environment or the AWS config files (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ...); the endpoint may come
+from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` as botocore reads them. None of this is
+kept in the state that pickles: a store shipped to a Ray worker resolves it again there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import urlsplit
+
+import s3fs
+from aiobotocore.session import AioSession
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.loaders import Loader, create_loader
+from fsspec.asyn import sync
+from tlreg.storage_backends.base import Data, Store, as_parts, check_key
+from tlreg.storage_backends.errors import ObjectNotFound, StoreError, StoreUnavailable
+
+#: S3's smallest allowed part (except the last) and its largest number of parts per upload
+MIN_PART_SIZE = 5 * 2**20
+MAX_PARTS = 10_000
+
+# Options that would put a secret into the pickled state of the store.
+_CREDENTIAL_OPTIONS = frozenset({"key", "secret", "token", "username", "password", "session"})
+
+
+@functools.cache
+def _botocore_loader() -> Loader:
+    """botocore's loader of the (read-only) S3 service model, parsed once per process."""
+    return create_loader()
+
+
+def _error_code(error: BaseException) -> str | None:
+    """The S3 error code behind an s3fs exception (s3fs keeps the ClientError as cause)."""
+    for e in (error, error.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            return str(code) if code else None
+    return None
+
+
+def _single_body(parts: list[memoryview]) -> bytes | bytearray:
+    """The body of a one-request upload; the caller's own bytes object when possible."""
+    if len(parts) == 1:
+        view = parts[0]
+        if isinstance(view.obj, bytes | bytearray) and view.nbytes == len(view.obj):
+            return view.obj
+    return b"".join(parts)
+
+
+class _Parts:
+    """Byte ranges of several buffers laid end to end, without joining them all."""
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = [p for p in parts if p.nbytes]
+        self.starts: list[int] = []
+        offset = 0
+        for p in self.parts:
+            self.starts.append(offset)
+            offset += p.nbytes
+        self.total = offset
+
+    def slice(self, start: int, length: int) -> bytes:
+        # botocore accepts bytes or seekable files, not memoryviews, and s3fs retries a failed
+        # request with the same body: a fresh bytes copy of one part is the retry-safe choice.
+        i = bisect.bisect_right(self.starts, start) - 1
+        chunks = []
+        while length > 0:
+            view = self.parts[i]
+            lo = start - self.starts[i]
+            piece = view[lo : lo + length]
+            chunks.append(piece)
+            start += piece.nbytes
+            length -= piece.nbytes
+            i += 1
+        return b"".join(chunks)
+
+
+class S3Store(Store):
+    """Objects under ``s3://bucket/prefix``.
+
+    A put of up to ``part_size`` bytes is one PUT; a larger one is a multipart upload with up
+    to ``max_concurrency`` parts in flight. Either way the object appears only when the
+    request completes, so puts are atomic. Listings are never cached, so ``exists`` and
+    ``list`` see what other processes wrote. ``options`` go to ``s3fs.S3FileSystem``
+    (e.g. ``anon=True``, ``config_kwargs``, ``profile``); credentials are refused there.
+    """
+
+    #: a PUT (or a completed multipart upload) is durable when S3 acknowledges it
+    supports_fsync = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        max_concurrency: int = 8,
+        part_size: int = 16 * 2**20,
+        **options: Any,
+    ) -> None:
+        split = urlsplit(url)
+        if split.scheme not in ("s3", "s3a") or not split.netloc:
+            raise ValueError(f"not an S3 URL: {url!r}; use s3://bucket/prefix")
+        secrets = _CREDENTIAL_OPTIONS & options.keys()
+        secrets |= {k for k in options.get("client_kwargs") or {} if k.startswith("aws_")}
+        if secrets:
+            raise ValueError(
+                f"S3 credentials cannot be store options ({', '.join(sorted(secrets))}): "
+                "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment"
+            )
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        super().__init__(url)
+        self.bucket = split.netloc
+        self.prefix = split.path.strip("/")
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.max_concurrency = max_concurrency
+        self.part_size = part_size
+        self.options = options
+        self._bucket_checked = False
+        self._fs = self._connect()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = {
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "max_concurrency": self.max_concurrency,
+            "part_size": self.part_size,
+            **self.options,
+        }
+        return (_reopen, (self.url, kwargs))
+
+    def _connect(self) -> s3fs.S3FileSystem:
+        options = dict(self.options)
+        # A session of our own (it resolves and caches credentials: never shared between
+        # stores), but with the process-wide model loader: that halves client creation time.
+        session = AioSession(profile=options.pop("profile", None))
+        session.register_component("data_loader", _botocore_loader())
+        client_kwargs = dict(options.pop("client_kwargs", None) or {})
+        if self.region:
+            client_kwargs.setdefault("region_name", self.region)
+        config_kwargs = dict(options.pop("config_kwargs", None) or {})
+        config_kwargs.setdefault("max_pool_connections", max(10, 2 * self.max_concurrency))
+        return s3fs.S3FileSystem(
+            endpoint_url=self.endpoint_url,
+            client_kwargs=client_kwargs,
+            config_kwargs=config_kwargs,
+            max_concurrency=self.max_concurrency,
+            session=session,
+            # an instance of our own (no fsspec instance cache shared between stores) and no
+            # listing cache, so writes by other processes are seen at once
+            skip_instance_cache=True,
+            use_listings_cache=False,
+            **options,
+        )
+
+    # -- naming and errors ----------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return self._fs.call_s3(method, Bucket=self.bucket, **kwargs)
+
+    def _endpoint(self) -> str:
+        if self.endpoint_url:
+            return self.endpoint_url
+        with suppress(Exception):
+            return str(self._fs.s3.meta.endpoint_url)
+        env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return env or "the default AWS endpoint"
+
+    def _no_bucket(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"bucket {self.bucket!r} does not exist at {self._endpoint()}: "
+            "create it or fix TLREG_STORE_URL"
+        )
+
+    def _refused(self, error: BaseException) -> StoreUnavailable:
+        code = _error_code(error) or "AccessDenied"
+        return StoreUnavailable(
+            f"S3 at {self._endpoint()} refused access to bucket {self.bucket!r} ({code}): "
+            "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the "
+            "bucket's permissions"
+        )
+
+    def _not_found(self, key: str) -> StoreError:
+        # A HEAD answers a bare 404 for a missing key and for a missing bucket alike; ask once
+        # per instance which it is, so a wrong bucket name is reported as such.
+        if not self._bucket_checked:
+            try:
+                self._call("head_bucket")
+            except FileNotFoundError:
+                return self._no_bucket()
+            except Exception:
+                pass  # e.g. no s3:ListBucket permission: we cannot tell, assume the key
+            else:
+                self._bucket_checked = True
+        return ObjectNotFound(f"no object {key!r} in {self.url}")
+
+    @contextmanager
+    def _errors(self, key: str | None) -> Iterator[None]:
+        """Translate s3fs/botocore errors about ``key`` (None: the bucket) into store errors."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except FileNotFoundError as e:
+            if key is None or _error_code(e) == "NoSuchBucket":
+                raise self._no_bucket() from None
+            raise self._not_found(key) from None
+        except PermissionError as e:
+            raise self._refused(e) from None
+        except NoCredentialsError:
+            raise StoreUnavailable(
+                f"no AWS credentials found for bucket {self.bucket!r}: set AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            ) from None
+        except (OSError, BotoCoreError, ClientError, asyncio.TimeoutError) as e:
+            what = f"object {key!r}" if key is not None else "a listing"
+            raise StoreUnavailable(
+                f"S3 request for {what} in bucket {self.bucket!r} at {self._endpoint()} failed: {e}"
+            ) from e
+
+    # -- primitives -----------------------------------------------------------------------
+
+    # docstring inherited
+    def put(self, key: str, data: Data) -> None:
+        s3key = self._key(key)
+        parts = as_parts(data)
+        total = sum(p.nbytes for p in parts)
+        with self._errors(key):
+            if total <= self.part_size:
+                self._call("put_object", Key=s3key, Body=_single_body(parts))
+            else:
+                sync(self._fs.loop, self._multipart, s3key, _Parts(parts))
+
+    async def _multipart(self, s3key: str, parts: _Parts) -> None:
+        fs, bucket = self._fs, self.bucket
+        size = max(self.part_size, -(-parts.total // MAX_PARTS))
+        upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=s3key)
+        upload_id = upload["UploadId"]
+        slots = asyncio.Semaphore(self.max_concurrency)
+
+        async def send(number: int, start: int) -> dict[str, Any]:
+            async with slots:  # the part's copy exists only while it is being sent
+                body = parts.slice(start, min(size, parts.total - start))
+                out = await fs._call_s3(
+                    "upload_part",
+                    Bucket=bucket,
+                    Key=s3key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                )
+            return {"PartNumber": number, "ETag": out["ETag"]}
+
+        try:
+            sends = [send(n, start) for n, start in enumerate(range(0, parts.total, size), 1)]
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            await fs._call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=s3key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": results},
+            )
+        except BaseException:
+            # nothing became visible; do not leave the parts billed in the bucket
+            with suppress(Exception):
+                await fs._call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=s3key, UploadId=upload_id
+                )
+            raise
+
+    # docstring inherited
+    def get(self, key: str) -> bytes:
+        path = f"{self.bucket}/{self._key(key)}"
+        with self._errors(key):
+            return bytes(self._fs.cat_file(path))
+
+    # docstring inherited
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"invalid range start={start} length={length} of {key!r}")
+        if length == 0:
+            self.size(key)  # a missing key still raises
+            return b""
+        path = f"{self.bucket}/{self._key(key)}"
+        with self._errors(key):
+            try:
+                return bytes(self._fs.cat_file(path, start=start, end=start + length))
+            except OSError as e:
+                if _error_code(e) == "InvalidRange":  # start at or past the end: no bytes
+                    return b""
+                raise
+
+    def _head(self, key: str) -> dict[str, Any]:
+        s3key = self._key(key)
+        with self._errors(key):
+            head: dict[str, Any] = self._call("head_object", Key=s3key)
+        return head
+
+    # docstring inherited
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    # docstring inherited
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    # docstring inherited
+    def list(self, prefix: str = "") -> Iterator[str]:
+        folder = "/".join(p for p in (self.prefix, prefix.strip("/")) if p)
+        s3prefix = f"{folder}/" if folder else ""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        kwargs: dict[str, Any] = {"Prefix": s3prefix}
+        while True:
+            with self._errors(None):
+                page = self._call("list_objects_v2", **kwargs)
+            for item in page.get("Contents", ()):
+                name: str = item["Key"]
+                if not name.endswith("/"):  # skip folder markers other tools create
+                    yield name[strip:]
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    # docstring inherited
+    def delete(self, key: str) -> None:
+        s3key = self._key(key)
+        with suppress(ObjectNotFound), self._errors(key):
+            self._call("delete_object", Key=s3key)
+
+
+def _reopen(url: str, kwargs: dict[str, Any]) -> S3Store:
+    return S3Store(url, **kwargs)
