@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import torch
+
 from tlreg.ckpt import AsyncCheckpointer
 
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import blake3
 import torch
+
 from tlreg.ckpt.dtypes import DTYPES, dtype_from_name, dtype_name, from_bytes, tensor_nbytes
 from tlreg.ckpt.errors import CheckpointError, CorruptCheckpoint, UnsupportedFormat
 from tlreg.ckpt.manifest import (

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
 from tlreg.ckpt.dtypes import tensor_nbytes
 
 ALIGN = 64

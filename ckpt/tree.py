@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+
 from tlreg.ckpt.dtypes import dtype_name
 from tlreg.ckpt.errors import CorruptCheckpoint
 

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
+
 from tlreg.ckpt.errors import UnsupportedFormat
 from tlreg.ckpt.manifest import Manifest, read_manifest
 from tlreg.ckpt.objects import chunk_key, read_layout

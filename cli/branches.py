@@ -14,8 +14,9 @@ from tlreg.cli.common import Env, echo_json, json_option, pass_env, short, table
 @click.option("-d", "--delete", is_flag=True, help="Delete branch NAME (its checkpoints stay).")
 @json_option
 @pass_env
-def branch(env: Env, name: str, from_ref: str | None, task: str | None, delete: bool,
-           as_json: bool) -> None:
+def branch(
+    env: Env, name: str, from_ref: str | None, task: str | None, delete: bool, as_json: bool
+) -> None:
     """Create branch NAME from FROM (a branch, tag or checkpoint id), or an empty root.
 
     Example: tlreg branch upper-head base --task tlreg.training.examples.digits:upper
@@ -49,14 +50,26 @@ def branches(env: Env, as_json: bool) -> None:
         echo_json([b.to_json() for b in rows])
         return
     if not rows:
-        click.echo("no branches: create one with 'tlreg branch NAME' or 'tlreg import FILE --name NAME'")
+        click.echo(
+            "no branches: create one with 'tlreg branch NAME' or 'tlreg import FILE --name NAME'"
+        )
         return
     heads = {b.head: env.registry.get(b.head) for b in rows if b.head}
-    click.echo(table(
-        [[b.name, short(b.head), str(heads[b.head].step) if b.head else "-", b.task or "-",
-          short(b.base)] for b in rows],
-        ["BRANCH", "HEAD", "STEP", "TASK", "BASE"],
-    ))
+    click.echo(
+        table(
+            [
+                [
+                    b.name,
+                    short(b.head),
+                    str(heads[b.head].step) if b.head else "-",
+                    b.task or "-",
+                    short(b.base),
+                ]
+                for b in rows
+            ],
+            ["BRANCH", "HEAD", "STEP", "TASK", "BASE"],
+        )
+    )
 
 
 @click.command()
@@ -65,7 +78,9 @@ def branches(env: Env, as_json: bool) -> None:
 @click.option("-d", "--delete", "delete_name", metavar="NAME", help="Delete tag NAME.")
 @json_option
 @pass_env
-def tag(env: Env, ref: str | None, name: str | None, delete_name: str | None, as_json: bool) -> None:
+def tag(
+    env: Env, ref: str | None, name: str | None, delete_name: str | None, as_json: bool
+) -> None:
     """Tag checkpoint REF as NAME; with no arguments, list tags.  Example: tlreg tag base v1"""
     if delete_name:
         env.registry.delete_tag(delete_name)

@@ -96,15 +96,15 @@ def lineage(env: Env, ref: str, depth: int | None, as_json: bool) -> None:
         descendants = _within(focus, descendants, depth, up=False)
     nodes = {r.id: r for r in [*ancestors, focus, *descendants]}
     if as_json:
-        echo_json({
-            "ref": ref,
-            "checkpoint": focus.id,
-            "ancestors": [r.to_json() for r in ancestors],
-            "descendants": [r.to_json() for r in descendants],
-            "edges": sorted(
-                [p, r.id] for r in nodes.values() for p in r.parents if p in nodes
-            ),
-        })
+        echo_json(
+            {
+                "ref": ref,
+                "checkpoint": focus.id,
+                "ancestors": [r.to_json() for r in ancestors],
+                "descendants": [r.to_json() for r in descendants],
+                "edges": sorted([p, r.id] for r in nodes.values() for p in r.parents if p in nodes),
+            }
+        )
         return
     for line in render_tree(nodes, focus.id):
         click.echo(line)

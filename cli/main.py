@@ -16,11 +16,13 @@ from tlreg.training import write_settings
 @click.option("--store", "store_url", help="Store path or URL (overrides TLREG_STORE_URL).")
 @click.version_option(package_name="tlreg")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, registry_url: str | None, store_url: str | None) -> None:
+def cli(
+    ctx: click.Context, home: str | None, registry_url: str | None, store_url: str | None
+) -> None:
     """Async checkpoints and a lineage registry for transfer learning on Ray.
 
     \b
-    Example:  tlreg init && tlreg branch base && tlreg train base --task tlreg.training.examples.digits:lower
+    Example:  tlreg init && tlreg branch base --task MODULE:ATTR && tlreg train base
     """
     env = Env(home, registry_url, store_url)
     ctx.obj = env
@@ -47,8 +49,12 @@ def init(env: Env, as_json: bool) -> None:
     finally:
         registry.close()
     env.store  # noqa: B018 - opening validates the URL and the credentials
-    info = {"home": str(settings.home), "config": str(path), "registry_url": settings.registry_url,
-            "store_url": settings.store_url}
+    info = {
+        "home": str(settings.home),
+        "config": str(path),
+        "registry_url": settings.registry_url,
+        "store_url": settings.store_url,
+    }
     if as_json:
         echo_json(info)
     else:

@@ -24,8 +24,10 @@ def import_(env: Env, path: str, name: str, task: str | None, as_json: bool) -> 
     if as_json:
         echo_json(record.to_json())
     else:
-        click.echo(f"imported {path} as {short(record.id)} on new branch {name} "
-                   f"({fmt_bytes(record.logical_bytes)})")
+        click.echo(
+            f"imported {path} as {short(record.id)} on new branch {name} "
+            f"({fmt_bytes(record.logical_bytes)})"
+        )
 
 
 @click.command()
@@ -38,7 +40,9 @@ def export(env: Env, ref: str, out: str) -> None:
     Example: tlreg export upper-head head.safetensors
     """
     record, count = export_weights(ref, out, registry=env.registry, store=env.store)
-    click.echo(f"exported {count} tensors of {short(record.id)} ({record.branch}@{record.step}) to {out}")
+    click.echo(
+        f"exported {count} tensors of {short(record.id)} ({record.branch}@{record.step}) to {out}"
+    )
 
 
 @click.command()

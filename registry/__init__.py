@@ -22,7 +22,7 @@ from tlreg.registry.errors import (
     UnsupportedDatabase,
 )
 from tlreg.registry.names import validate_name
-from tlreg.registry.records import Branch, CheckpointRecord, Run, Tag
+from tlreg.registry.records import Branch, CheckpointRecord, Edge, Run, Tag
 
 __all__ = [
     "CHECKPOINT_KINDS",
@@ -33,6 +33,7 @@ __all__ = [
     "BranchNotFound",
     "CheckpointExists",
     "CheckpointRecord",
+    "Edge",
     "EmptyBranch",
     "HeadMoved",
     "InvalidName",

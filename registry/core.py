@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, literal_column, text
@@ -44,6 +45,7 @@ from tlreg.registry.names import validate_name
 from tlreg.registry.records import (
     Branch,
     CheckpointRecord,
+    Edge,
     Run,
     Tag,
     decode_metrics,
@@ -60,7 +62,7 @@ RANK_METRIC = "val_accuracy"
 """The metric ``best_ancestor`` breaks ties with (higher is better)."""
 
 _TABLES = [
-    model.__table__  # type: ignore[attr-defined]
+    model.__table__
     for model in (
         m.Meta,
         m.Run,
@@ -199,7 +201,7 @@ class Registry:
             ).scalar_one_or_none()
             if stored is None:
                 conn.execute(
-                    m.Meta.__table__.insert(),  # type: ignore[attr-defined]
+                    m.Meta.__table__.insert(),
                     {"key": "schema_version", "value": str(m.SCHEMA_VERSION)},
                 )
             elif int(stored) > m.SCHEMA_VERSION:
@@ -308,7 +310,7 @@ class Registry:
         parents: Sequence[str] | None = None,
         objects: Mapping[str, int],
         metrics: Mapping[str, float] | None = None,
-        expected_head: str | None = ...,  # type: ignore[assignment]
+        expected_head: str | EllipsisType | None = ...,
         logical_bytes: int = 0,
         kind: str = "train",
         signature: Sequence[str] | None = None,
@@ -596,6 +598,17 @@ class Registry:
             ).all()
             return self._records(s, rows)
 
+    def edges(self, ref: str) -> list[Edge]:
+        """The edges from the checkpoint ``ref`` resolves to, to its parents, in parent order."""
+        with self._session() as s:
+            child = self._resolve(s, ref).id
+            rows = s.exec(
+                select(m.Edge).where(m.Edge.child == child).order_by(col(m.Edge.position))
+            ).all()
+            return [
+                Edge(child=r.child, parent=r.parent, kind=r.kind, position=r.position) for r in rows
+            ]
+
     def best_ancestor(self, signature: Sequence[str]) -> tuple[CheckpointRecord, int] | None:
         """The committed checkpoint whose architecture signature shares the longest prefix with
         ``signature``, and the matched depth; ties go to the higher ``val_accuracy`` metric,
@@ -651,7 +664,8 @@ class Registry:
                 s.exec(self._insert(m.Tag).values(**row.model_dump()))
             except IntegrityError:
                 raise TagExists(
-                    f"tag {name!r} already exists: pick another name or delete the tag first"
+                    f"tag {name!r} already exists: pick another name, or delete it with "
+                    f"'tlreg tag -d {name}'"
                 ) from None
             return Tag(name=row.name, checkpoint=row.checkpoint, created=row.created)
 
@@ -666,7 +680,7 @@ class Registry:
         with self._session(write=True) as s:
             result = s.exec(delete(m.Tag).where(col(m.Tag.name) == name))
             if result.rowcount != 1:
-                raise RefNotFound(f"tag {name!r} does not exist: list tags with Registry.tags()")
+                raise RefNotFound(f"tag {name!r} does not exist: list tags with 'tlreg tag'")
 
     # -- runs ----------------------------------------------------------------------------
 

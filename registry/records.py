@@ -89,6 +89,29 @@ class CheckpointRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Edge:
+    """``child`` derives from ``parent``, its parent number ``position`` (0 = first parent).
+
+    ``kind`` is "continue" (same branch), "branch" (the first commit after a branch point) or
+    "merge" (one of several parents).
+    """
+
+    child: str
+    parent: str
+    kind: str
+    position: int
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return {
+            "child": self.child,
+            "parent": self.parent,
+            "kind": self.kind,
+            "position": self.position,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Branch:
     """A branch: ``head`` is its newest checkpoint (None while empty), ``base`` where it started."""
 

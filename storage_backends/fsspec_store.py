@@ -9,6 +9,7 @@ from typing import Any
 import fsspec
 import fsspec.core
 from fsspec.registry import known_implementations
+
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key
 from tlreg.storage_backends.errors import BackendMissing, ObjectNotFound, UnknownScheme
 

@@ -22,6 +22,7 @@ from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.loaders import Loader, create_loader
 from fsspec.asyn import sync
+
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key
 from tlreg.storage_backends.errors import ObjectNotFound, StoreError, StoreUnavailable
 

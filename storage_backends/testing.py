@@ -26,6 +26,7 @@ from typing import ClassVar, Protocol
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tlreg.storage_backends.base import Buffer, Store
 from tlreg.storage_backends.errors import InvalidKey, ObjectNotFound
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from tlreg.registry import Registry
+
 # Nothing in the tests may leave 127.0.0.1: botocore must not probe a cloud metadata service
 # (169.254.169.254), and no HTTP(S)_PROXY from the environment may carry local requests away.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -216,3 +218,43 @@ def s3_bucket_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     return f"s3://{bucket}/store"
+
+
+# -- registries -------------------------------------------------------------------------------
+# Every registry-backed test runs on SQLite (a temporary file) and on PostgreSQL (a fresh
+# database per test on the server at 127.0.0.1:5432, dropped afterwards). PostgreSQL being
+# down is a failure, not a skip: the suite promises both backends.
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty registry database, on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'reg' / 'registry.db'}"
+        return
+    import psycopg
+
+    name = f"tlreg_{uuid.uuid4().hex}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432 ({e}); start it and rerun")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_URL.format(name=name)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def registry(registry_url: str) -> Iterator[Registry]:
+    """An open registry on an empty database; closed after the test."""
+    reg = Registry(registry_url)
+    try:
+        yield reg
+    finally:
+        reg.close()

@@ -53,7 +53,9 @@ def state_of(stateful: Mapping[str, Any]) -> dict[str, Any]:
     """The plain state (tensors and JSON values) of ``model=``, ``optimizer=``, ... objects."""
     unknown = set(stateful) - set(_STATEFUL_KEYS)
     if unknown:
-        raise TypeError(f"unknown stateful names {sorted(unknown)}: use {', '.join(_STATEFUL_KEYS)}")
+        raise TypeError(
+            f"unknown stateful names {sorted(unknown)}: use {', '.join(_STATEFUL_KEYS)}"
+        )
     state: dict[str, Any] = {}
     for key, obj in stateful.items():
         if obj is None:
@@ -197,12 +199,15 @@ class Checkpointer:
         model = stateful.get("model")
         if model is not None:
             _load_model(
-                _unwrap(model), state.get("model", {}), reset=() if resumed else reset,
+                _unwrap(model),
+                state.get("model", {}),
+                reset=() if resumed else reset,
                 report=report,
             )
             if resumed and report.skipped:
                 raise CheckpointMismatch(
-                    f"checkpoint {record.id[:12]} on branch {self.branch!r} does not fit the model: "
+                    f"checkpoint {record.id[:12]} on branch {self.branch!r} "
+                    "does not fit the model: "
                     f"{len(report.skipped)} tensors missing or of another shape "
                     f"(first: {report.skipped[0]!r}); train this model on a new branch instead"
                 )

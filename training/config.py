@@ -9,9 +9,10 @@ Credentials never go here: stores read them from the environment or the provider
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from tlreg.training.errors import ConfigError
 
@@ -62,7 +63,9 @@ def _read_toml(path: Path) -> dict[str, str]:
 
 
 def load_settings(
-    *, home: str | os.PathLike[str] | None = None, registry_url: str | None = None,
+    *,
+    home: str | os.PathLike[str] | None = None,
+    registry_url: str | None = None,
     store_url: str | None = None,
 ) -> Settings:
     """Resolve the settings with the precedence described in the module docstring."""

@@ -175,7 +175,11 @@ def _fit(
     events: Queue = Queue()
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": dataclasses.asdict(config), "run_id": run_id, "events": events},
+        train_loop_config={
+            "config": dataclasses.asdict(config),
+            "run_id": run_id,
+            "events": events,
+        },
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=False),
         run_config=ray.train.RunConfig(
@@ -267,15 +271,22 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     # Every rank must restore the same checkpoint: rank 0 picks it, the others follow.
     head = _broadcast_str(registry.get_branch(config.branch).head if rank == 0 else None, rank)
     extra: dict[str, Any] = {}
-    record = ckpt.restore(checkpoint=head, model=model, optimizer=optimizer, extra=extra,
-                          reset=task.reset)
+    record = ckpt.restore(
+        checkpoint=head, model=model, optimizer=optimizer, extra=extra, reset=task.reset
+    )
     report = ckpt.last_restore
     start_step = record.step if (record is not None and report.resumed) else 0
-    emit({
-        "type": "restore", "step": start_step, "checkpoint": record.id if record else None,
-        "resumed": report.resumed, "transferred": report.transferred,
-        "skipped": report.skipped, "frozen": frozen,
-    })
+    emit(
+        {
+            "type": "restore",
+            "step": start_step,
+            "checkpoint": record.id if record else None,
+            "resumed": report.resumed,
+            "transferred": report.transferred,
+            "skipped": report.skipped,
+            "frozen": frozen,
+        }
+    )
 
     ddp_model = prepare_model(model) if world > 1 else model
     started = time.perf_counter()
@@ -300,14 +311,27 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             with torch.no_grad():
                 metrics[task.metric_name] = task.metric(model(x_val), y_val)
             model.train()
-            emit({"type": "eval", "step": step, "loss": loss_value,
-                  "metric": metrics[task.metric_name], "metric_name": task.metric_name,
-                  "elapsed_s": time.perf_counter() - started, "checkpoint": last_committed})
+            emit(
+                {
+                    "type": "eval",
+                    "step": step,
+                    "loss": loss_value,
+                    "metric": metrics[task.metric_name],
+                    "metric_name": task.metric_name,
+                    "elapsed_s": time.perf_counter() - started,
+                    "checkpoint": last_committed,
+                }
+            )
         if step % config.checkpoint_every == 0 or step == config.steps:
             if rank == 0:
                 t0 = time.perf_counter()
-                p = ckpt.save(step, metrics=metrics, model=model, optimizer=optimizer,
-                              extra={"step": step, "task": config.task, "seed": config.seed})
+                p = ckpt.save(
+                    step,
+                    metrics=metrics,
+                    model=model,
+                    optimizer=optimizer,
+                    extra={"step": step, "task": config.task, "seed": config.seed},
+                )
                 pending.append((step, p, (time.perf_counter() - t0) * 1e3))
                 last_committed = _drain(pending, emit) or last_committed
         ray.train.report({"step": step, **metrics, "checkpoint": last_committed})
@@ -329,8 +353,16 @@ def _drain(pending: list[Any], emit: Callable[[Event], None]) -> str | None:
         error = p.committed.exception()
         if error is None:
             newest = p.committed.result()
-            emit({"type": "checkpoint", "step": step, "id": newest, "stall_ms": stall_ms,
-                  "new_bytes": p.stats.new_bytes, "logical_bytes": p.stats.logical_bytes})
+            emit(
+                {
+                    "type": "checkpoint",
+                    "step": step,
+                    "id": newest,
+                    "stall_ms": stall_ms,
+                    "new_bytes": p.stats.new_bytes,
+                    "logical_bytes": p.stats.logical_bytes,
+                }
+            )
         else:
             emit({"type": "checkpoint_failed", "step": step, "error": str(error)})
     return newest

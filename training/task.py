@@ -33,7 +33,9 @@ class Task(Protocol):
         """A freshly initialised model."""
         ...
 
-    def datasets(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    def datasets(
+        self,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """``((x_train, y_train), (x_val, y_val))`` as CPU tensors."""
         ...
 
@@ -50,7 +52,9 @@ def load_task(spec: str) -> Task:
     """Import ``module:attr``; ``attr`` is a :class:`Task` or a zero-argument factory of one."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise TaskNotFound(f"task {spec!r} is not MODULE:ATTR, e.g. tlreg.training.examples.digits:upper")
+        raise TaskNotFound(
+            f"task {spec!r} is not MODULE:ATTR, e.g. tlreg.training.examples.digits:upper"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -58,7 +62,9 @@ def load_task(spec: str) -> Task:
     try:
         obj = getattr(module, attr)
     except AttributeError:
-        raise TaskNotFound(f"task {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+        raise TaskNotFound(
+            f"task {spec!r}: module {module_name!r} has no attribute {attr!r}"
+        ) from None
     task = obj if isinstance(obj, Task) else (obj() if callable(obj) else obj)
     if not isinstance(task, Task):
         raise TaskNotFound(

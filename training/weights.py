@@ -65,7 +65,9 @@ def _read_torch(p: Path) -> dict[str, torch.Tensor]:
         raise WeightsFormatError(f"{p} does not hold a state dict (a mapping of names to tensors)")
     bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
-        raise WeightsFormatError(f"{p}: entry {bad[0]!r} is not a named tensor; save model.state_dict()")
+        raise WeightsFormatError(
+            f"{p}: entry {bad[0]!r} is not a named tensor; save model.state_dict()"
+        )
     return dict(obj)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from tlreg.ckpt import AsyncCheckpointer
 from tlreg.storage_backends import LocalStore, Store, open_store
 

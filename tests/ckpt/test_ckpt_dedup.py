@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tlreg.ckpt import AsyncCheckpointer
 from tlreg.ckpt.objects import meta_key, object_prefix
 from tlreg.ckpt.staging import align

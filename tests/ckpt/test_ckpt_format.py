@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 import zarr
+
 from tlreg.ckpt import (
     AsyncCheckpointer,
     CheckpointError,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tlreg.ckpt import CorruptCheckpoint, verify
 from tlreg.ckpt.objects import chunk_key, meta_key
 

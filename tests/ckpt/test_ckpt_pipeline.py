@@ -7,6 +7,7 @@ import traceback
 
 import pytest
 import torch
+
 from tlreg.ckpt import AsyncCheckpointer, CheckpointError, PendingSave
 from tlreg.ckpt.staging import Stager, align
 from tlreg.storage_backends import LocalStore

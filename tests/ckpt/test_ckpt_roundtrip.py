@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tlreg.ckpt import AsyncCheckpointer, flatten_state, unflatten_state
 from tlreg.ckpt.dtypes import DTYPES
 

@@ -54,10 +54,15 @@ def snapshot(home: Path, registry_url: str) -> Callable[[], dict[str, str]]:
 
 def _snapshot(home: Path, registry_url: str) -> dict[str, str]:
     store = home / "store"
-    files = {
-        str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(store.rglob("*")) if p.is_file()
-    } if store.exists() else {}
+    files = (
+        {
+            str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*"))
+            if p.is_file()
+        }
+        if store.exists()
+        else {}
+    )
     registry = Registry(registry_url)
     try:
         rows = {
@@ -68,4 +73,3 @@ def _snapshot(home: Path, registry_url: str) -> dict[str, str]:
     finally:
         registry.close()
     return {**{f"file:{k}": v for k, v in files.items()}, **rows}
-

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tlreg.cli.main import cli
 
@@ -17,8 +17,19 @@ ALL_COMMANDS = sorted(cli.commands)
 
 def test_cli_exposes_exactly_the_commands_of_this_release() -> None:
     assert ALL_COMMANDS == sorted(
-        ["init", "import", "branch", "branches", "train", "log", "lineage", "show", "tag",
-         "export", "verify"]
+        [
+            "init",
+            "import",
+            "branch",
+            "branches",
+            "train",
+            "log",
+            "lineage",
+            "show",
+            "tag",
+            "export",
+            "verify",
+        ]
     )
 
 
@@ -185,16 +196,41 @@ def test_import_under_an_existing_name_changes_nothing(
 
 
 def test_lineage_draws_branches_under_their_branch_point(
-    tlreg: Callable, weights_file: Path, tmp_path: Path
+    tlreg: Callable, weights_file: Path, home: Path, registry_url: str
 ) -> None:
+    from tlreg.registry import Registry
+    from tlreg.training import Checkpointer
+    from tlreg.training.examples.digits import lower
+
     tlreg("init")
     root = json.loads(tlreg("import", str(weights_file), "--name", "base", "--json").output)
-    other = tmp_path / "other.safetensors"
-    save_file({"w": torch.zeros(2)}, str(other))
     tlreg("branch", "a", "base")
     tlreg("branch", "b", "base")
+    model = lower.build_model(0)
+    registry = Registry(registry_url)
+    ids = {}
+    try:
+        for branch, steps in (("a", (1, 2)), ("b", (1,))):
+            with Checkpointer(branch, registry=registry, store=str(home / "store")) as ckpt:
+                for step in steps:
+                    ids[branch, step] = ckpt.save(step, model=model).result()
+    finally:
+        registry.close()
+
     lineage = json.loads(tlreg("lineage", "base", "--json").output)
-    assert lineage["checkpoint"] == root["id"]
-    assert lineage["ancestors"] == [] and lineage["descendants"] == []
-    text = tlreg("lineage", "base").output
-    assert text.splitlines()[0].startswith(root["id"][:12])
+    assert lineage["checkpoint"] == root["id"] and lineage["ancestors"] == []
+    assert sorted(d["id"] for d in lineage["descendants"]) == sorted(ids.values())
+    assert lineage["edges"] == sorted(
+        [[root["id"], ids["a", 1]], [ids["a", 1], ids["a", 2]], [root["id"], ids["b", 1]]]
+    )
+    text = tlreg("lineage", "base").output.splitlines()
+    expected = [
+        root["id"][:12] + "  base@0",
+        "├─ " + ids["a", 1][:12] + "  a@1",
+        "│  " + ids["a", 2][:12] + "  a@2",
+        "└─ " + ids["b", 1][:12] + "  b@1",
+    ]
+    assert [line[: len(e)] for line, e in zip(text, expected, strict=True)] == expected
+    assert text[0].endswith("<-")
+    depth1 = json.loads(tlreg("lineage", "base", "--depth", "1", "--json").output)
+    assert sorted(d["id"] for d in depth1["descendants"]) == sorted([ids["a", 1], ids["b", 1]])

@@ -27,7 +27,10 @@ pytestmark = pytest.mark.slow
 def run_tlreg(env: dict[str, str], *args: str) -> str:
     """`tlreg ARGS` in a subprocess, as a user runs it (train starts its own local Ray)."""
     done = subprocess.run(
-        [sys.executable, "-m", "tlreg.cli", *args], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "tlreg.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -37,8 +40,12 @@ def run_tlreg(env: dict[str, str], *args: str) -> str:
 def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     tmp_path: Path, registry_url: str
 ) -> None:
-    env = {**os.environ, "TLREG_HOME": str(tmp_path / "home"), "TLREG_REGISTRY_URL": registry_url,
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    env = {
+        **os.environ,
+        "TLREG_HOME": str(tmp_path / "home"),
+        "TLREG_REGISTRY_URL": registry_url,
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    }
     env.pop("TLREG_STORE_URL", None)
     runner = CliRunner(env={k: v for k, v in env.items() if k.startswith("TLREG")})
 
@@ -54,10 +61,24 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     root = json.loads(tlreg("import", str(weights), "--name", "base", "--json"))
     tlreg("branch", "upper-head", "base", "--task", UPPER)
 
-    summary = json.loads(run_tlreg(
-        env, "train", "upper-head", "--workers", "2", "--steps", "20", "--checkpoint-every", "10",
-        "--eval-every", "10", "--freeze", "features.*", "--json",
-    ))
+    summary = json.loads(
+        run_tlreg(
+            env,
+            "train",
+            "upper-head",
+            "--workers",
+            "2",
+            "--steps",
+            "20",
+            "--checkpoint-every",
+            "10",
+            "--eval-every",
+            "10",
+            "--freeze",
+            "features.*",
+            "--json",
+        )
+    )
     assert summary["status"] == "succeeded"
     assert summary["transferred_from"] == root["id"]
     assert sorted(summary["frozen"]) == sorted(k for k in ancestor if k.startswith("features."))
@@ -65,16 +86,34 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     assert [c["step"] for c in summary["checkpoints"]] == [10, 20]
 
     # Resume: a second run continues from the head at step 20.
-    resumed = json.loads(run_tlreg(
-        env, "train", "upper-head", "--workers", "2", "--steps", "30", "--checkpoint-every", "10",
-        "--eval-every", "10", "--freeze", "features.*", "--json",
-    ))
+    resumed = json.loads(
+        run_tlreg(
+            env,
+            "train",
+            "upper-head",
+            "--workers",
+            "2",
+            "--steps",
+            "30",
+            "--checkpoint-every",
+            "10",
+            "--eval-every",
+            "10",
+            "--freeze",
+            "features.*",
+            "--json",
+        )
+    )
     assert resumed["resumed_from"] == summary["checkpoints"][-1]["id"]
     assert [c["step"] for c in resumed["checkpoints"]] == [30]
 
     log = json.loads(tlreg("log", "upper-head", "--json"))
     assert [(c["branch"], c["step"]) for c in log] == [
-        ("upper-head", 30), ("upper-head", 20), ("upper-head", 10), ("base", 0)]
+        ("upper-head", 30),
+        ("upper-head", 20),
+        ("upper-head", 10),
+        ("base", 0),
+    ]
     ids = [c["id"] for c in log]
     assert [c["parents"] for c in log] == [[ids[1]], [ids[2]], [ids[3]], []]
     assert all("val_accuracy" in c["metrics"] for c in log[:3])
@@ -82,7 +121,14 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     lineage = json.loads(tlreg("lineage", "base", "--json"))
     assert lineage["edges"] == sorted([[ids[3], ids[2]], [ids[2], ids[1]], [ids[1], ids[0]]])
     tree = tlreg("lineage", "base").splitlines()
-    assert [line.split()[0] for line in tree] == [i[:12] for i in reversed(ids)]
+    # The branch hangs under its branch point; its chain continues straight down.
+    assert [line[: 3 + 12] for line in tree] == [
+        ids[3][:12] + "  b",
+        "└─ " + ids[2][:12],
+        "   " + ids[1][:12],
+        "   " + ids[0][:12],
+    ]
+    assert tree[0].endswith("<-") and "upper-head@30" in tree[3]
 
     # Frozen features are bit-identical to the ancestor and cost zero new bytes.
     out = tmp_path / "head.safetensors"

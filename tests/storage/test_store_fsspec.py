@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+
 from tlreg.storage_backends.fsspec_store import FsspecStore
 from tlreg.storage_backends.testing import DirectoryOracle, StoreTests
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from tlreg.storage_backends import LocalStore, open_store
 from tlreg.storage_backends.testing import DirectoryOracle, StoreTests
 

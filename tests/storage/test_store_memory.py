@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+
 from tlreg.storage_backends import MemoryStore, open_store
 from tlreg.storage_backends.testing import StoreTests
 

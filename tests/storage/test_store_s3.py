@@ -7,6 +7,7 @@ import pickle
 from typing import Any
 
 import pytest
+
 from tlreg.storage_backends import StoreUnavailable, open_store
 from tlreg.storage_backends.s3 import MIN_PART_SIZE, S3Store
 from tlreg.storage_backends.testing import StoreTests

@@ -43,14 +43,30 @@ def _quote(arg: str) -> str:
 
 def train(branch: str, task: str, home: Path, *extra: str, steps: int) -> dict[str, Any]:
     out = tlreg(
-        "train", branch, "--task", f"{DIGITS}:{task}", "--workers", "2", "--steps", str(steps),
-        "--checkpoint-every", "50", "--eval-every", "5", *extra, "--json",
-        home=home, capture=True,
+        "train",
+        branch,
+        "--task",
+        f"{DIGITS}:{task}",
+        "--workers",
+        "2",
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        "50",
+        "--eval-every",
+        "5",
+        *extra,
+        "--json",
+        home=home,
+        capture=True,
     )
     summary: dict[str, Any] = json.loads(out)
     last = summary["evals"][-1]
-    print(f"  -> {len(summary['checkpoints'])} checkpoints, final {last['metric_name']} "
-          f"{last['metric']:.3f}, {summary['wall_s']:.1f} s\n", flush=True)
+    print(
+        f"  -> {len(summary['checkpoints'])} checkpoints, final {last['metric_name']} "
+        f"{last['metric']:.3f}, {summary['wall_s']:.1f} s\n",
+        flush=True,
+    )
     return summary
 
 
@@ -70,14 +86,16 @@ def frozen_new_bytes(home: Path, branch: str, prefix: str) -> int:
         own = [r for r in registry.log(branch) if r.branch == branch]
         others = {
             obj
-            for r in registry.checkpoints() if r.branch != branch
+            for r in registry.checkpoints()
+            if r.branch != branch
             for obj in read_manifest(store, r.manifest).objects
         }
         total = 0
         for r in own:
             m = read_manifest(store, r.manifest)
             total += sum(
-                e.nbytes for path, e in m.tensors.items()
+                e.nbytes
+                for path, e in m.tensors.items()
                 if path.startswith(prefix) and e.object not in others
             )
         return total
@@ -127,16 +145,30 @@ def run(home: Path, steps: int, target: float) -> None:
         ("ancestor, frozen features", "upper-head", head),
         ("ancestor, full fine-tune", "upper-full", full),
     ]
-    header = ("digits 5-9", f"steps to {target:.0%}", "seconds", "final acc",
-              "stored (logical)", "new bytes", "new bytes in features.*")
+    header = (
+        "digits 5-9",
+        f"steps to {target:.0%}",
+        "seconds",
+        "final acc",
+        "stored (logical)",
+        "new bytes",
+        "new bytes in features.*",
+    )
     table = []
     for label, branch, summary in rows:
         reached_step, reached_s = first_reaching(summary, target)
         logical, new = branch_bytes(home, branch)
-        table.append((
-            label, reached_step, reached_s, f"{summary['evals'][-1]['metric']:.3f}",
-            str(logical), str(new), str(frozen_new_bytes(home, branch, "model/features.")),
-        ))
+        table.append(
+            (
+                label,
+                reached_step,
+                reached_s,
+                f"{summary['evals'][-1]['metric']:.3f}",
+                str(logical),
+                str(new),
+                str(frozen_new_bytes(home, branch, "model/features.")),
+            )
+        )
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     for r in [header, *table]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))

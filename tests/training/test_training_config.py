@@ -1,0 +1,73 @@
+"""Settings precedence: flags, then environment, then tlreg.toml, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tlreg.training import ConfigError, load_settings, write_settings
+from tlreg.training.task import load_task
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("TLREG_HOME", "TLREG_REGISTRY_URL", "TLREG_STORE_URL"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_defaults_live_in_the_home(tmp_path: Path) -> None:
+    s = load_settings(home=tmp_path)
+    assert s.registry_url == f"sqlite:///{tmp_path}/registry.db"
+    assert s.store_url == str(tmp_path / "store")
+
+
+def test_flags_beat_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_settings(
+        load_settings(
+            home=tmp_path, store_url="s3://file/prefix", registry_url="sqlite:////file.db"
+        )
+    )
+    assert load_settings(home=tmp_path).store_url == "s3://file/prefix"
+    monkeypatch.setenv("TLREG_STORE_URL", "/env/store")
+    assert load_settings(home=tmp_path).store_url == "/env/store"
+    assert load_settings(home=tmp_path, store_url="/flag").store_url == "/flag"
+    assert load_settings(home=tmp_path).registry_url == "sqlite:////file.db"
+
+
+def test_home_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLREG_HOME", str(tmp_path))
+    assert load_settings().home == tmp_path
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [("[tlreg\n", "not valid TOML"), ("[tlreg]\nbogus = 1\n", r"unknown keys \['bogus'\]")],
+)
+def test_a_broken_config_file_is_named_in_the_error(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    (tmp_path / "tlreg.toml").write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(home=tmp_path)
+
+
+def test_relative_sqlite_urls_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="relative"):
+        load_settings(home=tmp_path, registry_url="sqlite:///rel.db")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nocolon", "is not MODULE:ATTR"),
+        ("no_such_module_xyz:t", "cannot import module"),
+        ("tlreg.training.examples.digits:missing", "has no attribute 'missing'"),
+        ("tlreg.training.examples.digits:DigitsNet", "not a Task"),
+    ],
+)
+def test_bad_task_specs_are_explained(spec: str, message: str) -> None:
+    from tlreg.training import TaskNotFound
+
+    with pytest.raises(TaskNotFound, match=message):
+        load_task(spec)
