@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from tlreg.cli.common import Env, echo_json, json_option, pass_env, short, table
+from tlreg.registry import validate_name
+from tlreg.training import best_ancestor_for, load_task
 
 
 @click.command()
@@ -12,10 +14,22 @@ from tlreg.cli.common import Env, echo_json, json_option, pass_env, short, table
 @click.argument("from_ref", metavar="[FROM]", required=False)
 @click.option("--task", help="Task the branch trains (MODULE:ATTR), recorded for `tlreg train`.")
 @click.option("-d", "--delete", is_flag=True, help="Delete branch NAME (its checkpoints stay).")
+@click.option(
+    "--best-for",
+    metavar="MODULE:ATTR",
+    help="Start from the stored checkpoint whose architecture shares the most layers with "
+    "this task's model (also sets --task).",
+)
 @json_option
 @pass_env
 def branch(
-    env: Env, name: str, from_ref: str | None, task: str | None, delete: bool, as_json: bool
+    env: Env,
+    name: str,
+    from_ref: str | None,
+    task: str | None,
+    delete: bool,
+    best_for: str | None,
+    as_json: bool,
 ) -> None:
     """Create branch NAME from FROM (a branch, tag or checkpoint id), or an empty root.
 
@@ -27,9 +41,24 @@ def branch(
         env.registry.delete_branch(name)
         click.echo(f"deleted branch {name}")
         return
+    if best_for is not None:
+        if from_ref:
+            raise click.UsageError("give either FROM or --best-for, not both")
+        validate_name(name, "branch")
+        match = best_ancestor_for(best_for, env.registry)
+        if match is None:
+            raise click.ClickException(
+                f"no stored checkpoint shares a layer with {best_for}'s model: "
+                "create an empty branch with 'tlreg branch NAME --task ...'"
+            )
+        record, depth, total = match
+        from_ref, task = record.id, task or best_for
+        if not as_json:
+            click.echo(
+                f"best ancestor {short(record.id)} ({record.branch}@{record.step}) "
+                f"shares {depth} of {total} layers"
+            )
     if task is not None:
-        from tlreg.training import load_task
-
         load_task(task)  # refuse an unknown task before anything is written
     b = env.registry.create_branch(name, from_ref=from_ref, task=task)
     if as_json:

@@ -7,6 +7,7 @@ from collections import defaultdict
 import click
 
 from tlreg.ckpt import read_manifest
+from tlreg.ckpt.diff import diff_manifests
 from tlreg.cli.common import (
     Env,
     checkpoint_line,
@@ -176,4 +177,33 @@ def show(env: Env, ref: str, tensors: bool, as_json: bool) -> None:
             click.echo(f"  {path}  {e.dtype}  {list(e.shape)}")
 
 
-COMMANDS = [log, lineage, show]
+@click.command()
+@click.argument("a")
+@click.argument("b")
+@json_option
+@pass_env
+def diff(env: Env, a: str, b: str, as_json: bool) -> None:
+    """Tensors that differ between checkpoints A and B (from manifests; no tensor reads).
+
+    Example: tlreg diff base upper-head
+    """
+    ra, rb = env.registry.resolve(a), env.registry.resolve(b)
+    result = diff_manifests(
+        read_manifest(env.store, ra.manifest), read_manifest(env.store, rb.manifest)
+    )
+    if as_json:
+        echo_json({"a": ra.id, "b": rb.id, **result.to_json()})
+        return
+    marks = {"added": "+", "removed": "-", "changed": "M"}
+    for c in result.changes:
+        size = fmt_bytes(c.nbytes_b if c.status != "removed" else c.nbytes_a)
+        click.echo(f"{marks[c.status]} {c.path}  {size}{'  ' + c.detail if c.detail else ''}")
+    changed_bytes = sum(max(c.nbytes_a, c.nbytes_b) for c in result.changes)
+    click.echo(
+        f"{len(result.changes)} tensors differ ({fmt_bytes(changed_bytes)}), "
+        f"{result.unchanged} identical ({fmt_bytes(result.unchanged_bytes)}) "
+        f"between {short(ra.id)} ({ra.branch}@{ra.step}) and {short(rb.id)} ({rb.branch}@{rb.step})"
+    )
+
+
+COMMANDS = [log, lineage, show, diff]

@@ -11,6 +11,7 @@ from tlreg.training.errors import (
     WeightsFormatError,
 )
 from tlreg.training.loop import TrainConfig, TrainSummary, train
+from tlreg.training.signature import best_ancestor_for, signature
 from tlreg.training.task import Task, load_task
 from tlreg.training.weights import export_weights, import_weights, read_weights
 
@@ -27,11 +28,13 @@ __all__ = [
     "TrainSummary",
     "TrainingError",
     "WeightsFormatError",
+    "best_ancestor_for",
     "export_weights",
     "import_weights",
     "load_settings",
     "load_task",
     "read_weights",
+    "signature",
     "train",
     "write_settings",
 ]

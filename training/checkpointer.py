@@ -24,6 +24,7 @@ from tlreg.registry import CheckpointRecord, Registry
 from tlreg.storage_backends import Store, open_store
 from tlreg.training.config import load_settings
 from tlreg.training.errors import CheckpointMismatch
+from tlreg.training.signature import common_prefix, prefix_tensor_names, signature
 
 _STATEFUL_KEYS = ("model", "optimizer", "scheduler", "extra")
 
@@ -42,6 +43,9 @@ class RestoreReport:
     """Model tensors loaded from the checkpoint."""
     skipped: list[str] = field(default_factory=list)
     """Model tensors left as initialised (reset globs, missing or differently shaped)."""
+    matched_layers: int | None = None
+    """Layers whose structure matches the checkpoint's architecture signature (transfer from a
+    checkpoint that recorded one); only their tensors are candidates for transfer."""
 
 
 def matches_any(name: str, globs: Sequence[str]) -> bool:
@@ -142,6 +146,8 @@ class Checkpointer:
     ) -> PendingSave:
         """Checkpoint ``model=``, ``optimizer=``, ``scheduler=`` and ``extra=`` at ``step``."""
         state = state_of(stateful)
+        model = stateful.get("model")
+        arch = signature(_unwrap(model)) if model is not None else None
         inner = self.engine.save(state, step=step, metadata={"branch": self.branch})
         committed: Future[str] = Future()
         metrics = dict(metrics or {})
@@ -161,6 +167,7 @@ class Checkpointer:
                         expected_head=self._expected_head,
                         logical_bytes=manifest.logical_bytes,
                         run_id=self.run_id,
+                        signature=arch,
                     )
                     self._expected_head = record.id
                 committed.set_result(record.id)
@@ -198,10 +205,16 @@ class Checkpointer:
         report = RestoreReport(checkpoint=record, resumed=resumed)
         model = stateful.get("model")
         if model is not None:
+            allowed = None
+            if not resumed and record.signature is not None:
+                depth = common_prefix(record.signature, signature(_unwrap(model)))
+                report.matched_layers = depth
+                allowed = prefix_tensor_names(_unwrap(model), depth)
             _load_model(
                 _unwrap(model),
                 state.get("model", {}),
                 reset=() if resumed else reset,
+                allowed=allowed,
                 report=report,
             )
             if resumed and report.skipped:
@@ -237,7 +250,12 @@ class Checkpointer:
 
 
 def _load_model(
-    model: nn.Module, tensors: Mapping[str, Any], *, reset: Sequence[str], report: RestoreReport
+    model: nn.Module,
+    tensors: Mapping[str, Any],
+    *,
+    reset: Sequence[str],
+    allowed: set[str] | None,
+    report: RestoreReport,
 ) -> None:
     own = model.state_dict()
     with torch.no_grad():
@@ -248,6 +266,7 @@ def _load_model(
                 and source.shape == target.shape
                 and source.dtype == target.dtype
                 and not matches_any(name, reset)
+                and (allowed is None or name in allowed)
             ):
                 target.copy_(source)
                 report.transferred.append(name)

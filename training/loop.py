@@ -89,6 +89,7 @@ class TrainSummary:
     transferred: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    matched_layers: int | None = None
     evals: list[Event] = field(default_factory=list)
     checkpoints: list[Event] = field(default_factory=list)
     checkpoint_errors: list[Event] = field(default_factory=list)
@@ -222,6 +223,7 @@ def _apply_event(summary: TrainSummary, event: Event) -> None:
         summary.transferred = list(event["transferred"])
         summary.skipped = list(event["skipped"])
         summary.frozen = list(event["frozen"])
+        summary.matched_layers = event["matched_layers"]
         # A restarted worker group replays from the last commit: drop what it will redo.
         summary.evals = [e for e in summary.evals if e["step"] <= event["step"]]
     elif kind == "eval":
@@ -285,6 +287,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             "transferred": report.transferred,
             "skipped": report.skipped,
             "frozen": frozen,
+            "matched_layers": report.matched_layers,
         }
     )
 

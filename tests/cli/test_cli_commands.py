@@ -26,6 +26,7 @@ def test_cli_exposes_exactly_the_commands_of_this_release() -> None:
             "log",
             "lineage",
             "show",
+            "diff",
             "tag",
             "export",
             "verify",

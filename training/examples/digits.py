@@ -94,3 +94,6 @@ lower = DigitsTask(name="digits-lower", classes=(0, 1, 2, 3, 4))
 
 upper = DigitsTask(name="digits-upper", classes=(5, 6, 7, 8, 9))
 """Digits 5-9: the transfer target."""
+
+every = DigitsTask(name="digits-all", classes=tuple(range(10)))
+"""All ten digits: a different head (10 classes) on the same features, for partial transfer."""
