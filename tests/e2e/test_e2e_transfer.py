@@ -61,24 +61,12 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     root = json.loads(tlreg("import", str(weights), "--name", "base", "--json"))
     tlreg("branch", "upper-head", "base", "--task", UPPER)
 
-    summary = json.loads(
-        run_tlreg(
-            env,
-            "train",
-            "upper-head",
-            "--workers",
-            "2",
-            "--steps",
-            "20",
-            "--checkpoint-every",
-            "10",
-            "--eval-every",
-            "10",
-            "--freeze",
-            "features.*",
-            "--json",
-        )
-    )
+    def train(steps: int) -> dict:
+        """Feature extraction on 2 Ray workers: only the head trains."""
+        args = f"train upper-head --workers 2 --steps {steps} --checkpoint-every 10"
+        return json.loads(run_tlreg(env, *args.split(), "--freeze", "features.*", "--json"))
+
+    summary = train(20)
     assert summary["status"] == "succeeded"
     assert summary["transferred_from"] == root["id"]
     assert sorted(summary["frozen"]) == sorted(k for k in ancestor if k.startswith("features."))
@@ -86,24 +74,7 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     assert [c["step"] for c in summary["checkpoints"]] == [10, 20]
 
     # Resume: a second run continues from the head at step 20.
-    resumed = json.loads(
-        run_tlreg(
-            env,
-            "train",
-            "upper-head",
-            "--workers",
-            "2",
-            "--steps",
-            "30",
-            "--checkpoint-every",
-            "10",
-            "--eval-every",
-            "10",
-            "--freeze",
-            "features.*",
-            "--json",
-        )
-    )
+    resumed = train(30)
     assert resumed["resumed_from"] == summary["checkpoints"][-1]["id"]
     assert [c["step"] for c in resumed["checkpoints"]] == [30]
 
