@@ -108,6 +108,17 @@ class TrainSummary:
         return None
 
 
+def recorded_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as stored on the Run row: URLs without passwords (credentials never go
+    into the registry)."""
+    from sqlalchemy.engine import make_url
+
+    doc = dataclasses.asdict(config)
+    doc["registry_url"] = make_url(config.registry_url).render_as_string(hide_password=True)
+    doc["freeze"] = list(config.freeze)
+    return doc
+
+
 def _ensure_ray(num_cpus: int) -> None:
     import ray
 
@@ -143,7 +154,7 @@ def train(
     registry = Registry(config.registry_url)
     try:
         registry.get_branch(config.branch)
-        run = registry.start_run(config.branch, dataclasses.asdict(config))
+        run = registry.start_run(config.branch, recorded_config(config))
         summary = TrainSummary(branch=config.branch, run_id=run.id, status="running")
         try:
             _fit(config, run.id, Path(storage_path), summary, on_event)

@@ -71,3 +71,19 @@ def test_bad_task_specs_are_explained(spec: str, message: str) -> None:
 
     with pytest.raises(TaskNotFound, match=message):
         load_task(spec)
+
+
+def test_run_config_never_records_the_database_password() -> None:
+    from tlreg.training.loop import TrainConfig, recorded_config
+
+    config = TrainConfig(
+        branch="b",
+        task="m:t",
+        registry_url="postgresql+psycopg://u:s3cr3t@db/reg",
+        store_url="/data",
+        freeze=("features.*",),
+    )
+    doc = recorded_config(config)
+    assert "s3cr3t" not in repr(doc)
+    assert doc["registry_url"] == "postgresql+psycopg://u:***@db/reg"
+    assert doc["freeze"] == ["features.*"]
