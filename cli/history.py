@@ -17,6 +17,7 @@ from tlreg.cli.common import (
     json_option,
     pass_env,
     short,
+    table,
 )
 from tlreg.registry import CheckpointRecord
 
@@ -206,4 +207,37 @@ def diff(env: Env, a: str, b: str, as_json: bool) -> None:
     )
 
 
-COMMANDS = [log, lineage, show, diff]
+@click.command()
+@click.argument("branch", required=False)
+@json_option
+@pass_env
+def runs(env: Env, branch: str | None, as_json: bool) -> None:
+    """Training runs (all, or of BRANCH), oldest first.  Example: tlreg runs upper-head"""
+    if branch is not None:
+        env.registry.get_branch(branch)  # an unknown branch is an error, not an empty list
+    rows = env.registry.runs(branch)
+    if as_json:
+        echo_json([r.to_json() for r in rows])
+        return
+    if not rows:
+        click.echo("no runs yet: start one with 'tlreg train BRANCH'")
+        return
+    click.echo(
+        table(
+            [
+                [
+                    str(r.id),
+                    r.branch,
+                    r.status,
+                    r.created.strftime("%Y-%m-%d %H:%M:%S"),
+                    r.ray_job_id or "-",
+                    (r.error or "")[:60],
+                ]
+                for r in rows
+            ],
+            ["RUN", "BRANCH", "STATUS", "STARTED", "RAY JOB", "ERROR"],
+        )
+    )
+
+
+COMMANDS = [log, lineage, show, diff, runs]

@@ -27,6 +27,7 @@ def test_cli_exposes_exactly_the_commands_of_this_release() -> None:
             "lineage",
             "show",
             "diff",
+            "runs",
             "tag",
             "export",
             "verify",
@@ -150,6 +151,7 @@ def test_bad_branch_names_are_refused_and_change_nothing(
         (("branch", "x", "--task", "tlreg.training.examples.digits:nope"), "nope"),
         (("train", "base", "--task", "tlreg.training.examples.digits:nope"), "nope"),
         (("tag", "nope", "v2"), "nope"),
+        (("runs", "nope"), "nope"),
     ],
 )
 def test_unknown_objects_give_one_line_errors_and_change_nothing(

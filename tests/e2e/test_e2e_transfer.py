@@ -78,6 +78,11 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     assert resumed["resumed_from"] == summary["checkpoints"][-1]["id"]
     assert [c["step"] for c in resumed["checkpoints"]] == [30]
 
+    runs = json.loads(tlreg("runs", "upper-head", "--json"))
+    assert [(r["id"], r["status"], r["config"]["steps"]) for r in runs] == [
+        (summary["run_id"], "succeeded", 20),
+        (resumed["run_id"], "succeeded", 30),
+    ]
     log = json.loads(tlreg("log", "upper-head", "--json"))
     assert [(c["branch"], c["step"]) for c in log] == [
         ("upper-head", 30),
