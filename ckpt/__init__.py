@@ -7,6 +7,14 @@ JSON manifest, and load it back bit-exactly::
         pending = ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, step=10)
         ...                                   # train on; pending.staged is already done
         state = ckpt.load(pending.result())   # manifest id once durable
+
+With several ranks (torch.distributed initialised), construct it on every rank with
+``process_group=torch.distributed.group.WORLD`` and call ``save()`` on every rank in the same
+order: each rank writes a byte-balanced share of the replicated tensors and its own
+shards (:class:`Shard`, or DTensor blocks), rank 0 writes the manifest last, and every rank's
+``pending.result()`` gives the same manifest id (or raises when any rank failed).
+``load(id, shards={path: (offsets, shape)})`` reads back any block of a tensor, whichever ranks
+wrote it.
 """
 
 from tlreg.ckpt.checkpointer import (
@@ -22,7 +30,8 @@ from tlreg.ckpt.errors import (
     CorruptCheckpoint,
     UnsupportedFormat,
 )
-from tlreg.ckpt.manifest import Manifest, TensorEntry, read_manifest
+from tlreg.ckpt.manifest import Manifest, ShardEntry, TensorEntry, read_manifest
+from tlreg.ckpt.shards import Shard
 from tlreg.ckpt.tree import flatten_state, unflatten_state
 from tlreg.ckpt.verify import VerifyReport, verify
 
@@ -36,6 +45,8 @@ __all__ = [
     "Manifest",
     "PendingSave",
     "SaveStats",
+    "Shard",
+    "ShardEntry",
     "TensorEntry",
     "UnsupportedFormat",
     "VerifyReport",

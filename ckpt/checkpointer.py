@@ -4,7 +4,8 @@ One save goes through three steps (DESIGN §4):
 
 1. **stage** — copy every tensor into an arena (see :mod:`tlreg.ckpt.staging`); eager mode does
    it before ``save()`` returns, lazy mode on a background thread, with an optimizer pre-step
-   hook that waits for it;
+   hook that waits for it. A *frozen* tensor that is unchanged since the previous save is
+   neither copied nor read: its previous location is reused (see :meth:`attach_model`);
 2. **persist** — on the writer thread: hash every tensor (BLAKE3), drop the ones already stored
    (tensor-level dedup), pack the rest into a few objects and write their chunks through a
    thread pool, then each object's ``zarr.json``;
@@ -14,6 +15,15 @@ One save goes through three steps (DESIGN §4):
 Saves persist one after another (each one internally parallel), so a save always dedups
 against every earlier save of the same checkpointer, and the writer never needs more than
 ``max_inflight_bytes`` of staged copies.
+
+**Several ranks** (``process_group=``, DESIGN §4.4): every rank calls ``save()`` with its own
+state, in the same order. A plain tensor is *replicated* (every rank holds it, as with DDP) and
+is written by one rank, chosen by a byte-balanced partition that every rank computes alike
+(:func:`tlreg.ckpt.shards.partition`); a :class:`~tlreg.ckpt.Shard` (or DTensor) is written by
+the rank that holds it. Each rank writes its objects and sends its partial manifest, as JSON,
+to rank 0 over a private gloo group; rank 0 merges them and writes the manifest last, then
+tells every rank the outcome. Any rank's failure fails the save on every rank, with no
+manifest.
 """
 
 from __future__ import annotations
@@ -21,22 +31,28 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import blake3
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from tlreg.ckpt.dtypes import DTYPES, dtype_from_name, dtype_name, from_bytes, tensor_nbytes
 from tlreg.ckpt.errors import CheckpointError, CorruptCheckpoint, UnsupportedFormat
 from tlreg.ckpt.manifest import (
     Manifest,
+    ShardEntry,
     TensorEntry,
+    format_version,
     new_manifest_id,
     read_manifest,
+    shards_digest,
     utc_now,
     write_manifest,
 )
@@ -48,9 +64,25 @@ from tlreg.ckpt.objects import (
     split_chunks,
     zero_pad,
 )
-from tlreg.ckpt.staging import Event, Stager, align, arena_layout
+from tlreg.ckpt.shards import (
+    Box,
+    Shard,
+    check_box,
+    check_cover,
+    intersect,
+    is_dtensor,
+    partition,
+    slices,
+    volume,
+)
+from tlreg.ckpt.staging import Event, Stager, align
 from tlreg.ckpt.tree import flatten_state, select_subtree, tensor_refs, unflatten_state
 from tlreg.storage_backends import ObjectNotFound, Store, open_store
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from tlreg.ckpt.collective import Collective
 
 PACK_BYTES = 64 << 20
 """Target size of a pack object (several chunks: one put per chunk, large sequential writes)."""
@@ -80,7 +112,13 @@ def _blake3(data: memoryview | bytes) -> str:
 
 @dataclass(slots=True)
 class SaveStats:
-    """What one save cost; filled in when it commits (``stall_s`` when ``save()`` returns)."""
+    """What one save cost; filled in when it commits (``stall_s`` when ``save()`` returns).
+
+    With several ranks, the byte and tensor counts of the written checkpoint (``new_bytes``,
+    ``objects_written``, ``tensors_reused``, ``tensors_skipped``) are totals over all ranks,
+    the same on every rank; ``rank_new_bytes`` splits ``new_bytes`` by rank; the times,
+    ``tensors``, ``logical_bytes`` and ``bytes_copied`` are this process's own.
+    """
 
     stall_s: float = 0.0
     """Time ``save()`` blocked the caller: back-pressure wait, and the copies in eager mode."""
@@ -89,15 +127,22 @@ class SaveStats:
     persist_s: float = 0.0
     """Time from staged to committed: hashing, writing objects and the manifest."""
     logical_bytes: int = 0
-    """Bytes of all tensors in the state."""
+    """Bytes of all tensors in the state given to ``save()`` (a shard counts its own bytes)."""
     new_bytes: int = 0
     """Object bytes this save wrote (0 for a save of an unchanged state)."""
     objects_written: int = 0
     """Objects this save wrote."""
     tensors: int = 0
-    """Tensors in the state."""
+    """Tensors in the state given to ``save()``."""
     tensors_reused: int = 0
-    """Non-empty tensors whose bytes were already stored and were not written again."""
+    """Non-empty tensors that were hashed and found already stored, so not written again."""
+    tensors_skipped: int = 0
+    """Frozen tensors unchanged since the previous save: neither copied, hashed nor written."""
+    bytes_copied: int = 0
+    """Bytes this process copied into staging buffers (skipped and other ranks' tensors are
+    not copied)."""
+    rank_new_bytes: list[int] = field(default_factory=list)
+    """Object bytes written by each rank, by rank (one entry for a single process)."""
 
 
 class PendingSave:
@@ -106,6 +151,8 @@ class PendingSave:
     ``staged`` completes once the state has been copied (the caller may mutate it again);
     ``committed`` completes with the manifest id once objects and manifest are durable, or
     with the background error, which :meth:`result` re-raises with its original traceback.
+    With several ranks, every rank's ``committed`` completes with the same manifest id once
+    rank 0 has written the manifest, or fails on every rank when any rank failed.
     """
 
     def __init__(
@@ -145,11 +192,72 @@ class _Location:
     offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """Where one tensor (or shard) of this process ended up."""
+
+    object: str
+    object_nbytes: int
+    offset: int
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    """What identifies an unchanged tensor: its storage (alive), position, version and type.
+
+    The weak reference makes a freed storage whose address got reused count as changed.
+    """
+
+    storage: StorageWeakRef
+    key: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, box: Box | None) -> _Signature | None:
+        if tensor.is_inference():  # inference tensors keep no version counter
+            return None
+        storage = tensor.untyped_storage()
+        key = (
+            storage._cdata,
+            tensor.storage_offset(),
+            tensor._version,
+            tensor.dtype,
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.device,
+            box,
+        )
+        return cls(StorageWeakRef(storage), key)
+
+    def matches(self, other: _Signature) -> bool:
+        return not self.storage.expired() and self.key == other.key
+
+
+@dataclass(slots=True)
+class _Item:
+    """A tensor, or a block of a sharded one, that this process writes."""
+
+    path: str
+    tensor: torch.Tensor | None
+    """The caller's tensor, until staged (kept for a skipped one until persisted)."""
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    box: Box | None = None
+    """``(offsets, shape)`` in the global tensor when the item is a shard."""
+    signature: _Signature | None = None
+    """Set for a frozen tensor: the next save reuses its location if it still matches."""
+    reuse: _Stored | None = None
+    """The previous save's location of a frozen, unchanged tensor: not staged nor hashed."""
+    offset: int = -1
+    """Offset in the arena (-1 when not staged)."""
+
+
 @dataclass(slots=True)
 class _Pack:
     """Small tensors that go into one object, back to back at aligned offsets."""
 
-    members: list[tuple[int, int]] = field(default_factory=list)  # (tensor index, offset)
+    members: list[tuple[int, int]] = field(default_factory=list)  # (item index, offset)
     size: int = 0
     digest: str = ""
 
@@ -162,17 +270,50 @@ class _Pack:
 
 @dataclass(slots=True)
 class _Part:
-    """What one writer stored: the tensor entries of its share of the state.
+    """A partial manifest: what one rank stored (rank 0 merges them, :meth:`_merge`)."""
 
-    One process writes the whole state today; with several ranks each would produce a part
-    and rank 0 would merge them into the manifest (:meth:`AsyncCheckpointer._commit`).
-    """
-
-    entries: dict[str, TensorEntry]
+    rank: int
+    tensors: dict[str, TensorEntry]
+    """Unsharded tensors this rank wrote."""
+    shards: dict[str, ShardEntry]
+    """This rank's block of each sharded tensor it wrote."""
     objects: dict[str, int]
     new_bytes: int = 0
     objects_written: int = 0
     tensors_reused: int = 0
+    tensors_skipped: int = 0
+    layout: str = ""
+    """Digest of the state's tensor layout, which every rank must share."""
+    stored: list[_Stored] = field(default_factory=list)
+    """Per item, where it is stored (local only, not sent)."""
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "rank": self.rank,
+            "layout": self.layout,
+            "tensors": {p: e.to_json() for p, e in self.tensors.items()},
+            "shards": {p: s.to_json() for p, s in self.shards.items()},
+            "objects": self.objects,
+            "new_bytes": self.new_bytes,
+            "objects_written": self.objects_written,
+            "tensors_reused": self.tensors_reused,
+            "tensors_skipped": self.tensors_skipped,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> _Part:
+        return cls(
+            rank=doc["rank"],
+            tensors={p: TensorEntry.from_json(e) for p, e in doc["tensors"].items()},
+            shards={p: ShardEntry.from_json(s) for p, s in doc["shards"].items()},
+            objects=dict(doc["objects"]),
+            new_bytes=doc["new_bytes"],
+            objects_written=doc["objects_written"],
+            tensors_reused=doc["tensors_reused"],
+            tensors_skipped=doc["tensors_skipped"],
+            layout=doc["layout"],
+        )
 
 
 @dataclass(slots=True)
@@ -182,11 +323,13 @@ class _SaveJob:
     metadata: dict[str, Any]
     tree: Any
     paths: list[str]
-    tensors: list[torch.Tensor]
-    offsets: list[int]
-    sizes: list[int]
-    dtypes: list[str]
-    shapes: list[tuple[int, ...]]
+    """Every tensor path of the state, in order (the manifest's order)."""
+    items: list[_Item]
+    """What this process writes."""
+    sharded: dict[str, tuple[str, tuple[int, ...]]]
+    """Sharded paths of the state: dtype and global shape."""
+    layout: list[Any] | None
+    """With several ranks: every path's kind, dtype and shape (must agree across ranks)."""
     nbytes: int
     mark: Event | None
     pending: PendingSave
@@ -258,6 +401,17 @@ class AsyncCheckpointer:
     of saves not yet committed: ``save()`` waits for earlier saves rather than exceed it (a
     single state larger than the bound still saves, alone). ``io_threads`` is the number of
     concurrent hashing and store operations.
+
+    ``process_group`` (e.g. ``torch.distributed.group.WORLD``) makes the checkpointer
+    collective over that group's ranks: construct it on every rank (it creates a private gloo
+    group, collectively, so that saving never runs collectives on the group training uses),
+    call ``save()`` on every rank in the same order, and each rank writes its share (see the
+    module docstring). ``collective_timeout`` bounds how long a save waits for the other
+    ranks (default: the process group default). Without ``process_group``, or with a group of
+    one rank, it saves alone, whether or not torch.distributed is initialised.
+
+    ``skip_unchanged`` (default on) lets a frozen tensor that is unchanged since the previous
+    save of this checkpointer be neither copied nor hashed (see :meth:`attach_model`).
     """
 
     def __init__(
@@ -267,6 +421,9 @@ class AsyncCheckpointer:
         lazy: bool = False,
         max_inflight_bytes: int | None = None,
         io_threads: int = 8,
+        process_group: ProcessGroup | None = None,
+        collective_timeout: timedelta | None = None,
+        skip_unchanged: bool = True,
     ) -> None:
         if max_inflight_bytes is not None and max_inflight_bytes <= 0:
             raise ValueError("max_inflight_bytes must be positive (or None for no bound)")
@@ -275,6 +432,14 @@ class AsyncCheckpointer:
         self.store: Store = open_store(store)
         self.lazy = lazy
         self.max_inflight_bytes = max_inflight_bytes
+        self.skip_unchanged = skip_unchanged
+        self._collective: Collective | None = None
+        if process_group is not None:
+            from tlreg.ckpt.collective import Collective
+
+            collective = Collective(process_group, timeout=collective_timeout)
+            if collective.world > 1:
+                self._collective = collective
         self._stager = Stager()
         self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="tlreg-ckpt-stage")
         self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="tlreg-ckpt-persist")
@@ -284,14 +449,20 @@ class AsyncCheckpointer:
         self._pending: list[PendingSave] = []
         self._latest_staged: Future[None] | None = None
         self._hooks: list[Any] = []
+        self._models: list[weakref.ref[torch.nn.Module]] = []
         self._index: dict[str, _Location] = {}
         self._index_lock = threading.Lock()
+        self._frozen: dict[str, tuple[_Signature, _Stored]] = {}
+        self._frozen_lock = threading.Lock()
         self._layouts: dict[str, ObjectLayout] = {}
         self._manifests: dict[str, Manifest] = {}
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"AsyncCheckpointer({self.store!r}, lazy={self.lazy})"
+        ranks = ""
+        if self._collective is not None:
+            ranks = f", rank={self.rank}, world={self.world}"
+        return f"AsyncCheckpointer({self.store!r}, lazy={self.lazy}{ranks})"
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
@@ -303,6 +474,16 @@ class AsyncCheckpointer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among the ranks that save together (0 when saving alone)."""
+        return self._collective.rank if self._collective is not None else 0
+
+    @property
+    def world(self) -> int:
+        """How many ranks save together (1 when saving alone)."""
+        return self._collective.world if self._collective is not None else 1
 
     @property
     def inflight_bytes(self) -> int:
@@ -321,9 +502,11 @@ class AsyncCheckpointer:
     ) -> PendingSave:
         """Start saving ``state``; returns once it is staged (eager) or at once (lazy).
 
-        ``state`` is nested dicts/lists/tuples of tensors and plain values (see
-        :func:`flatten_state`); anything else raises ``TypeError`` naming its path, before
-        anything is written. ``metadata`` is JSON stored in the manifest as it is.
+        ``state`` is nested dicts/lists/tuples of tensors, :class:`~tlreg.ckpt.Shard` objects,
+        DTensors and plain values (see :func:`flatten_state`); anything else raises
+        ``TypeError`` naming its path, before anything is written. ``metadata`` is JSON
+        stored in the manifest as it is. With several ranks this is collective: rank 0's
+        ``step``, ``metadata`` and non-tensor values are the ones recorded.
         """
         start = time.perf_counter()
         if self._closed:
@@ -334,27 +517,35 @@ class AsyncCheckpointer:
             raise TypeError(f"step must be an int or None, not {type(step).__name__}")
         meta = _plain_json(metadata)
         tree, flat = flatten_state(state)
-        tensors = list(flat.values())
-        offsets, nbytes = arena_layout(tensors)
+        items, sharded, layout = self._plan(flat)
+        nbytes = 0
+        for item in items:
+            if item.reuse is None:
+                item.offset = nbytes
+                nbytes = align(nbytes + item.nbytes)
+        staged = [item.tensor for item in items if item.reuse is None and item.tensor is not None]
         pending = PendingSave(Future(), Future())
-        pending.stats.tensors = len(tensors)
+        stats = pending.stats
+        stats.tensors = len(flat)
+        stats.logical_bytes = sum(
+            tensor_nbytes(v.local if isinstance(v, Shard) else v) for v in flat.values()
+        )
+        stats.bytes_copied = sum(item.nbytes for item in items if item.reuse is None)
+        stats.tensors_skipped = sum(item.reuse is not None for item in items)
         job = _SaveJob(
             manifest_id=new_manifest_id(),
             step=step,
             metadata=meta,
             tree=tree,
             paths=list(flat),
-            tensors=tensors,
-            offsets=offsets,
-            sizes=[tensor_nbytes(t) for t in tensors],
-            dtypes=[dtype_name(t.dtype) for t in tensors],
-            shapes=[tuple(t.shape) for t in tensors],
+            items=items,
+            sharded=sharded,
+            layout=layout,
             nbytes=nbytes,
-            mark=Stager.mark(tensors),
+            mark=Stager.mark(staged),
             pending=pending,
             created=utc_now(),
         )
-        pending.stats.logical_bytes = sum(job.sizes)
         self._reserve(nbytes)
         pending.staged.set_running_or_notify_cancel()
         pending.committed.set_running_or_notify_cancel()
@@ -367,8 +558,69 @@ class AsyncCheckpointer:
         else:
             self._stage(job)
         self._persist_pool.submit(self._persist, job)
-        pending.stats.stall_s = time.perf_counter() - start
+        stats.stall_s = time.perf_counter() - start
         return pending
+
+    def _plan(
+        self, flat: Mapping[str, torch.Tensor | Shard]
+    ) -> tuple[list[_Item], dict[str, tuple[str, tuple[int, ...]]], list[Any] | None]:
+        """What this process writes: its share of the replicated tensors and its shards."""
+        rank, world = self.rank, self.world
+        owner: dict[str, int] | None = None
+        layout: list[Any] | None = None
+        if world > 1:
+            replicated = [(p, tensor_nbytes(v)) for p, v in flat.items() if not _is_shard(v)]
+            owner = partition(replicated, world)
+            layout = []
+        frozen = self._frozen_storages() if self.skip_unchanged else None
+        with self._frozen_lock:
+            previous = self._frozen
+        items: list[_Item] = []
+        sharded: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for path, value in flat.items():
+            box: Box | None = None
+            if isinstance(value, Shard):
+                tensor = value.local
+                sharded[path] = (dtype_name(tensor.dtype), value.global_shape)
+                if layout is not None:
+                    layout.append([path, "shard", sharded[path][0], value.global_shape])
+                if not value.primary:
+                    continue  # a replica that another rank writes
+                box = value.box
+            else:
+                tensor = value
+                if layout is not None:
+                    layout.append([path, "tensor", dtype_name(tensor.dtype), tuple(tensor.shape)])
+                if owner is not None and owner[path] != rank:
+                    continue
+            item = _Item(
+                path, tensor, tensor_nbytes(tensor), dtype_name(tensor.dtype), tuple(tensor.shape)
+            )
+            item.box = box
+            if frozen is not None and _is_frozen(tensor, frozen):
+                item.signature = _Signature.of(tensor, box)
+                before = previous.get(path)
+                if item.signature is not None and before is not None:
+                    if before[0].matches(item.signature):
+                        item.reuse = before[1]
+            items.append(item)
+        return items, sharded, layout
+
+    def _frozen_storages(self) -> set[int]:
+        """Storages of the frozen parameters of the attached models."""
+        storages: set[int] = set()
+        alive = []
+        for ref in self._models:
+            module = ref()
+            if module is None:
+                continue
+            alive.append(ref)
+            for param in module.parameters():
+                if not param.requires_grad:
+                    local = param.to_local() if is_dtensor(param) else param  # type: ignore[attr-defined]
+                    storages.add(local.untyped_storage()._cdata)
+        self._models = alive
+        return storages
 
     def _reserve(self, nbytes: int) -> None:
         with self._cond:
@@ -384,34 +636,53 @@ class AsyncCheckpointer:
 
     def _stage(self, job: _SaveJob) -> None:
         start = time.perf_counter()
+        staged = [item for item in job.items if item.reuse is None]
         try:
             pinned = job.mark is not None
             job.arena = self._stager.acquire(job.nbytes, pinned=pinned)
-            self._stager.copy(job.tensors, job.offsets, job.arena, job.mark)
+            self._stager.copy(
+                [item.tensor for item in staged if item.tensor is not None],
+                [item.offset for item in staged],
+                job.arena,
+                job.mark,
+            )
         except BaseException as e:
             job.pending.staged.set_exception(e)
         else:
             job.pending.stats.stage_s = time.perf_counter() - start
             job.pending.staged.set_result(None)
         finally:
-            job.tensors = []  # the caller's tensors are not needed past this point
+            for item in staged:  # the caller's tensors are not needed past this point
+                item.tensor = None
 
     def _persist(self, job: _SaveJob) -> None:
         committed = job.pending.committed
         error = job.pending.staged.exception()
         result: str | None = None
+        part: _Part | None = None
         start = time.perf_counter()
         try:
-            if error is None:
-                part = self._write_tensors(job)
-                self._commit(job, [part])
-                result = job.manifest_id
-        except BaseException as e:
-            error = e
+            try:
+                if error is None:
+                    part = self._write_tensors(job)
+            except BaseException as e:
+                error = e
+            if self._collective is not None:
+                result, error = self._commit_collective(job, part, error)
+            elif error is None and part is not None:
+                try:
+                    self._commit(job, [part])
+                    result = job.manifest_id
+                except BaseException as e:
+                    error = e
+            if error is None and part is not None:
+                self._remember_frozen(job, part)
         finally:
             if job.arena is not None:
                 self._stager.release(job.arena)
                 job.arena = None
+            for item in job.items:
+                item.tensor = None
             self._unreserve(job.nbytes)
         job.pending.stats.persist_s = time.perf_counter() - start
         if error is not None:
@@ -432,21 +703,37 @@ class AsyncCheckpointer:
         assert job.arena is not None
         view = job.arena.numpy().data
         store = self.store
-        sizes = job.sizes  # the tensors themselves were let go of after staging
+        items = job.items
+        checked: dict[str, bool] = {}
+        copies: dict[int, memoryview] = {}
+        todo: list[int] = []
+        for i, item in enumerate(items):
+            if item.reuse is not None:
+                if not item.reuse.object or self._exists(item.reuse.object, checked):
+                    continue
+                copies[i] = self._reread(item)  # its object was deleted since: write it again
+                item.reuse = None
+            todo.append(i)
 
-        def hash_batch(lo: int, hi: int) -> list[str]:
-            return [
-                _blake3(view[job.offsets[i] : job.offsets[i] + sizes[i]]) for i in range(lo, hi)
-            ]
+        def data(i: int) -> memoryview:
+            copy = copies.get(i)
+            if copy is not None:
+                return copy
+            item = items[i]
+            return view[item.offset : item.offset + item.nbytes]
 
-        batches: list[tuple[int, int, Future[list[str]]]] = []
+        def hash_batch(batch: list[int]) -> list[str]:
+            return [_blake3(data(i)) for i in batch]
+
+        batches: list[tuple[list[int], Future[list[str]]]] = []
         lo = 0
-        while lo < len(sizes):
+        while lo < len(todo):
             hi, total = lo, 0
-            while hi < len(sizes) and total < _HASH_BATCH_BYTES and hi - lo < _HASH_BATCH_COUNT:
-                total += sizes[hi]
+            while hi < len(todo) and total < _HASH_BATCH_BYTES and hi - lo < _HASH_BATCH_COUNT:
+                total += items[todo[hi]].nbytes
                 hi += 1
-            batches.append((lo, hi, tasks.submit(hash_batch, lo, hi)))
+            batch = todo[lo:hi]
+            batches.append((batch, tasks.submit(hash_batch, batch)))
             lo = hi
 
         def write_object(digest: str, parts: list[memoryview], nbytes: int) -> ObjectLayout | None:
@@ -465,8 +752,8 @@ class AsyncCheckpointer:
             for index, offset in pack.members:
                 if offset > end:
                     parts.append(zero_pad(offset - end))
-                parts.append(view[job.offsets[index] : job.offsets[index] + sizes[index]])
-                end = offset + sizes[index]
+                parts.append(data(index))
+                end = offset + items[index].nbytes
             if pack.size > end:
                 parts.append(zero_pad(pack.size - end))
             for part in parts:
@@ -474,12 +761,11 @@ class AsyncCheckpointer:
             pack.digest = hasher.hexdigest()
             return write_object(pack.digest, parts, pack.size)
 
-        hashes: list[str] = [""] * len(sizes)
-        # per tensor: (object or pack, offset); a pack's digest is known once it is hashed
-        where: list[tuple[str | _Pack, int]] = [("", 0)] * len(sizes)
+        hashes: list[str] = [""] * len(items)
+        # per item: (object or pack, offset); a pack's digest is known once it is hashed
+        where: list[tuple[str | _Pack, int]] = [("", 0)] * len(items)
         seen: dict[str, tuple[str | _Pack, int]] = {}
         objects: dict[str, int] = {}
-        checked: dict[str, bool] = {}
         # one per new object: (its layout if written, the object, its bytes, its tensors)
         writes: list[tuple[Future[ObjectLayout | None], str | _Pack, int, int]] = []
         pack = _Pack()
@@ -488,10 +774,10 @@ class AsyncCheckpointer:
         def seal(p: _Pack) -> None:
             writes.append((tasks.submit(write_pack, p), p, p.size, len(p.members)))
 
-        for lo, _hi, hashed in batches:
-            for i, digest in enumerate(hashed.result(), start=lo):
+        for batch, hashed in batches:
+            for i, digest in zip(batch, hashed.result(), strict=True):
                 hashes[i] = digest
-                nbytes = sizes[i]
+                nbytes = items[i].nbytes
                 if nbytes == 0:
                     continue
                 if digest in seen:
@@ -505,9 +791,8 @@ class AsyncCheckpointer:
                     reused += 1
                 elif nbytes >= SOLO_BYTES:
                     where[i] = seen[digest] = (digest, 0)
-                    part = view[job.offsets[i] : job.offsets[i] + nbytes]
                     writes.append(
-                        (tasks.submit(write_object, digest, [part], nbytes), digest, nbytes, 1)
+                        (tasks.submit(write_object, digest, [data(i)], nbytes), digest, nbytes, 1)
                     )
                 else:
                     if pack.members and pack.size + nbytes > PACK_BYTES:
@@ -535,18 +820,50 @@ class AsyncCheckpointer:
             tasks.submit(store.put, meta_key(digest), layout.zarr_json())
         tasks.wait()
 
-        entries: dict[str, TensorEntry] = {}
-        for i, path in enumerate(job.paths):
-            obj, offset = where[i]
-            entries[path] = TensorEntry(
-                object=obj.digest if isinstance(obj, _Pack) else obj,
-                offset=offset,
-                nbytes=sizes[i],
-                dtype=job.dtypes[i],
-                shape=job.shapes[i],
-                hash=hashes[i],
+        part = _Part(self.rank, {}, {}, objects, new_bytes, written, reused)
+        for i, item in enumerate(items):
+            if item.reuse is not None:
+                loc = item.reuse
+                part.tensors_skipped += 1
+                if loc.object:
+                    objects[loc.object] = loc.object_nbytes
+            else:
+                obj, offset = where[i]
+                name = obj.digest if isinstance(obj, _Pack) else obj
+                loc = _Stored(name, objects.get(name, 0), offset, hashes[i])
+            part.stored.append(loc)
+            if item.box is None:
+                part.tensors[item.path] = TensorEntry(
+                    loc.object, loc.offset, item.nbytes, item.dtype, item.shape, loc.hash
+                )
+            else:
+                offsets, shape = item.box
+                part.shards[item.path] = ShardEntry(
+                    offsets, shape, loc.object, loc.offset, item.nbytes, loc.hash
+                )
+        return part
+
+    def _exists(self, digest: str, checked: dict[str, bool]) -> bool:
+        ok = checked.get(digest)
+        if ok is None:
+            ok = checked[digest] = self.store.exists(meta_key(digest))
+        return ok
+
+    def _reread(self, item: _Item) -> memoryview:
+        """Copy a skipped tensor now, if it is still unchanged (its stored object is gone)."""
+        tensor = item.tensor
+        if tensor is None or item.signature is None:
+            raise AssertionError(f"skipped tensor {item.path!r} lost its source")
+        copy = torch.empty(item.nbytes, dtype=torch.uint8)
+        with torch.no_grad():
+            copy.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        now = _Signature.of(tensor, item.box)
+        if now is None or not item.signature.matches(now):
+            raise CheckpointError(
+                f"frozen tensor {item.path!r} changed after save() while its previous object "
+                "was found deleted; nothing was committed, save again"
             )
-        return _Part(entries, objects, new_bytes, written, reused)
+        return copy.numpy().data
 
     def _known(self, digest: str, checked: dict[str, bool]) -> _Location | None:
         """Where ``digest`` is already stored, if the index knows and the object still exists."""
@@ -554,46 +871,171 @@ class AsyncCheckpointer:
             location = self._index.get(digest)
         if location is None:
             return None
-        ok = checked.get(location.object)
-        if ok is None:
-            ok = checked[location.object] = self.store.exists(meta_key(location.object))
-            if not ok:  # deleted (garbage-collected) since: forget everything that lived there
-                with self._index_lock:
-                    for h in [h for h, loc in self._index.items() if loc.object == location.object]:
-                        del self._index[h]
+        ok = self._exists(location.object, checked)
+        if not ok:  # deleted (garbage-collected) since: forget everything that lived there
+            with self._index_lock:
+                for h in [h for h, loc in self._index.items() if loc.object == location.object]:
+                    del self._index[h]
         return location if ok else None
 
-    def _commit(self, job: _SaveJob, parts: Sequence[_Part]) -> None:
-        """Merge the writers' parts into the manifest and write it: the save's commit point."""
-        entries: dict[str, TensorEntry] = {}
+    # -- commit -------------------------------------------------------------------------
+
+    def _merge(self, job: _SaveJob, parts: Sequence[_Part]) -> Manifest:
+        """The manifest of ``job`` from every rank's part (rank 0, or a single process)."""
+        tensors: dict[str, TensorEntry] = {}
         objects: dict[str, int] = {}
-        stats = job.pending.stats
         for part in parts:
-            entries.update(part.entries)
             objects.update(part.objects)
-            stats.new_bytes += part.new_bytes
-            stats.objects_written += part.objects_written
-            stats.tensors_reused += part.tensors_reused
-        manifest = Manifest(
+        for path in job.paths:
+            if path not in job.sharded:
+                entry = next((p.tensors[path] for p in parts if path in p.tensors), None)
+                if entry is None:
+                    raise CheckpointError(
+                        f"no rank wrote tensor {path!r}: the ranks' states differ; every rank "
+                        "must save the same tensors, in the same order"
+                    )
+                tensors[path] = entry
+                continue
+            dtype, global_shape = job.sharded[path]
+            blocks: dict[Box, ShardEntry] = {}
+            for part in parts:
+                shard = part.shards.get(path)
+                if shard is not None:
+                    blocks.setdefault(shard.box, shard)  # a block several ranks hold: one copy
+            shards = sorted(blocks.values(), key=lambda s: s.offsets)
+            try:
+                check_cover([s.box for s in shards], global_shape, path)
+            except ValueError as e:
+                raise CheckpointError(f"cannot commit checkpoint {job.manifest_id}: {e}") from None
+            tensors[path] = TensorEntry(
+                object="",
+                offset=0,
+                nbytes=volume(global_shape) * dtype_from_name(dtype).itemsize,
+                dtype=dtype,
+                shape=global_shape,
+                hash=shards_digest(shards),
+                shards=tuple(shards),
+            )
+        return Manifest(
             id=job.manifest_id,
             step=job.step,
             created=job.created,
-            tensors={path: entries[path] for path in job.paths},
+            tensors=tensors,
             objects=objects,
             metadata=job.metadata,
             tree=job.tree,
+            version=format_version(tensors),
         )
+
+    def _commit(self, job: _SaveJob, parts: Sequence[_Part]) -> Manifest:
+        """Merge the parts into the manifest and write it: the save's commit point."""
+        manifest = self._merge(job, parts)
         write_manifest(self.store, manifest)
         self._manifests[manifest.id] = manifest
-        self._seed(manifest, manifest.tensors.values())
+        stats = job.pending.stats
+        stats.new_bytes = sum(p.new_bytes for p in parts)
+        stats.objects_written = sum(p.objects_written for p in parts)
+        stats.tensors_reused = sum(p.tensors_reused for p in parts)
+        stats.tensors_skipped = sum(p.tensors_skipped for p in parts)
+        stats.rank_new_bytes = [p.new_bytes for p in parts]
+        self._seed(manifest.objects, (s for e in manifest.tensors.values() for s in e.pieces()))
+        return manifest
 
-    def _seed(self, manifest: Manifest, entries: Any) -> None:
+    def _commit_collective(
+        self, job: _SaveJob, part: _Part | None, error: BaseException | None
+    ) -> tuple[str | None, BaseException | None]:
+        """Send this rank's part to rank 0, which commits; returns ``(manifest id, error)``.
+
+        Every rank takes part even after its own failure, so that the others learn of it
+        instead of waiting: a failed rank sends its error instead of its part.
+        """
+        collective = self._collective
+        assert collective is not None and job.layout is not None
+        layout = blake3.blake3(json.dumps(job.layout, separators=(",", ":")).encode()).hexdigest()
+        if error is None and part is not None:
+            part.layout = layout
+            payload = part.to_bytes()
+        else:
+            why = f"{type(error).__name__}: {error}" if error is not None else "nothing staged"
+            payload = json.dumps({"rank": collective.rank, "error": why}).encode()
+        own_error = error
+        try:
+            gathered = collective.gather(payload)
+            if gathered is not None:  # rank 0
+                outcome, own_error = self._conclude(job, gathered, layout, own_error)
+                raw = collective.broadcast(json.dumps(outcome).encode())
+            else:
+                raw = collective.broadcast(None)
+            outcome = json.loads(raw)
+        except BaseException as e:  # the exchange itself failed (a rank died, a timeout)
+            return None, own_error or e
+        if own_error is not None:
+            return None, own_error
+        if outcome["error"] is not None:
+            return None, CheckpointError(
+                f"checkpoint {outcome['id']} was not committed: {outcome['error']}; "
+                "no manifest was written"
+            )
+        stats = job.pending.stats
+        stats.rank_new_bytes = list(outcome["new_bytes"])
+        stats.new_bytes = sum(stats.rank_new_bytes)
+        stats.objects_written = outcome["objects_written"]
+        stats.tensors_reused = outcome["tensors_reused"]
+        stats.tensors_skipped = outcome["tensors_skipped"]
+        if part is not None:
+            self._seed(part.objects, [*part.tensors.values(), *part.shards.values()])
+        return str(outcome["id"]), None
+
+    def _conclude(
+        self, job: _SaveJob, gathered: list[bytes], layout: str, error: BaseException | None
+    ) -> tuple[dict[str, Any], BaseException | None]:
+        """Rank 0: commit unless a rank failed; the outcome every rank learns, and own error."""
+        outcome: dict[str, Any] = {"id": job.manifest_id, "error": None}
+        try:
+            docs = [json.loads(raw) for raw in gathered]
+            failed = [d for d in docs if "error" in d]
+            if failed:
+                outcome["error"] = "; ".join(
+                    f"rank {d['rank']} failed: {d['error']}" for d in failed
+                )
+                return outcome, error
+            parts = [_Part.from_json(d) for d in docs]
+            for part in parts:
+                if part.layout != layout:
+                    raise CheckpointError(
+                        f"rank {part.rank} saved a state whose tensors (paths, dtypes or shapes) "
+                        "differ from rank 0's; every rank must save the same structure"
+                    )
+            self._commit(job, parts)
+        except BaseException as e:
+            outcome["error"] = f"rank 0 failed: {type(e).__name__}: {e}"
+            return outcome, error or e
+        stats = job.pending.stats
+        outcome.update(
+            new_bytes=stats.rank_new_bytes,
+            objects_written=stats.objects_written,
+            tensors_reused=stats.tensors_reused,
+            tensors_skipped=stats.tensors_skipped,
+        )
+        return outcome, error
+
+    def _remember_frozen(self, job: _SaveJob, part: _Part) -> None:
+        """Keep the locations of this save's frozen tensors for the next save to reuse."""
+        frozen = {
+            item.path: (item.signature, stored)
+            for item, stored in zip(job.items, part.stored, strict=True)
+            if item.signature is not None
+        }
+        with self._frozen_lock:
+            self._frozen = frozen
+
+    def _seed(
+        self, objects: Mapping[str, int], entries: Iterable[TensorEntry | ShardEntry]
+    ) -> None:
         with self._index_lock:
             for e in entries:
                 if e.object:
-                    self._index.setdefault(
-                        e.hash, _Location(e.object, manifest.objects[e.object], e.offset)
-                    )
+                    self._index.setdefault(e.hash, _Location(e.object, objects[e.object], e.offset))
 
     # -- load ---------------------------------------------------------------------------
 
@@ -611,9 +1053,15 @@ class AsyncCheckpointer:
         backbone of the checkpoint a branch starts from.
         """
         manifest = self.manifest(manifest_id)
-        self._seed(manifest, manifest.tensors.values())
+        self._seed(manifest.objects, (s for e in manifest.tensors.values() for s in e.pieces()))
 
-    def load(self, manifest_id: str, *, prefix: str | None = None) -> dict[Any, Any]:
+    def load(
+        self,
+        manifest_id: str,
+        *,
+        prefix: str | None = None,
+        shards: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+    ) -> dict[Any, Any]:
         """Read checkpoint ``manifest_id`` back: the saved state, tensors bit-exact on the CPU.
 
         The result has the saved nesting and Python types. With ``prefix`` (dict keys joined
@@ -622,6 +1070,12 @@ class AsyncCheckpointer:
         state. Every tensor's BLAKE3 hash is checked: damaged or missing data raises
         :class:`CorruptCheckpoint` naming the tensor. The tensors' locations seed the dedup
         index, so a save of the loaded state writes only what changed.
+
+        A tensor saved as shards loads as the whole global tensor. ``shards`` maps tensor
+        paths (as in the manifest) to the block ``(offsets, shape)`` this rank wants of them,
+        sharded when saved or not: each becomes a :class:`~tlreg.ckpt.Shard` holding that
+        block, assembled from whichever saved blocks overlap it, so N ranks' checkpoint
+        restores on M ranks. Only the saved blocks that overlap it are read.
         """
         if self._closed:
             raise CheckpointError(f"{self!r} is closed; create a new AsyncCheckpointer to load")
@@ -634,9 +1088,53 @@ class AsyncCheckpointer:
                 f"manifest {manifest_id} in {self.store.url} has no entry for tensor "
                 f"{missing[0]!r} that its tree references; the manifest is damaged"
             )
-        tensors = self._read_tensors(manifest, paths)
+        targets: dict[str, Box] = {}
+        for path, (offsets, shape) in (shards or {}).items():
+            if path not in paths:
+                raise KeyError(
+                    f"shards names tensor {path!r}, which checkpoint {manifest_id} does not "
+                    f"hold (under prefix {prefix!r}); use a path of manifest(id).tensors"
+                )
+            box = (tuple(int(o) for o in offsets), tuple(int(n) for n in shape))
+            check_box(box, manifest.tensors[path].shape, path)
+            targets[path] = box
+        reads: dict[str, TensorEntry] = {}
+        assemble: dict[str, tuple[Box, list[tuple[str, ShardEntry]]]] = {}
+        for path in paths:
+            entry = manifest.tensors[path]
+            if not entry.shards and path not in targets:
+                reads[path] = entry
+                continue
+            want = targets.get(path, ((0,) * len(entry.shape), entry.shape))
+            pieces = []
+            for shard in entry.pieces():
+                overlap = intersect(shard.box, want)
+                if overlap is not None and volume(overlap[1]):
+                    key = f"{path}@{list(shard.offsets)}"
+                    reads[key] = shard.piece(entry.dtype)
+                    pieces.append((key, shard))
+            assemble[path] = (want, pieces)
+        raw = self._read_raw(manifest, reads)
+        tensors: dict[str, torch.Tensor | Shard] = {}
+        for path in paths:
+            entry = manifest.tensors[path]
+            dtype = dtype_from_name(entry.dtype)
+            if path not in assemble:
+                tensors[path] = from_bytes(raw[path], dtype, entry.shape)
+                continue
+            want, pieces = assemble[path]
+            # assembled as bytes ([..., itemsize] uint8), so that any dtype copies exactly
+            item = dtype.itemsize
+            out = torch.empty((*want[1], item), dtype=torch.uint8)
+            for key, shard in pieces:
+                overlap = intersect(shard.box, want)
+                assert overlap is not None
+                src = raw[key].view(*shard.shape, item)
+                out[slices(overlap, want[0])] = src[slices(overlap, shard.offsets)]
+            block = from_bytes(out.reshape(-1), dtype, want[1])
+            tensors[path] = Shard(block, want[0], entry.shape) if path in targets else block
         state = unflatten_state(tree, tensors)
-        self._seed(manifest, (manifest.tensors[p] for p in paths))
+        self._seed(manifest.objects, reads.values())
         if not isinstance(state, dict):
             raise CorruptCheckpoint(f"manifest {manifest_id} in {self.store.url} holds no dict")
         return state
@@ -647,27 +1145,29 @@ class AsyncCheckpointer:
             layout = self._layouts[digest] = read_layout(self.store, digest)
         return layout
 
-    def _read_tensors(self, manifest: Manifest, paths: list[str]) -> dict[str, torch.Tensor]:
-        """Read, verify and type the tensors at ``paths`` (in parallel on the I/O pool)."""
+    def _read_raw(
+        self, manifest: Manifest, reads: Mapping[str, TensorEntry]
+    ) -> dict[str, torch.Tensor]:
+        """Read and verify the bytes of ``reads`` (name -> entry) in parallel on the I/O pool;
+        returns each as a flat uint8 tensor."""
         store = self.store
         outs: dict[str, torch.Tensor] = {}
         by_object: dict[str, list[str]] = {}
-        for path in paths:
-            entry = manifest.tensors[path]
+        for name, entry in reads.items():
             if entry.dtype not in DTYPES:
                 raise UnsupportedFormat(
-                    f"tensor {path!r} of checkpoint {manifest.id} has dtype {entry.dtype!r}, "
+                    f"tensor {name!r} of checkpoint {manifest.id} has dtype {entry.dtype!r}, "
                     f"which torch {torch.__version__} lacks; upgrade torch to load it"
                 )
-            outs[path] = torch.empty(entry.nbytes, dtype=torch.uint8)
+            outs[name] = torch.empty(entry.nbytes, dtype=torch.uint8)
             if entry.nbytes:
-                by_object.setdefault(entry.object, []).append(path)
+                by_object.setdefault(entry.object, []).append(name)
 
-        def damaged(path: str, why: str, more: int = 0) -> CorruptCheckpoint:
-            entry = manifest.tensors[path]
+        def damaged(name: str, why: str, more: int = 0) -> CorruptCheckpoint:
+            entry = reads[name]
             also = f" and {more} more" if more else ""
             return CorruptCheckpoint(
-                f"tensor {path!r}{also} of checkpoint {manifest.id} is damaged: object "
+                f"tensor {name!r}{also} of checkpoint {manifest.id} is damaged: object "
                 f"{entry.object} in {store.url} {why}; run verify() and restore the object "
                 "from a copy"
             )
@@ -682,7 +1182,7 @@ class AsyncCheckpointer:
             # small tensors: one ranged read per chunk they touch, then copies out of it
             by_chunk: dict[int, list[tuple[str, int, int, int]]] = {}
             for path in members:
-                entry = manifest.tensors[path]
+                entry = reads[path]
                 if entry.offset + entry.nbytes > layout.nbytes:
                     raise damaged(path, f"is {layout.nbytes} bytes, too short for the tensor")
                 out = outs[path].numpy().data
@@ -728,19 +1228,15 @@ class AsyncCheckpointer:
         tasks.wait()
 
         def check(path: str) -> None:
-            entry = manifest.tensors[path]
+            entry = reads[path]
             if _blake3(outs[path].numpy().data) != entry.hash:
                 raise damaged(path, "does not match the tensor's hash")
 
         # the first damaged tensor in the state's order is the one reported
-        checks = [self._io_pool.submit(check, path) for path in paths]
+        checks = [self._io_pool.submit(check, name) for name in reads]
         for future in checks:
             future.result()
-        result = {}
-        for path in paths:
-            entry = manifest.tensors[path]
-            result[path] = from_bytes(outs[path], dtype_from_name(entry.dtype), entry.shape)
-        return result
+        return outs
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -758,6 +1254,23 @@ class AsyncCheckpointer:
                 wait([staged])  # a failed copy surfaces from result(), not from step()
 
         self._hooks.append(optimizer.register_step_pre_hook(wait_for_staging))
+
+    def attach_model(self, module: torch.nn.Module) -> None:
+        """Let saves recognise ``module``'s frozen parameters in ``module.state_dict()``.
+
+        ``state_dict()`` detaches parameters, so a saved tensor cannot tell by itself whether
+        it is trained. A tensor is *frozen* when it does not require grad and either is a
+        parameter (``state_dict(keep_vars=True)``) or shares the storage of a frozen
+        parameter of an attached module. A frozen tensor whose storage, ``_version``, dtype,
+        shape and strides are unchanged since the previous save of this checkpointer is
+        neither copied nor hashed: its previous location is reused. Trained tensors and
+        optimizer state are always copied: fused optimizers update them without bumping
+        ``_version``. Writes that bypass the version counter (``p.data.add_``, writes through
+        ``.numpy()``) to a frozen parameter are not seen: use ``skip_unchanged=False`` if
+        your code does that. Holds only a weak reference; attaching twice is harmless.
+        """
+        if not any(ref() is module for ref in self._models):
+            self._models.append(weakref.ref(module))
 
     def wait(self) -> None:
         """Wait until every save so far has committed or failed (errors are not raised)."""
@@ -778,6 +1291,21 @@ class AsyncCheckpointer:
         self._persist_pool.shutdown()
         self._io_pool.shutdown()
         self._stager.close()
+        if self._collective is not None:
+            self._collective.close()
+
+
+def _is_shard(value: torch.Tensor | Shard) -> bool:
+    return isinstance(value, Shard)
+
+
+def _is_frozen(tensor: torch.Tensor, frozen_storages: set[int]) -> bool:
+    """Whether ``tensor`` is known not to be trained (see ``AsyncCheckpointer.attach_model``)."""
+    if tensor.requires_grad:
+        return False
+    if isinstance(tensor, torch.nn.Parameter):
+        return True
+    return bool(frozen_storages) and tensor.untyped_storage()._cdata in frozen_storages
 
 
 def _plain_json(metadata: Mapping[str, Any] | None) -> dict[str, Any]:

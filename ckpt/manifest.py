@@ -12,6 +12,21 @@
 path to where its bytes live (an object and a byte offset in it) and the BLAKE3 hash of those
 bytes, and ``objects`` lists every object the checkpoint references with its size. A
 zero-byte tensor has ``object: ""`` and is never read.
+
+Version 2 adds **sharded tensors** (saved as per-rank blocks, see :class:`tlreg.ckpt.Shard`).
+Their entry describes the global tensor and lists its blocks, each stored like a tensor::
+
+    "model/emb": {"object": "", "offset": 0, "nbytes": 8192, "dtype": "float32",
+                  "shape": [64, 32], "hash": "<hash of the shard list>",
+                  "shards": [{"offsets": [0, 0], "shape": [32, 32], "object": "<hash>",
+                              "offset": 0, "nbytes": 4096, "hash": "<hash>"},
+                             {"offsets": [32, 0], "shape": [32, 32], ...}]}
+
+``shape``/``nbytes`` are the global tensor's, the shards tile it exactly once (sorted by
+offsets), and ``hash`` is the BLAKE3 digest of the JSON list ``[[offsets, shape, hash], ...]``
+of its shards, so equal shardings of equal data compare equal. A manifest is written with
+the lowest version that can express it: one without sharded tensors is still version 1 and
+every earlier tlreg reads it; this one reads versions 1 and 2.
 """
 
 from __future__ import annotations
@@ -21,20 +36,88 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+import blake3
 
 from tlreg.ckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
 from tlreg.storage_backends import ObjectNotFound, Store
 
 FORMAT = "tlreg.manifest"
-VERSION = 1
+VERSION = 2
+"""The newest manifest version this tlreg reads and writes."""
 MANIFESTS = "manifests"
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One block of a sharded tensor: where it sits in the global tensor and where it is stored.
+
+    Its bytes are the block as a contiguous tensor of the entry's dtype, stored like an
+    unsharded tensor (an object, a byte offset in it, a length and a BLAKE3 hash).
+    """
+
+    offsets: tuple[int, ...]
+    """Position of the block in the global tensor, per dimension."""
+    shape: tuple[int, ...]
+    """Shape of the block."""
+    object: str
+    """Hash of the object holding the bytes ('' for an empty block)."""
+    offset: int
+    """Byte offset of the block in the object."""
+    nbytes: int
+    """Length of the block's bytes."""
+    hash: str
+    """BLAKE3 hex digest of the block's bytes."""
+
+    @property
+    def box(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(offsets, shape)``."""
+        return self.offsets, self.shape
+
+    def piece(self, dtype: str) -> TensorEntry:
+        """The block as an unsharded entry of ``dtype`` (to read it like any tensor)."""
+        return TensorEntry(self.object, self.offset, self.nbytes, dtype, self.shape, self.hash)
+
+    def to_json(self) -> dict[str, Any]:
+        """The shard as it appears in the manifest."""
+        return {
+            "offsets": list(self.offsets),
+            "shape": list(self.shape),
+            "object": self.object,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ShardEntry:
+        """Parse a shard; ``ValueError``/``KeyError``/``TypeError`` if malformed."""
+        shard = cls(
+            offsets=tuple(_nonneg(n) for n in data["offsets"]),
+            shape=tuple(_nonneg(n) for n in data["shape"]),
+            object=_str(data["object"]),
+            offset=_nonneg(data["offset"]),
+            nbytes=_nonneg(data["nbytes"]),
+            hash=_str(data["hash"]),
+        )
+        if not _HASH.match(shard.hash) or (shard.object and not _HASH.match(shard.object)):
+            raise ValueError(f"bad hash in shard {dict(data)}")
+        if len(shard.offsets) != len(shard.shape):
+            raise ValueError(f"shard offsets and shape differ in length in {dict(data)}")
+        return shard
+
+
+def shards_digest(shards: Iterable[ShardEntry]) -> str:
+    """The ``hash`` of a sharded tensor: BLAKE3 of its ``[[offsets, shape, hash], ...]``."""
+    doc = [[list(s.offsets), list(s.shape), s.hash] for s in shards]
+    return blake3.blake3(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -52,11 +135,26 @@ class TensorEntry:
     shape: tuple[int, ...]
     """Tensor shape; ``()`` for a 0-d tensor."""
     hash: str
-    """BLAKE3 hex digest of the tensor's bytes."""
+    """BLAKE3 hex digest of the tensor's bytes (of its shard list when sharded)."""
+    shards: tuple[ShardEntry, ...] = ()
+    """The blocks of a sharded tensor, sorted by offsets; ``()`` for an unsharded one, whose
+    bytes are at ``object``/``offset``. ``shape`` and ``nbytes`` are the global tensor's."""
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the tensor was saved as shards."""
+        return bool(self.shards)
+
+    def pieces(self) -> list[ShardEntry]:
+        """Every stored block of the tensor (an unsharded tensor is one block at offset 0)."""
+        if self.shards:
+            return list(self.shards)
+        origin = (0,) * len(self.shape)
+        return [ShardEntry(origin, self.shape, self.object, self.offset, self.nbytes, self.hash)]
 
     def to_json(self) -> dict[str, Any]:
         """The entry as it appears in the manifest."""
-        return {
+        doc: dict[str, Any] = {
             "object": self.object,
             "offset": self.offset,
             "nbytes": self.nbytes,
@@ -64,6 +162,9 @@ class TensorEntry:
             "shape": list(self.shape),
             "hash": self.hash,
         }
+        if self.shards:
+            doc["shards"] = [s.to_json() for s in self.shards]
+        return doc
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorEntry:
@@ -75,9 +176,14 @@ class TensorEntry:
             dtype=_str(data["dtype"]),
             shape=tuple(_nonneg(n) for n in data["shape"]),
             hash=_str(data["hash"]),
+            shards=tuple(ShardEntry.from_json(s) for s in data.get("shards", ())),
         )
         if not _HASH.match(entry.hash) or (entry.object and not _HASH.match(entry.object)):
             raise ValueError(f"bad hash in {dict(data)}")
+        if entry.shards and entry.object:
+            raise ValueError(f"a sharded entry names an object of its own: {dict(data)}")
+        if any(len(s.offsets) != len(entry.shape) for s in entry.shards):
+            raise ValueError(f"shards of another rank than the tensor in {dict(data)}")
         return entry
 
 
@@ -96,12 +202,23 @@ class Manifest:
     """The caller's JSON metadata."""
     tree: Any = None
     """The state's structure, see :mod:`tlreg.ckpt.tree`."""
-    version: int = VERSION
+    version: int = 1
+    """Format version: 1, or 2 when some tensor is sharded (see :func:`format_version`)."""
 
     @property
     def logical_bytes(self) -> int:
         """Bytes of all tensors, whether or not this checkpoint wrote them."""
         return sum(e.nbytes for e in self.tensors.values())
+
+    def stored(self) -> Iterator[tuple[str, TensorEntry]]:
+        """Every stored block with a name for people: an unsharded tensor under its path,
+        each shard of a sharded tensor as ``path@[offsets]`` (an entry of the block's shape)."""
+        for path, entry in self.tensors.items():
+            if not entry.shards:
+                yield path, entry
+                continue
+            for shard in entry.shards:
+                yield f"{path}@{list(shard.offsets)}", shard.piece(entry.dtype)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as a JSON-ready dict (key order kept: it is the state's order)."""
@@ -163,7 +280,10 @@ class Manifest:
             objects = {_str(h): _nonneg(n) for h, n in data["objects"].items()}
             if not all(_HASH.match(h) for h in objects):
                 raise ValueError("bad object hash")
-            missing = {e.object for e in tensors.values() if e.object} - objects.keys()
+            if version < 2 and any(e.shards for e in tensors.values()):
+                raise ValueError("sharded tensors in a version 1 manifest")
+            referenced = {s.object for e in tensors.values() for s in e.pieces() if s.object}
+            missing = referenced - objects.keys()
             if missing:
                 raise ValueError(f"tensors reference unlisted objects {sorted(missing)[:3]}")
             manifest_id = _str(data["id"])
@@ -183,6 +303,11 @@ class Manifest:
             tree=data.get("tree"),
             version=version,
         )
+
+
+def format_version(tensors: Mapping[str, TensorEntry]) -> int:
+    """The lowest manifest version that can hold ``tensors``: 2 with sharded ones, else 1."""
+    return 2 if any(e.shards for e in tensors.values()) else 1
 
 
 def _str(value: Any) -> str:

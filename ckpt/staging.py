@@ -141,7 +141,7 @@ class Stager:
             stream = self._stream(device)
             if mark is not None and device in mark.events:
                 stream.wait_event(mark.events[device])
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), torch.no_grad():
                 for tensor, dst in pairs:
                     dst.copy_(tensor, non_blocking=True)
             streams.append(stream)
@@ -173,5 +173,6 @@ class Stager:
 
 
 def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for src, dst in pairs:
-        dst.copy_(src)
+    with torch.no_grad():  # a parameter (state_dict(keep_vars=True)) must not make dst a graph node
+        for src, dst in pairs:
+            dst.copy_(src)

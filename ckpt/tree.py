@@ -5,7 +5,8 @@
 JSON cannot say is a one-key object whose key starts with ``$``:
 
 =========================  ===========================================================
-``{"$tensor": path}``      a tensor, stored under ``path`` in the manifest
+``{"$tensor": path}``      a tensor (or a :class:`~tlreg.ckpt.Shard` or DTensor of a
+                           sharded one), stored under ``path`` in the manifest
 ``{"$tuple": [...]}``      a tuple (e.g. Adam's ``betas``)
 ``{"$dict": [[k, v]...]}`` a dict with a non-str key or a key starting with ``$``
                            (optimizer ``state`` has int keys); keys are encoded values
@@ -33,13 +34,14 @@ import torch
 
 from tlreg.ckpt.dtypes import dtype_name
 from tlreg.ckpt.errors import CorruptCheckpoint
+from tlreg.ckpt.shards import Shard, from_dtensor, is_dtensor
 
 _TAGS = ("$tensor", "$tuple", "$dict", "$odict", "$float", "$bytes", "$size", "$dtype")
 
 
 class _Flattener:
     def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor | Shard] = {}
         self._stack: set[int] = set()  # containers being encoded, to refuse cycles
 
     def encode(self, obj: Any, parts: list[str], *, key: bool = False) -> Any:
@@ -50,7 +52,9 @@ class _Flattener:
             if math.isfinite(obj):
                 return obj
             return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
-        if isinstance(obj, torch.Tensor) and not key:
+        if (t is Shard or isinstance(obj, torch.Tensor)) and not key:
+            if is_dtensor(obj):
+                obj = from_dtensor(obj, _path(parts))
             return {"$tensor": self._add_tensor(obj, parts)}
         if t is bytes:
             return {"$bytes": base64.b64encode(obj).decode("ascii")}
@@ -94,8 +98,9 @@ class _Flattener:
         ]
         return {"$odict" if type(obj) is OrderedDict else "$dict": pairs}
 
-    def _add_tensor(self, tensor: torch.Tensor, parts: list[str]) -> str:
+    def _add_tensor(self, value: torch.Tensor | Shard, parts: list[str]) -> str:
         path = _path(parts)
+        tensor = value.local if isinstance(value, Shard) else value
         if (
             tensor.layout is not torch.strided
             or tensor.is_quantized
@@ -115,7 +120,7 @@ class _Flattener:
         while unique in self.tensors:
             n += 1
             unique = f"{path}~{n}"
-        self.tensors[unique] = tensor
+        self.tensors[unique] = value
         return unique
 
 
@@ -123,13 +128,14 @@ def _path(parts: list[str]) -> str:
     return "/".join(parts) or "<root>"
 
 
-def flatten_state(state: Mapping[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+def flatten_state(state: Mapping[str, Any]) -> tuple[Any, dict[str, torch.Tensor | Shard]]:
     """Split ``state`` into a JSON tree and its tensors.
 
     Returns ``(tree, tensors)``: ``tree`` is JSON-serialisable (``json.dumps`` with the
     default settings writes standard JSON for it) and references each tensor by its path in
     ``tensors`` (e.g. ``"optimizer/state/3/exp_avg"``). The tensors are the caller's own
-    objects, not copies. Raises ``TypeError`` naming the path of anything that cannot be
+    objects, not copies; a :class:`~tlreg.ckpt.Shard` stays a shard and a DTensor becomes
+    this rank's shard of it. Raises ``TypeError`` naming the path of anything that cannot be
     stored.
     """
     flattener = _Flattener()
@@ -137,7 +143,7 @@ def flatten_state(state: Mapping[str, Any]) -> tuple[Any, dict[str, torch.Tensor
     return tree, flattener.tensors
 
 
-def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor | Shard]) -> Any:
     """Inverse of :func:`flatten_state`: the nested state with ``tensors`` put in place.
 
     Raises :class:`CorruptCheckpoint` if ``tree`` is malformed or references a path that is
@@ -146,7 +152,7 @@ def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return _decode(tree, tensors, "")
 
 
-def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
+def _decode(node: Any, tensors: Mapping[str, torch.Tensor | Shard], where: str) -> Any:
     t = type(node)
     if node is None or t is bool or t is int or t is float or t is str:
         return node

@@ -1,4 +1,8 @@
-"""Verification: re-read every object of a checkpoint and check every hash."""
+"""Verification: re-read every object of a checkpoint and check every hash.
+
+A sharded tensor is checked block by block; a damaged block is reported by the name
+:meth:`Manifest.stored` gives it, ``path@[offsets]``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from tlreg.ckpt.errors import UnsupportedFormat
-from tlreg.ckpt.manifest import Manifest, read_manifest
+from tlreg.ckpt.manifest import Manifest, TensorEntry, read_manifest
 from tlreg.ckpt.objects import chunk_key, read_layout
 from tlreg.storage_backends import ObjectNotFound, Store
 
@@ -19,7 +23,7 @@ class VerifyReport:
 
     manifest_id: str
     damaged_tensors: list[str] = field(default_factory=list)
-    """Paths of tensors whose bytes do not match their hash."""
+    """Paths of tensors (``path@[offsets]`` for a shard) whose bytes do not match their hash."""
     missing_tensors: list[str] = field(default_factory=list)
     """Paths of tensors whose object is missing or unreadable."""
     damaged_objects: list[str] = field(default_factory=list)
@@ -72,11 +76,14 @@ def verify(store: Store, manifest_id: str, *, threads: int = 8) -> VerifyReport:
     """
     manifest = read_manifest(store, manifest_id)
     report = VerifyReport(manifest_id)
+    stored = list(manifest.stored())
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="tlreg-ckpt-verify") as pool:
-        results = list(pool.map(lambda d: _check_object(store, manifest, d), manifest.objects))
+        results = list(
+            pool.map(lambda d: _check_object(store, manifest, stored, d), manifest.objects)
+        )
     for digest, (status, read, bad) in zip(manifest.objects, results, strict=True):
         report.checked_bytes += read
-        members = [p for p, e in manifest.tensors.items() if e.object == digest and e.nbytes]
+        members = [p for p, e in stored if e.object == digest and e.nbytes]
         if status == "missing":
             report.missing_objects.append(digest)
             report.missing_tensors.extend(members)
@@ -87,15 +94,17 @@ def verify(store: Store, manifest_id: str, *, threads: int = 8) -> VerifyReport:
     return report
 
 
-def _check_object(store: Store, manifest: Manifest, digest: str) -> tuple[str, int, set[str]]:
-    """``(status, bytes read, damaged tensor paths)``; status is ok, damaged or missing."""
+def _check_object(
+    store: Store, manifest: Manifest, stored: list[tuple[str, TensorEntry]], digest: str
+) -> tuple[str, int, set[str]]:
+    """``(status, bytes read, damaged tensor names)``; status is ok, damaged or missing."""
     try:
         layout = read_layout(store, digest)
     except ObjectNotFound:
         return "missing", 0, set()
     except UnsupportedFormat:
-        return "damaged", 0, {p for p, e in manifest.tensors.items() if e.object == digest}
-    members = [(p, e) for p, e in manifest.tensors.items() if e.object == digest and e.nbytes]
+        return "damaged", 0, {p for p, e in stored if e.object == digest}
+    members = [(p, e) for p, e in stored if e.object == digest and e.nbytes]
     # each distinct (offset, nbytes, hash) once: deduplicated tensors share their bytes
     spans: dict[tuple[int, int, str], list[str]] = {}
     for path, e in members:

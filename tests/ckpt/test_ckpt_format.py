@@ -20,7 +20,7 @@ from tlreg.ckpt import (
     read_manifest,
 )
 from tlreg.ckpt.dtypes import DTYPES
-from tlreg.ckpt.manifest import manifest_key, new_manifest_id
+from tlreg.ckpt.manifest import VERSION, manifest_key, new_manifest_id
 from tlreg.ckpt.objects import ObjectLayout, object_prefix
 
 
@@ -113,7 +113,7 @@ def test_manifest_ids_are_unique_32_hex_and_sort_by_creation():
 def test_a_manifest_from_a_newer_version_is_refused(ckpt):
     manifest_id = ckpt.save({"a": torch.ones(1)}).result()
     raw = json.loads(ckpt.store.get(manifest_key(manifest_id)))
-    raw["version"] = 2
+    raw["version"] = VERSION + 1
     ckpt.store.put(manifest_key(manifest_id), json.dumps(raw).encode())
     with pytest.raises(UnsupportedFormat, match=r"newer tlreg.*upgrade"):
         read_manifest(ckpt.store, manifest_id)
