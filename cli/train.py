@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import click
@@ -24,6 +27,12 @@ from tlreg.training.errors import ConfigError
     "--freeze", multiple=True, metavar="GLOB", help="Freeze matching parameters (repeatable)."
 )
 @click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option(
+    "--backbone-lr-mult",
+    default=1.0,
+    show_default=True,
+    help="Learning-rate multiplier for everything but the task's head (fine-tuning).",
+)
 @click.option("--batch-size", default=32, show_default=True, help="Examples per worker per step.")
 @click.option("--seed", default=0, show_default=True, help="Seed for initialisation and batches.")
 @click.option("--lazy", is_flag=True, help="Lazy checkpoint staging (overlaps the next step).")
@@ -40,6 +49,7 @@ def train(
     eval_every: int,
     freeze: tuple[str, ...],
     lr: float,
+    backbone_lr_mult: float,
     batch_size: int,
     seed: int,
     lazy: bool,
@@ -65,6 +75,7 @@ def train(
         eval_every=eval_every,
         freeze=freeze,
         lr=lr,
+        backbone_lr_mult=backbone_lr_mult,
         batch_size=batch_size,
         seed=seed,
         lazy=lazy,
@@ -72,9 +83,12 @@ def train(
     )
     # With --json, stdout carries only the summary; progress goes to stderr.
     progress = _Progress(err=as_json)
-    summary = run_training(
-        config, storage_path=env.settings.home / "ray", on_event=progress.on_event
-    )
+    # Ray's own processes write notices (e.g. a worker died) to the driver's stdout; with
+    # --json that stream must carry only the summary, so they go to stderr meanwhile.
+    with stdout_to_stderr() if as_json else nullcontext():
+        summary = run_training(
+            config, storage_path=env.settings.home / "ray", on_event=progress.on_event
+        )
     progress.finish()
     if as_json:
         echo_json(summary.to_json())
@@ -92,6 +106,20 @@ def train(
         )
     for failed in summary.checkpoint_errors:
         click.echo(f"  checkpoint at step {failed['step']} failed: {failed['error']}", err=True)
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr (child processes included) for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class _Progress:

@@ -72,6 +72,14 @@ def state_of(stateful: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _rank(process_group: Any) -> int:
+    if process_group is None:
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank(process_group)
+
+
 def _unwrap(module: Any) -> Any:
     # DDP/FSDP-style wrappers keep the real module in .module; its keys have no prefix.
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
@@ -85,6 +93,11 @@ class Checkpointer:
     the checkpoint is durable in the store *and* is the branch head in the registry.
     Commits happen in save order on one background thread; a failed save is reported by
     ``pending.result()`` and leaves the branch unchanged.
+
+    With ``process_group`` (data-parallel training) every rank constructs the checkpointer
+    and calls ``save`` in the same order; each rank writes a byte-balanced share of the
+    state, and rank 0 writes the manifest and makes the registry commit. On other ranks
+    ``committed`` means durable in the store (the same id), not yet the branch head.
     """
 
     def __init__(
@@ -96,12 +109,17 @@ class Checkpointer:
         lazy: bool = False,
         max_inflight_bytes: int | None = None,
         run_id: int | None = None,
+        process_group: Any = None,
     ) -> None:
         self.registry = registry
         self.branch = registry.get_branch(branch).name
         self.engine = AsyncCheckpointer(
-            open_store(store), lazy=lazy, max_inflight_bytes=max_inflight_bytes
+            open_store(store),
+            lazy=lazy,
+            max_inflight_bytes=max_inflight_bytes,
+            process_group=process_group,
         )
+        self.rank = _rank(process_group)
         self.run_id = run_id
         self._expected_head = registry.get_branch(branch).head
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlreg-commit")
@@ -147,8 +165,14 @@ class Checkpointer:
         """Checkpoint ``model=``, ``optimizer=``, ``scheduler=`` and ``extra=`` at ``step``."""
         state = state_of(stateful)
         model = stateful.get("model")
-        arch = signature(_unwrap(model)) if model is not None else None
+        arch = None
+        if model is not None:
+            # Lets the engine skip frozen, unchanged tensors without copying or hashing them.
+            self.engine.attach_model(_unwrap(model))
+            arch = signature(_unwrap(model))
         inner = self.engine.save(state, step=step, metadata={"branch": self.branch})
+        if self.rank != 0:
+            return inner  # rank 0 alone commits to the registry
         committed: Future[str] = Future()
         metrics = dict(metrics or {})
 

@@ -51,6 +51,9 @@ class TrainConfig:
     """Globs of parameter names that do not train (feature extraction)."""
     lr: float = 1e-3
     """Adam learning rate."""
+    backbone_lr_mult: float = 1.0
+    """Learning-rate multiplier for the backbone: every trainable parameter outside the
+    task's ``reset`` globs (full fine-tuning with a gentler backbone, e.g. 0.1)."""
     batch_size: int = 32
     """Examples per rank per step."""
     seed: int = 0
@@ -70,6 +73,8 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be >= 1, got {self.eval_every}")
+        if self.backbone_lr_mult < 0:
+            raise ConfigError(f"--backbone-lr-mult must be >= 0, got {self.backbone_lr_mult}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         self.freeze = tuple(self.freeze)
@@ -246,6 +251,24 @@ def _apply_event(summary: TrainSummary, event: Event) -> None:
         summary.checkpoint_errors.append(event)
 
 
+def param_groups(
+    model: torch.nn.Module, config: TrainConfig, head: tuple[str, ...] | list[str]
+) -> list[dict[str, Any]]:
+    """Optimizer groups: the head at ``lr``, the backbone at ``lr * backbone_lr_mult``."""
+    from tlreg.training.checkpointer import matches_any
+
+    groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[matches_any(name, head)].append(param)
+    if not groups[True] and not groups[False]:
+        raise ConfigError(f"--freeze {list(config.freeze)} froze every parameter: nothing to train")
+    out = [{"params": groups[True], "lr": config.lr}] if groups[True] else []
+    if groups[False]:
+        out.append({"params": groups[False], "lr": config.lr * config.backbone_lr_mult})
+    return out
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """The per-worker training function run by Ray Train (one process per rank)."""
     import ray.train
@@ -266,10 +289,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     frozen = [n for n, p in model.named_parameters() if matches_any(n, config.freeze)]
     for name, param in model.named_parameters():
         param.requires_grad_(name not in frozen)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ConfigError(f"--freeze {list(config.freeze)} froze every parameter: nothing to train")
-    optimizer = torch.optim.Adam(trainable, lr=config.lr)
+    optimizer = torch.optim.Adam(param_groups(model, config, task.reset))
 
     registry = Registry(config.registry_url)
     ckpt = Checkpointer(
@@ -278,6 +298,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         store=config.store_url,
         lazy=config.lazy,
         run_id=loop_config["run_id"],
+        # All ranks write a share of every checkpoint (no rank-0 straggler).
+        process_group=dist.group.WORLD if world > 1 else None,
     )
     if config.lazy:
         ckpt.attach_optimizer(optimizer)
@@ -337,22 +359,20 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 }
             )
         if step % config.checkpoint_every == 0 or step == config.steps:
-            if rank == 0:
-                t0 = time.perf_counter()
-                p = ckpt.save(
-                    step,
-                    metrics=metrics,
-                    model=model,
-                    optimizer=optimizer,
-                    extra={"step": step, "task": config.task, "seed": config.seed},
-                )
-                pending.append((step, p, (time.perf_counter() - t0) * 1e3))
-                last_committed = _drain(pending, emit) or last_committed
+            t0 = time.perf_counter()
+            p = ckpt.save(
+                step,
+                metrics=metrics,
+                model=model,
+                optimizer=optimizer,
+                extra={"step": step, "task": config.task, "seed": config.seed},
+            )
+            pending.append((step, p, (time.perf_counter() - t0) * 1e3))
+            last_committed = _drain(pending, emit) or last_committed
         ray.train.report({"step": step, **metrics, "checkpoint": last_committed})
-    if rank == 0:
-        for _step, p, _stall in pending:
-            p.committed.exception()  # wait; errors are reported as events
-        _drain(pending, emit)
+    for _step, p, _stall in pending:
+        p.committed.exception()  # wait; errors are reported as events (rank 0)
+    _drain(pending, emit)
     ckpt.close()
     registry.close()
     if world > 1:

@@ -87,3 +87,32 @@ def test_run_config_never_records_the_database_password() -> None:
     assert "s3cr3t" not in repr(doc)
     assert doc["registry_url"] == "postgresql+psycopg://u:***@db/reg"
     assert doc["freeze"] == ["features.*"]
+
+
+def test_backbone_learning_rate_multiplier_applies_to_everything_but_the_head() -> None:
+    from tlreg.training.examples.digits import upper
+    from tlreg.training.loop import TrainConfig, param_groups
+
+    model = upper.build_model(0)
+    model.features[1].weight.requires_grad_(False)
+    config = TrainConfig(
+        branch="b",
+        task="m:t",
+        registry_url="sqlite:////r.db",
+        store_url="/s",
+        lr=0.01,
+        backbone_lr_mult=0.1,
+    )
+    head, backbone = param_groups(model, config, upper.reset)
+    assert head["lr"] == 0.01 and [id(p) for p in head["params"]] == [
+        id(model.head.weight),
+        id(model.head.bias),
+    ]
+    assert backbone["lr"] == pytest.approx(0.001)
+    assert [id(p) for p in backbone["params"]] == [
+        id(p) for n, p in model.named_parameters() if n.startswith("features.") and p.requires_grad
+    ]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="froze every parameter"):
+        param_groups(model, config, upper.reset)
