@@ -5,38 +5,54 @@ SQLite is the embedded default (``sqlite:///path.db``); PostgreSQL serves cluste
 store, and the registry row is the commit.
 """
 
-from tlreg.registry.core import CHECKPOINT_KINDS, RUN_STATUSES, Registry, prefix_hashes
+from tlreg.registry.core import (
+    CHECKPOINT_KINDS,
+    NETWORK_FILESYSTEMS,
+    RUN_STATUSES,
+    Registry,
+    prefix_hashes,
+    retry_on_head_moved,
+)
 from tlreg.registry.errors import (
     AmbiguousRef,
+    BeingCollected,
     BranchExists,
     BranchNotFound,
     CheckpointExists,
+    CheckpointPruned,
     EmptyBranch,
     HeadMoved,
     InvalidName,
+    NotCollectable,
     RefNotFound,
     RegistryError,
     RunNotFound,
     SchemaVersionError,
     TagExists,
+    UnsafeFilesystem,
     UnsupportedDatabase,
 )
 from tlreg.registry.names import validate_name
-from tlreg.registry.records import Branch, CheckpointRecord, Edge, Run, Tag
+from tlreg.registry.records import Branch, CheckpointRecord, Edge, GcPlan, Run, Tag
 
 __all__ = [
     "CHECKPOINT_KINDS",
+    "NETWORK_FILESYSTEMS",
     "RUN_STATUSES",
     "AmbiguousRef",
+    "BeingCollected",
     "Branch",
     "BranchExists",
     "BranchNotFound",
     "CheckpointExists",
+    "CheckpointPruned",
     "CheckpointRecord",
     "Edge",
     "EmptyBranch",
+    "GcPlan",
     "HeadMoved",
     "InvalidName",
+    "NotCollectable",
     "RefNotFound",
     "Registry",
     "RegistryError",
@@ -45,7 +61,9 @@ __all__ = [
     "SchemaVersionError",
     "Tag",
     "TagExists",
+    "UnsafeFilesystem",
     "UnsupportedDatabase",
     "prefix_hashes",
+    "retry_on_head_moved",
     "validate_name",
 ]

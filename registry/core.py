@@ -14,31 +14,49 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import EllipsisType
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, literal_column, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    exists,
+    func,
+    literal_column,
+    or_,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, delete, select, update
 
+from tlreg.registry import migrations
 from tlreg.registry import models as m
 from tlreg.registry.errors import (
     AmbiguousRef,
+    BeingCollected,
     BranchExists,
     BranchNotFound,
     CheckpointExists,
+    CheckpointPruned,
     EmptyBranch,
     HeadMoved,
+    NotCollectable,
     RefNotFound,
     RunNotFound,
-    SchemaVersionError,
     TagExists,
+    UnsafeFilesystem,
     UnsupportedDatabase,
 )
 from tlreg.registry.names import validate_name
@@ -46,6 +64,7 @@ from tlreg.registry.records import (
     Branch,
     CheckpointRecord,
     Edge,
+    GcPlan,
     Run,
     Tag,
     decode_metrics,
@@ -61,21 +80,12 @@ MIN_PREFIX = 4
 RANK_METRIC = "val_accuracy"
 """The metric ``best_ancestor`` breaks ties with (higher is better)."""
 
-_TABLES = [
-    model.__table__
-    for model in (
-        m.Meta,
-        m.Run,
-        m.Checkpoint,
-        m.Edge,
-        m.Branch,
-        m.Tag,
-        m.Object,
-        m.CheckpointObject,
-        m.LayerPrefix,
-    )
-]
 _SCHEMA_LOCK_KEY = 0x746C726567  # "tlreg": serialises schema creation across processes
+# PostgreSQL: apply_gc holds this exclusively; commits, new branches and tags share it, so a
+# checkpoint is never pruned, nor an object doomed, under a transaction that is about to use it.
+# (SQLite write transactions are serialised by BEGIN IMMEDIATE already.)
+_GC_LOCK_KEY = 0x746C726567C6
+T = TypeVar("T")
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 _BRANCHES_HINT = "list branches with 'tlreg branches'"
 _REFS_HINT = "pass a branch, a tag or a checkpoint id (see 'tlreg branches' and 'tlreg log')"
@@ -98,12 +108,53 @@ def _quote(value: str | None) -> str:
     return "(empty)" if value is None else repr(value)
 
 
+def _reopen(url: str, force: bool) -> Registry:
+    return Registry(url, force=force)
+
+
+def _schema_lock(conn: Connection) -> None:
+    """Serialise schema creation and upgrades across processes (SQLite: BEGIN IMMEDIATE
+    already holds the write lock)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+
+
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for i in range(0, len(items), _CHUNK):
         yield items[i : i + _CHUNK]
 
 
-def _create_engine(url: str) -> Engine:
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
+     "glusterfs", "9p", "afs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.glusterfs",
+     "fuse.ceph", "fuse.juicefs", "fuse.rclone", "fuse.goofys", "fuse.mountpoint-s3"}
+)  # fmt: skip
+"""Filesystem types (as /proc/mounts names them) whose locks SQLite cannot rely on."""
+MOUNTS = Path("/proc/mounts")
+
+
+def filesystem_type(path: Path, mounts: Path | None = None) -> str | None:
+    """The type of the filesystem holding ``path`` (the longest matching mount point in
+    /proc/mounts), or None where that file is missing (not Linux)."""
+    try:
+        lines = (mounts or MOUNTS).read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes spaces and tabs in mount points as octal.
+        point = fields[1].replace("\\040", " ").replace("\\011", "\t")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type
+
+
+def _create_engine(url: str, *, force: bool = False) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError as e:
@@ -129,6 +180,20 @@ def _create_engine(url: str) -> Engine:
     else:
         path = Path(database).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
+        fs_type = filesystem_type(path.parent)
+        if not force and fs_type is not None and fs_type in NETWORK_FILESYSTEMS:
+            raise UnsafeFilesystem(
+                f"registry file {str(path)!r} is on a {fs_type} filesystem, where SQLite's "
+                "locks do not hold across machines: use PostgreSQL "
+                "(postgresql+psycopg://user@host/db), or pass force=True if only one machine "
+                "ever writes it"
+            )
+        try:
+            # Owner-only: the registry names every checkpoint and run config. SQLite gives
+            # its -wal and -shm files the database file's mode.
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
         engine = create_engine(parsed.set(database=str(path)), connect_args={"timeout": 60})
 
     @event.listens_for(engine, "connect")
@@ -162,9 +227,17 @@ class Registry:
 
     url: str
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, force: bool = False) -> None:
+        """Open (or create) the registry at ``url``.
+
+        Raises SchemaVersionError when the database has an older schema (the message says to
+        run ``tlreg upgrade``, i.e. :meth:`upgrade`) or a newer one (upgrade tlreg);
+        UnsafeFilesystem for a SQLite file on a network filesystem unless ``force``;
+        UnsupportedDatabase for other URLs.
+        """
         self.url = url
-        self._engine = _create_engine(url)
+        self.force = force
+        self._engine = _create_engine(url, force=force)
         self._writer = self._engine.execution_options(tlreg_write=True)
         self._dialect = self._engine.dialect.name
         try:
@@ -172,6 +245,24 @@ class Registry:
         except BaseException:
             self._engine.dispose()
             raise
+
+    @classmethod
+    def upgrade(cls, url: str, *, force: bool = False) -> tuple[int, int]:
+        """Migrate the registry at ``url`` to this tlreg's schema, in one transaction.
+
+        Returns (from_version, to_version); equal when there was nothing to do, and
+        from_version 0 when the database was empty (the current schema is created). Safe to
+        run while other processes use the registry: it takes the write lock (SQLite) or an
+        advisory lock (PostgreSQL), and a failed step changes nothing. Raises
+        SchemaVersionError for a database newer than this tlreg.
+        """
+        engine = _create_engine(url, force=force)
+        try:
+            with engine.execution_options(tlreg_write=True).begin() as conn:
+                _schema_lock(conn)
+                return migrations.upgrade(conn)
+        finally:
+            engine.dispose()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -185,30 +276,25 @@ class Registry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __reduce__(self) -> tuple[type[Registry], tuple[str]]:
-        return (Registry, (self.url,))
+    def __reduce__(self) -> tuple[Callable[..., Registry], tuple[str, bool]]:
+        return (_reopen, (self.url, self.force))
 
     def __repr__(self) -> str:
         return f"Registry({make_url(self.url).render_as_string(hide_password=True)!r})"
 
     def _init_schema(self) -> None:
         with self._writer.begin() as conn:
-            if self._dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
-            m.metadata.create_all(conn, tables=_TABLES)
-            stored = conn.execute(
-                select(m.Meta.value).where(m.Meta.key == "schema_version")
-            ).scalar_one_or_none()
-            if stored is None:
-                conn.execute(
-                    m.Meta.__table__.insert(),
-                    {"key": "schema_version", "value": str(m.SCHEMA_VERSION)},
-                )
-            elif int(stored) > m.SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"registry {self!r} has schema version {stored}, newer than this tlreg "
-                    f"supports ({m.SCHEMA_VERSION}): upgrade tlreg"
-                )
+            found = migrations.stored_version(conn)
+            if found == m.SCHEMA_VERSION:
+                return
+            _schema_lock(conn)
+            found = migrations.stored_version(conn)  # another process may have created it
+            if found is None:
+                migrations.create_latest(conn)
+            elif found < m.SCHEMA_VERSION:
+                raise migrations.older_error(f"registry {self!r}", found)
+            elif found > m.SCHEMA_VERSION:
+                raise migrations.newer_error(f"registry {self!r}", found)
 
     @contextmanager
     def _session(self, *, write: bool = False) -> Iterator[Session]:
@@ -250,7 +336,10 @@ class Registry:
         """
         validate_name(name, "branch")
         with self._session(write=True) as s:
-            head = None if from_ref is None else self._resolve(s, from_ref).id
+            head = None
+            if from_ref is not None:
+                self._gc_lock(s, shared=True)
+                head = self._live(self._resolve(s, from_ref), f"branch {name!r} from it").id
             row = m.Branch(name=name, head=head, base=head, task=task, created=m.utcnow())
             try:
                 s.exec(self._insert(m.Branch).values(**row.model_dump()))
@@ -348,6 +437,7 @@ class Registry:
         sig = None if signature is None else [str(x) for x in signature]
 
         with self._session(write=True) as s:
+            self._gc_lock(s, shared=True)
             row = self._branch_row(s, branch, lock=True)
             current = row.head
             expected = current if expected_head is ... else expected_head
@@ -370,6 +460,7 @@ class Registry:
                     )
             if run_id is not None and s.get(m.Run, run_id) is None:
                 raise RunNotFound(f"run {run_id} does not exist: start one with start_run()")
+            self._refuse_doomed(s, manifest_id, sorted(sizes))
 
             new_bytes = self._insert_objects(s, sizes)
             created = m.utcnow()
@@ -433,6 +524,42 @@ class Registry:
                 actual = s.exec(select(m.Branch.head).where(m.Branch.name == branch)).first()
                 raise _head_moved(branch, expected, actual)
             return _record(checkpoint, tuple(parent_ids))
+
+    def _refuse_doomed(self, s: Session, manifest_id: str, hashes: Sequence[str]) -> None:
+        """Raise BeingCollected if apply_gc handed out the manifest or an object for deletion
+        (the writer may have skipped uploading an object because the store still had it)."""
+        cand = m.GcCandidate
+        doomed: list[str] = []
+        keys = [("manifest", [manifest_id]), *(("object", chunk) for chunk in _chunks(hashes))]
+        for kind, chunk in keys:
+            doomed += s.exec(
+                select(cand.key).where(
+                    cand.kind == kind,
+                    col(cand.key).in_(chunk),
+                    col(cand.doomed).is_not(None),
+                )
+            ).all()
+        if doomed:
+            shown = ", ".join(sorted(doomed)[:5]) + (", ..." if len(doomed) > 5 else "")
+            raise BeingCollected(
+                f"checkpoint {manifest_id!r} references store keys that garbage collection is "
+                f"deleting ({shown}): save the checkpoint again once 'tlreg gc' has finished"
+            )
+
+    def _gc_lock(self, s: Session, *, shared: bool) -> None:
+        if self._dialect == "postgresql":
+            fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+            s.connection().execute(text(f"SELECT {fn}(:k)"), {"k": _GC_LOCK_KEY})
+
+    @staticmethod
+    def _live(row: m.Checkpoint, action: str) -> m.Checkpoint:
+        if row.pruned is not None:
+            raise CheckpointPruned(
+                f"checkpoint {row.id!r} was pruned by garbage collection on "
+                f"{row.pruned:%Y-%m-%d %H:%M} UTC and its tensors may be gone: cannot {action}; "
+                "pick a live checkpoint (see 'tlreg log')"
+            )
+        return row
 
     def _insert_objects(self, s: Session, sizes: Mapping[str, int]) -> int:
         """Insert unseen objects; return the bytes of those that were new.
@@ -610,34 +737,51 @@ class Registry:
             ]
 
     def best_ancestor(self, signature: Sequence[str]) -> tuple[CheckpointRecord, int] | None:
-        """The committed checkpoint whose architecture signature shares the longest prefix with
+        """The unpruned checkpoint whose architecture signature shares the longest prefix with
         ``signature``, and the matched depth; ties go to the higher ``val_accuracy`` metric,
         then to the newest. None when not even the first module matches.
 
-        One query over the ``layer_prefix`` index: the hashes of every prefix of
-        ``signature`` are looked up at once and the deepest match wins.
+        Indexed lookups of ``layer_prefix``: a binary search over the depth finds the deepest
+        matching prefix, one more query ranks the checkpoints that share it.
         """
         hashes = prefix_hashes(list(signature))
         if not hashes:
             return None
+        live = col(m.Checkpoint.pruned).is_(None)
+        joined = select(m.Checkpoint).join(
+            m.LayerPrefix, col(m.LayerPrefix.checkpoint) == col(m.Checkpoint.id)
+        )
         with self._session() as s:
-            depth = col(m.LayerPrefix.depth)
-            found = s.exec(
-                select(m.Checkpoint, depth)
-                .join(m.LayerPrefix, col(m.LayerPrefix.checkpoint) == col(m.Checkpoint.id))
-                .where(col(m.LayerPrefix.prefix).in_(hashes))
+
+            def matches(depth: int) -> bool:
+                probe = joined.where(m.LayerPrefix.prefix == hashes[depth - 1], live).limit(1)
+                return s.exec(probe).first() is not None
+
+            # A checkpoint sharing depth d shares every shallower depth too, so the deepest
+            # match is found by binary search: ~log2(len) probes of the prefix index, instead
+            # of reading every row that shares a short (common) stem.
+            low, high = 0, len(hashes)
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if matches(mid) else (low, mid - 1)
+            if low == 0:
+                return None
+            row = s.exec(
+                joined.where(m.LayerPrefix.prefix == hashes[low - 1], live)
                 .order_by(
-                    depth.desc(),
                     col(m.Checkpoint.val_accuracy).desc().nulls_last(),
                     col(m.Checkpoint.created).desc(),
                     col(m.Checkpoint.id).desc(),
                 )
                 .limit(1)
-            ).first()
-            if found is None:
-                return None
-            row, matched = found
-            return self._records(s, [row])[0], int(matched)
+            ).one()
+            return self._records(s, [row])[0], low
+
+    def _get_row(self, s: Session, checkpoint_id: str) -> m.Checkpoint:
+        row = s.get(m.Checkpoint, checkpoint_id)
+        if row is None:
+            raise RefNotFound(f"checkpoint {checkpoint_id!r} does not exist: {_REFS_HINT}")
+        return row
 
     def _records(self, s: Session, rows: Sequence[m.Checkpoint]) -> list[CheckpointRecord]:
         """Detach rows into records, fetching every row's parents in a few batched queries."""
@@ -652,13 +796,248 @@ class Registry:
                 parents[child].append(parent)
         return [_record(r, tuple(parents[r.id])) for r in rows]
 
+    def common_ancestor(self, a: str, b: str) -> CheckpointRecord | None:
+        """The lowest common ancestor of refs ``a`` and ``b`` (each counts as its own ancestor,
+        so it is ``a`` when ``a`` is an ancestor of ``b``); None when they share no history.
+
+        "Lowest" means no child of it is also a common ancestor. In a DAG with criss-cross
+        merges there can be several; the one nearest to both (least summed distance) wins,
+        then the newest. One query: two recursive ancestor walks, joined.
+        """
+        with self._session() as s:
+            ids = {"a": self._resolve(s, a).id, "b": self._resolve(s, b).id}
+            found = s.connection().execute(_LCA, ids).first()
+            if found is None:
+                return None
+            return self._records(s, [self._get_row(s, found[0])])[0]
+
+    def objects_of(self, ref: str) -> dict[str, int]:
+        """The objects the checkpoint ``ref`` resolves to references: hash -> nbytes, sorted by
+        hash. A pruned checkpoint lists only the objects garbage collection has not forgotten."""
+        with self._session() as s:
+            cid = self._resolve(s, ref).id
+            rows = s.exec(
+                select(m.Object.hash, m.Object.nbytes)
+                .join(m.CheckpointObject, col(m.CheckpointObject.object) == col(m.Object.hash))
+                .where(m.CheckpointObject.checkpoint == cid)
+                .order_by(col(m.Object.hash))
+            ).all()
+            return {h: int(n) for h, n in rows}
+
+    # -- garbage collection ------------------------------------------------------------
+
+    def gc_plan(
+        self,
+        *,
+        keep_last: int | None = None,
+        grace: timedelta = timedelta(hours=24),
+        now: datetime | None = None,
+        store_objects: Iterable[str] | None = None,
+        store_manifests: Iterable[str] | None = None,
+    ) -> GcPlan:
+        """Plan a collection; nothing is pruned or deleted (apply it with :meth:`apply_gc`).
+
+        Checkpoints are never deleted, only *pruned*: kept are tagged checkpoints, branch heads
+        and bases, and either every ancestor of those (``keep_last`` None) or the ``keep_last``
+        newest on each branch's first-parent chain; every other checkpoint is pruned. An
+        object is deletable when no kept, unpruned checkpoint references it.
+
+        ``store_objects`` / ``store_manifests`` list what the store holds (hashes, manifest
+        ids). Keys the registry does not reference are orphans (left by a crashed save, or a
+        save still running): planning records when each was first seen, and an orphan is only
+        due once that is ``grace`` before ``now`` — no file times involved. An orphan that got
+        committed meanwhile, or left a listing, is forgotten; None (the default) skips that
+        kind's listing and keeps its record. Planning writes only those records.
+        """
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(
+                f"keep_last must be at least 1 (branch heads are kept), not {keep_last}"
+            )
+        if grace < timedelta(0):
+            raise ValueError(f"grace must not be negative, got {grace}")
+        now = m.utcnow() if now is None else now
+        if now.utcoffset() is None:
+            raise ValueError(f"now must be timezone-aware, got {now!r}")
+        listed = {
+            "object": None if store_objects is None else set(map(str, store_objects)),
+            "manifest": None if store_manifests is None else set(map(str, store_manifests)),
+        }
+        with self._session() as s:
+            prune, objects = self._gc_compute(s, keep_last)
+        with self._session(write=True) as s:
+            for kind, keys in listed.items():
+                self._track_orphans(s, kind, keys, now)
+            orphans, waiting = self._due_orphans(s, now - grace)
+        return GcPlan(
+            created=now,
+            keep_last=keep_last,
+            grace=grace,
+            prune=tuple(prune),
+            objects=tuple(sorted(objects.items())),
+            orphan_objects=tuple(orphans["object"]),
+            orphan_manifests=tuple(orphans["manifest"]),
+            waiting=waiting,
+        )
+
+    def apply_gc(self, plan: GcPlan) -> GcPlan:
+        """Carry out the database half of ``plan`` in one transaction; return what may now be
+        deleted from the store.
+
+        The plan is re-checked under the GC lock: only what it lists *and* still qualifies is
+        acted on (a checkpoint that became a head, base or tag since is kept; an object a new
+        checkpoint references is kept; a committed orphan is kept). Pruned checkpoints are
+        marked, and every returned key is marked doomed, so commits that reference one are
+        refused with BeingCollected until it is forgotten.
+
+        The protocol, safe against a crash at any point: ``done = apply_gc(plan)``; delete
+        ``done.objects``, ``done.orphan_objects`` and ``done.orphan_manifests`` from the store
+        (deleting a missing key is fine); then ``forget_objects(...)`` with the same keys. A
+        crash before ``forget_objects`` leaves the keys doomed, and the next ``gc_plan`` plans
+        them again.
+        """
+        with self._session(write=True) as s:
+            self._gc_lock(s, shared=False)
+            prune, _ = self._gc_compute(s, plan.keep_last)
+            prune = sorted(set(prune) & set(plan.prune))
+            now = m.utcnow()
+            for chunk in _chunks(prune):
+                s.exec(
+                    update(m.Checkpoint)
+                    .where(col(m.Checkpoint.id).in_(chunk), col(m.Checkpoint.pruned).is_(None))
+                    .values(pruned=now)
+                )
+            _, deletable = self._gc_compute(s, plan.keep_last)
+            objects = sorted((h, n) for h, n in plan.objects if h in deletable)
+            orphans, _ = self._due_orphans(s, plan.created - plan.grace)
+            due = {
+                "object": sorted(set(plan.orphan_objects) & set(orphans["object"])),
+                "manifest": sorted(set(plan.orphan_manifests) & set(orphans["manifest"])),
+            }
+            doom = [("object", h) for h, _ in objects]
+            doom += [(kind, key) for kind, keys in due.items() for key in keys]
+            for i in range(0, len(doom), _CHUNK):
+                stmt = self._insert(m.GcCandidate).values(
+                    [
+                        {"kind": kind, "key": key, "first_seen": now, "doomed": now}
+                        for kind, key in doom[i : i + _CHUNK]
+                    ]
+                )
+                s.exec(
+                    stmt.on_conflict_do_update(index_elements=["kind", "key"], set_={"doomed": now})
+                )
+            return GcPlan(
+                created=plan.created,
+                keep_last=plan.keep_last,
+                grace=plan.grace,
+                prune=tuple(prune),
+                objects=tuple(objects),
+                orphan_objects=tuple(due["object"]),
+                orphan_manifests=tuple(due["manifest"]),
+                waiting=plan.waiting,
+            )
+
+    def forget_objects(self, hashes: Iterable[str], *, manifests: Iterable[str] = ()) -> None:
+        """Drop the registry's memory of store keys whose bytes the caller deleted after
+        :meth:`apply_gc`: object rows (and pruned checkpoints' references to them) and the
+        doomed marks, so a later save may write and commit those keys afresh.
+
+        Idempotent. Raises NotCollectable, changing nothing, for a key apply_gc did not hand
+        out (it may be live).
+        """
+        keys = {
+            "object": sorted(set(map(str, hashes))),
+            "manifest": sorted(set(map(str, manifests))),
+        }
+        cand = m.GcCandidate
+        with self._session(write=True) as s:
+            for kind, names in keys.items():
+                for chunk in _chunks(names):
+                    doomed = set(
+                        s.exec(
+                            select(cand.key).where(
+                                cand.kind == kind,
+                                col(cand.key).in_(chunk),
+                                col(cand.doomed).is_not(None),
+                            )
+                        ).all()
+                    )
+                    table = m.Object.hash if kind == "object" else m.Checkpoint.id
+                    known = set(s.exec(select(table).where(col(table).in_(chunk))).all())
+                    live = sorted((known - doomed) if kind == "object" else known)
+                    if live:
+                        raise NotCollectable(
+                            f"{kind} {live[0]!r} was not handed out by apply_gc (it may be "
+                            "live): forget only the keys apply_gc returned"
+                        )
+                    if kind == "object":
+                        s.exec(
+                            delete(m.CheckpointObject).where(
+                                col(m.CheckpointObject.object).in_(chunk)
+                            )
+                        )
+                        s.exec(delete(m.Object).where(col(m.Object.hash).in_(chunk)))
+                    s.exec(delete(cand).where(cand.kind == kind, col(cand.key).in_(chunk)))
+
+    def _gc_compute(self, s: Session, keep_last: int | None) -> tuple[list[str], dict[str, int]]:
+        """(checkpoints to prune, deletable objects hash -> nbytes) as the database is now."""
+        if keep_last is None:
+            keep, params = _KEEP_REACHABLE, {}
+        else:
+            keep, params = _KEEP_LAST, {"n": keep_last}
+        conn = s.connection()
+        prune = conn.execute(text(keep + _PRUNE), params).all()
+        objects = conn.execute(text(keep + _DELETABLE), params).all()
+        return [p for (p,) in prune], {h: int(n) for h, n in objects}
+
+    def _track_orphans(self, s: Session, kind: str, listed: set[str] | None, now: datetime) -> None:
+        """Record first sightings of unreferenced keys of ``kind`` and forget candidates that
+        got referenced (or, with a listing, left the store)."""
+        cand = m.GcCandidate
+        table = m.Object.hash if kind == "object" else m.Checkpoint.id
+        undoomed = (cand.kind == kind, col(cand.doomed).is_(None))
+        s.exec(delete(cand).where(*undoomed, exists().where(col(table) == cand.key)))
+        if listed is None:
+            return
+        names = sorted(listed)
+        known: set[str] = set()
+        for chunk in _chunks(names):
+            known.update(s.exec(select(table).where(col(table).in_(chunk))).all())
+        orphans = [k for k in names if k not in known]
+        tracked = set(s.exec(select(cand.key).where(*undoomed)).all())
+        gone = sorted(tracked - set(orphans))
+        for chunk in _chunks(gone):
+            s.exec(delete(cand).where(*undoomed, col(cand.key).in_(chunk)))
+        for chunk in _chunks(orphans):
+            stmt = self._insert(cand).values(
+                [{"kind": kind, "key": k, "first_seen": now, "doomed": None} for k in chunk]
+            )
+            s.exec(stmt.on_conflict_do_nothing(index_elements=["kind", "key"]))
+
+    @staticmethod
+    def _due_orphans(s: Session, cutoff: datetime) -> tuple[dict[str, list[str]], int]:
+        """Unreferenced candidates that are doomed or were first seen by ``cutoff``, and how
+        many more are still waiting out the grace."""
+        cand = m.GcCandidate
+        due: dict[str, list[str]] = {"object": [], "manifest": []}
+        waiting = 0
+        for kind, table in (("object", m.Object.hash), ("manifest", m.Checkpoint.id)):
+            rows = s.exec(
+                select(cand.key, or_(col(cand.doomed).is_not(None), cand.first_seen <= cutoff))
+                .where(cand.kind == kind, ~exists().where(col(table) == cand.key))
+                .order_by(col(cand.key))
+            ).all()
+            due[kind] = [k for k, ready in rows if ready]
+            waiting += sum(1 for _, ready in rows if not ready)
+        return due, waiting
+
     # -- tags ----------------------------------------------------------------------------
 
     def tag(self, ref: str, name: str) -> Tag:
         """Name the checkpoint ``ref`` resolves to; raises TagExists, InvalidName, RefNotFound."""
         validate_name(name, "tag")
         with self._session(write=True) as s:
-            target = self._resolve(s, ref).id
+            self._gc_lock(s, shared=True)
+            target = self._live(self._resolve(s, ref), f"tag it {name!r}").id
             row = m.Tag(name=name, checkpoint=target, created=m.utcnow())
             try:
                 s.exec(self._insert(m.Tag).values(**row.model_dump()))
@@ -720,6 +1099,84 @@ class Registry:
             return [_run(r) for r in s.exec(stmt).all()]
 
 
+# -- lineage SQL ---------------------------------------------------------------------------
+# Plain SQL both backends run. Every step of a walk is an index lookup: edge's primary key
+# (child, parent) going up, ix_edge_parent (parent, child) going down.
+
+_LCA = text(
+    """
+WITH RECURSIVE up_a(id, d) AS (
+    SELECT id, 0 FROM checkpoint WHERE id = :a
+    UNION SELECT e.parent, u.d + 1 FROM edge e JOIN up_a u ON e.child = u.id
+), up_b(id, d) AS (
+    SELECT id, 0 FROM checkpoint WHERE id = :b
+    UNION SELECT e.parent, u.d + 1 FROM edge e JOIN up_b u ON e.child = u.id
+), common(id, d) AS (
+    SELECT x.id, min(x.d) + min(y.d) FROM up_a x JOIN up_b y ON x.id = y.id GROUP BY x.id
+)
+SELECT c.id FROM common c JOIN checkpoint k ON k.id = c.id
+WHERE NOT EXISTS (
+    SELECT 1 FROM edge e JOIN common below ON below.id = e.child WHERE e.parent = c.id
+)
+ORDER BY c.d, k.created DESC, k.id DESC
+LIMIT 1
+"""
+)
+
+# What garbage collection keeps: heads, bases and tags, and then every ancestor of those...
+_KEEP_REACHABLE = """
+WITH RECURSIVE keep(id) AS (
+    SELECT head FROM branch WHERE head IS NOT NULL
+    UNION SELECT base FROM branch WHERE base IS NOT NULL
+    UNION SELECT checkpoint FROM tag
+    UNION SELECT e.parent FROM edge e JOIN keep k ON e.child = k.id
+)"""
+# ... or only the newest :n on each branch's first-parent chain.
+_KEEP_LAST = """
+WITH RECURSIVE chain(id, n) AS (
+    SELECT head, 1 FROM branch WHERE head IS NOT NULL
+    UNION SELECT e.parent, c.n + 1 FROM edge e JOIN chain c ON e.child = c.id
+    WHERE e.position = 0 AND c.n < :n
+), keep(id) AS (
+    SELECT id FROM chain
+    UNION SELECT base FROM branch WHERE base IS NOT NULL
+    UNION SELECT checkpoint FROM tag
+)"""
+_PRUNE = """
+SELECT c.id FROM checkpoint c
+WHERE c.pruned IS NULL AND NOT EXISTS (SELECT 1 FROM keep k WHERE k.id = c.id)
+ORDER BY c.id"""
+_DELETABLE = """
+, live(id) AS (
+    SELECT k.id FROM keep k JOIN checkpoint c ON c.id = k.id WHERE c.pruned IS NULL
+)
+SELECT o.hash, o.nbytes FROM object o
+WHERE NOT EXISTS (
+    SELECT 1 FROM checkpoint_object r JOIN live l ON l.id = r.checkpoint WHERE r.object = o.hash
+)
+ORDER BY o.hash"""
+
+
+def retry_on_head_moved(
+    fn: Callable[[], T], *, attempts: int = 5, backoff: float = 0.05, max_backoff: float = 1.0
+) -> T:
+    """Call ``fn`` until it does not raise HeadMoved, at most ``attempts`` times, sleeping
+    ``backoff * 2**i`` seconds (capped at ``max_backoff``, with jitter) between tries; the
+    last HeadMoved propagates. ``fn`` must read the branch head afresh on every call, e.g.
+    ``lambda: reg.commit(b, cid, ..., expected_head=reg.get_branch(b).head)``.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, not {attempts}")
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except HeadMoved:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(min(max_backoff, backoff * 2**attempt) * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
 # -- row -> record -------------------------------------------------------------------------
 
 
@@ -754,6 +1211,7 @@ def _record(row: m.Checkpoint, parents: tuple[str, ...]) -> CheckpointRecord:
         message=row.message,
         signature=None if row.signature is None else tuple(row.signature),
         run_id=row.run_id,
+        pruned=row.pruned,
     )
 
 

@@ -53,7 +53,8 @@ class UnsupportedDatabase(RegistryError, ValueError):
 
 
 class SchemaVersionError(RegistryError, RuntimeError):
-    """The database was created by a newer tlreg whose schema this one does not know."""
+    """The database's schema is older (run ``tlreg upgrade``) or newer (upgrade tlreg) than
+    this tlreg's."""
 
 
 class HeadMoved(RegistryError):
@@ -74,3 +75,19 @@ class HeadMoved(RegistryError):
         self.branch = branch
         self.expected = expected
         self.actual = actual
+
+
+class UnsafeFilesystem(RegistryError, OSError):
+    """A SQLite registry file on a network filesystem, where SQLite's locking is unreliable."""
+
+
+class CheckpointPruned(RegistryError, LookupError):
+    """The checkpoint was pruned by garbage collection: its lineage stays, its tensors may not."""
+
+
+class BeingCollected(RegistryError, FileNotFoundError):
+    """A commit references store keys that garbage collection is deleting."""
+
+
+class NotCollectable(RegistryError, ValueError):
+    """``forget_objects`` was given a key that ``apply_gc`` did not hand out for deletion."""

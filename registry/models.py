@@ -14,8 +14,9 @@ from sqlalchemy import JSON, BigInteger, Column, Index, String
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-SCHEMA_VERSION = 1
-"""Bumped with every schema change; stored in ``meta`` under ``schema_version``."""
+SCHEMA_VERSION = 2
+"""Bumped with every schema change; stored in ``meta`` under ``schema_version``. Each bump comes
+with a step in :mod:`tlreg.registry.migrations` that brings the previous version here."""
 
 # Checkpoint ids are compared byte-wise so that a prefix is a contiguous btree range on both
 # backends (SQLite's default BINARY collation; "C" on PostgreSQL, whatever the database's).
@@ -71,6 +72,8 @@ class Checkpoint(SQLModel, table=True):
     signature: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     run_id: int | None = Field(default=None, foreign_key="run.id", index=True)
     created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime())
+    # Set by garbage collection (schema v2): the row and its edges stay, its objects may go.
+    pruned: datetime | None = Field(default=None, sa_type=UTCDateTime())
 
 
 class Edge(SQLModel, table=True):
@@ -130,3 +133,29 @@ class LayerPrefix(SQLModel, table=True):
     checkpoint: str = Field(primary_key=True, foreign_key="checkpoint.id", sa_type=ID_TYPE)
     depth: int = Field(primary_key=True)
     prefix: str = Field(sa_type=ID_TYPE)
+
+
+class GcCandidate(SQLModel, table=True):
+    """A store key garbage collection has its eye on (schema v2).
+
+    ``kind`` is "object" or "manifest". An orphan (a key in the store the registry does not
+    reference) is recorded with ``first_seen`` and only deleted once that is older than the
+    grace period: no file times needed, which S3 listings do not give reliably. ``doomed`` is
+    set when ``apply_gc`` hands the key out for deletion; from then on a commit that references
+    it is refused, until ``forget_objects`` drops the row after the bytes are gone.
+    """
+
+    __tablename__ = "gc_candidate"
+    kind: str = Field(primary_key=True)
+    key: str = Field(primary_key=True, sa_type=ID_TYPE)
+    first_seen: datetime = Field(sa_type=UTCDateTime())
+    doomed: datetime | None = Field(default=None, sa_type=UTCDateTime())
+
+
+def tables() -> list[Any]:
+    """The registry's tables (SQLModel's metadata is shared with any other table model)."""
+    models: list[Any] = [
+        Meta, Run, Checkpoint, Edge, Branch, Tag, Object, CheckpointObject, LayerPrefix,
+        GcCandidate,
+    ]  # fmt: skip
+    return [model.__table__ for model in models]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 # JSON (and PostgreSQL's json type) has no NaN or infinity; a diverged loss is still a metric
@@ -68,9 +68,11 @@ class CheckpointRecord:
     signature: tuple[str, ...] | None = None
     """The architecture signature (per-module structural hashes), if one was recorded."""
     run_id: int | None = None
+    pruned: datetime | None = None
+    """When garbage collection pruned it (its lineage stays; its tensors may be deleted)."""
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-safe dict (``created`` as ISO-8601, non-finite metrics as strings)."""
+        """A JSON-safe dict (datetimes as ISO-8601, non-finite metrics as strings)."""
         return {
             "id": self.id,
             "branch": self.branch,
@@ -85,6 +87,7 @@ class CheckpointRecord:
             "message": self.message,
             "signature": list(self.signature) if self.signature is not None else None,
             "run_id": self.run_id,
+            "pruned": self.pruned.isoformat() if self.pruned is not None else None,
         }
 
 
@@ -173,4 +176,51 @@ class Run:
             "ray_job_id": self.ray_job_id,
             "created": self.created.isoformat(),
             "finished": self.finished.isoformat() if self.finished is not None else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GcPlan:
+    """What garbage collection will delete (from ``Registry.gc_plan``) or may now delete (from
+    ``Registry.apply_gc``, which confirms a plan against the database as it is then).
+
+    The registry never touches the store: the caller deletes ``objects``, ``orphan_objects``
+    and ``orphan_manifests`` from it, then calls ``Registry.forget_objects``.
+    """
+
+    created: datetime
+    """The planning time ("now"); orphans first seen before ``created - grace`` are due."""
+    keep_last: int | None
+    """Newest checkpoints kept on each branch's first-parent chain; None keeps every ancestor
+    of a live branch head, base or tag."""
+    grace: timedelta
+    """How long an orphan must have been seen before it is deleted."""
+    prune: tuple[str, ...]
+    """Checkpoint ids to mark pruned (sorted); their rows and edges stay."""
+    objects: tuple[tuple[str, int], ...]
+    """(hash, nbytes) of registered objects no unpruned, kept checkpoint references (sorted)."""
+    orphan_objects: tuple[str, ...]
+    """Store objects the registry does not know, seen for longer than ``grace`` (sorted)."""
+    orphan_manifests: tuple[str, ...]
+    """Store manifests of no checkpoint, seen for longer than ``grace`` (sorted)."""
+    waiting: int = 0
+    """Orphans seen, but not yet for ``grace``: a later collection deletes them."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of ``objects`` (orphans' sizes are unknown to the registry)."""
+        return sum(n for _, n in self.objects)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict (``created`` as ISO-8601, ``grace`` in seconds)."""
+        return {
+            "created": self.created.isoformat(),
+            "keep_last": self.keep_last,
+            "grace_seconds": self.grace.total_seconds(),
+            "prune": list(self.prune),
+            "objects": [{"hash": h, "nbytes": n} for h, n in self.objects],
+            "nbytes": self.nbytes,
+            "orphan_objects": list(self.orphan_objects),
+            "orphan_manifests": list(self.orphan_manifests),
+            "waiting": self.waiting,
         }

@@ -1,2 +1,2 @@
 """Registry tests use the ``registry_url`` and ``registry`` fixtures of ``tests/conftest.py``:
-every test runs on SQLite (a temporary file) and on PostgreSQL (a fresh database per test)."""
+every test runs on SQLite (a temporary file) and on PostgreSQL (a fresh schema per test)."""

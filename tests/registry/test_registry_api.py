@@ -29,6 +29,7 @@ from tlreg.registry import (
     TagExists,
     UnsupportedDatabase,
 )
+from tlreg.registry.models import SCHEMA_VERSION
 
 
 def commit(
@@ -74,7 +75,7 @@ def diamond(registry: Registry) -> Registry:
 
 
 def test_new_registry_records_schema_version(registry: Registry) -> None:
-    assert registry.get_meta("schema_version") == "1"
+    assert registry.get_meta("schema_version") == str(SCHEMA_VERSION)
 
 
 def test_reopening_a_registry_keeps_its_data(registry_url: str) -> None:
@@ -83,7 +84,7 @@ def test_reopening_a_registry_keeps_its_data(registry_url: str) -> None:
         commit(first, "main", "aaaa0001")
     with Registry(registry_url) as second:
         assert second.resolve("main").id == "aaaa0001"
-        assert second.get_meta("schema_version") == "1"
+        assert second.get_meta("schema_version") == str(SCHEMA_VERSION)
 
 
 def test_set_meta_replaces_the_value_and_missing_keys_are_none(registry: Registry) -> None:

@@ -1,10 +1,11 @@
-"""Random create_branch / commit / tag sequences keep the lineage invariants, checked against a
-Python model of the DAG."""
+"""Random create_branch / commit / merge / tag / branch -d / garbage-collection sequences keep
+the lineage invariants, checked against a Python model of the DAG."""
 
 from __future__ import annotations
 
 import uuid
 from collections import deque
+from datetime import datetime, timezone
 
 import hypothesis.strategies as st
 import pytest
@@ -17,7 +18,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tlreg.registry import BranchExists, HeadMoved, Registry, TagExists
+from tlreg.registry import (
+    BeingCollected,
+    BranchExists,
+    CheckpointPruned,
+    HeadMoved,
+    Registry,
+    TagExists,
+)
 
 OBJECT_SIZES = {f"obj{i}": 2**i for i in range(8)}
 
@@ -48,6 +56,10 @@ class LineageMachine(RuleBasedStateMachine):
         self.parents: dict[str, tuple[str, ...]] = {}
         self.tags: dict[str, str] = {}
         self.seen_objects: set[str] = set()
+        self.bases: dict[str, str | None] = {}
+        self.refs: dict[str, set[str]] = {}
+        self.pruned: set[str] = set()
+        self.doomed: set[str] = set()  # handed out by apply_gc, not yet forgotten
         self.counter = 0
 
     def _fresh(self, kind: str) -> str:
@@ -62,11 +74,15 @@ class LineageMachine(RuleBasedStateMachine):
         sources += [b for b, head in self.heads.items() if head is not None]
         from_ref = data.draw(st.sampled_from(sources), label="from_ref")
         name = self._fresh("team/b" if data.draw(st.booleans(), label="nested") else "b")
-        branch = self.reg.create_branch(name, from_ref=from_ref)
         start = None
         if from_ref is not None:
             start = self.heads.get(from_ref) or self.tags.get(from_ref) or from_ref
-        self.heads[name] = start
+        if start in self.pruned:
+            with pytest.raises(CheckpointPruned):
+                self.reg.create_branch(name, from_ref=from_ref)
+            return
+        branch = self.reg.create_branch(name, from_ref=from_ref)
+        self.heads[name] = self.bases[name] = start
         assert (branch.head, branch.base) == (start, start)
 
     @precondition(lambda self: self.heads)
@@ -96,6 +112,10 @@ class LineageMachine(RuleBasedStateMachine):
         explicit_head = data.draw(st.booleans(), label="explicit_head")
         cid = self._fresh("c")
         kwargs = {"expected_head": head} if explicit_head else {}
+        if set(objects) & self.doomed:
+            with pytest.raises(BeingCollected):
+                self.reg.commit(branch, cid, step=0, parents=parents, objects=objects)
+            return
         record = self.reg.commit(
             branch,
             cid,
@@ -110,6 +130,7 @@ class LineageMachine(RuleBasedStateMachine):
         # The model follows the database first, so a failed check below is the one reported
         # (and not a knock-on failure in teardown).
         self.seen_objects |= set(objects)
+        self.refs[cid] = set(objects)
         self.parents[cid] = expected_parents
         self.branch_of[cid] = branch
         self.heads[branch] = cid
@@ -123,7 +144,7 @@ class LineageMachine(RuleBasedStateMachine):
                 "continue" if self.branch_of[p] == branch else "branch" for p in expected_parents
             ]
 
-    @precondition(lambda self: len(self.parents) >= 2)
+    @precondition(lambda self: len(self.parents) >= 2 and any(self.heads.values()))
     @rule(data=st.data())
     def stale_commit_is_refused(self, data: st.DataObject) -> None:
         branch = data.draw(
@@ -142,6 +163,10 @@ class LineageMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def tag(self, data: st.DataObject) -> None:
         target = data.draw(st.sampled_from(sorted(self.parents)), label="target")
+        if target in self.pruned:
+            with pytest.raises(CheckpointPruned):
+                self.reg.tag(target, self._fresh("t"))
+            return
         if self.tags and data.draw(st.booleans(), label="duplicate"):
             with pytest.raises(TagExists):
                 self.reg.tag(target, sorted(self.tags)[0])
@@ -150,6 +175,52 @@ class LineageMachine(RuleBasedStateMachine):
         tag = self.reg.tag(target, name)
         self.tags[name] = target
         assert tag.checkpoint == target
+
+    @precondition(lambda self: self.heads)
+    @rule(data=st.data())
+    def delete_branch(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.heads)), label="branch")
+        self.reg.delete_branch(name)
+        del self.heads[name], self.bases[name]
+
+    @precondition(lambda self: self.parents)
+    @rule(keep_last=st.sampled_from([None, 1, 2]), forget=st.booleans())
+    def collect_garbage(self, keep_last: int | None, forget: bool) -> None:
+        mine = set(self.parents)
+        plan = self.reg.gc_plan(keep_last=keep_last, now=datetime.now(timezone.utc))
+        expected = mine - self.pruned - self._kept(keep_last)
+        assert set(plan.prune) & mine == expected
+        done = self.reg.apply_gc(plan)
+        assert set(done.prune) & mine == expected
+        self.pruned |= expected
+        # An object goes only when no unpruned checkpoint references it.
+        referenced = set().union(*(self.refs[c] for c in mine - self.pruned))
+        ns = f"{self.ns}-"
+        handed_out = {h for h, _ in done.objects if h.startswith(ns)}
+        assert handed_out == self.seen_objects - referenced
+        self.doomed |= handed_out
+        if forget:
+            self.reg.forget_objects([h for h, _ in done.objects])
+            self.seen_objects -= self.doomed
+            for c in self.pruned:
+                self.refs[c] -= self.doomed
+            self.doomed.clear()
+
+    def _kept(self, keep_last: int | None) -> set[str]:
+        roots = {c for c in (*self.heads.values(), *self.bases.values()) if c is not None}
+        roots |= set(self.tags.values())
+        if keep_last is None:
+            kept = set(roots)
+            for c in roots:
+                kept |= set(distances(c, self.parents))
+            return kept
+        for head in self.heads.values():
+            for _ in range(keep_last):
+                if head is None:
+                    break
+                roots.add(head)
+                head = self.parents[head][0] if self.parents[head] else None
+        return roots
 
     @precondition(lambda self: self.parents)
     @rule(data=st.data())
@@ -163,9 +234,17 @@ class LineageMachine(RuleBasedStateMachine):
         # Per branch (not branches()): the database keeps growing over examples and shrinking.
         assert {b: self.reg.get_branch(b).head for b in self.heads} == self.heads
 
+    @invariant()
+    def heads_bases_and_tags_are_never_pruned(self) -> None:
+        protected = {c for c in (*self.heads.values(), *self.bases.values()) if c is not None}
+        protected |= set(self.tags.values())
+        assert not protected & self.pruned
+
     def teardown(self) -> None:
         committed = {cid: self.reg.get(cid) for cid in self.parents}
         assert {cid: r.parents for cid, r in committed.items()} == self.parents
+        assert {cid for cid, r in committed.items() if r.pruned is not None} == self.pruned
+        assert {cid: set(self.reg.objects_of(cid)) for cid in self.parents} == self.refs
         # Every head and every tag names a committed checkpoint of this example, every edge
         # joins two of them (parents are only ever drawn from this example's checkpoints).
         assert all(h is None or h in committed for h in self.heads.values())
@@ -201,7 +280,7 @@ def test_random_operations_keep_lineage_invariants(registry: Registry) -> None:
     run_state_machine_as_test(
         lambda: LineageMachine(registry),
         settings=settings(
-            max_examples=25,
+            max_examples=15,
             stateful_step_count=20,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],

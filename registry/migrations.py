@@ -1,0 +1,202 @@
+"""Versioned schema migrations, run the same way on SQLite and PostgreSQL.
+
+A fresh database is created from the current models and stamped ``SCHEMA_VERSION``. An older
+one is brought forward by :func:`upgrade`: every step in ``STEPS`` from its version up, all in
+the caller's single transaction (both backends have transactional DDL, so a failed step leaves
+the database as it was). Steps never import the current models: each one spells out the DDL of
+its own version, so that later model changes cannot alter what an old step does.
+
+Adding version N: bump ``models.SCHEMA_VERSION``, change the models, and add ``STEPS[N]``
+doing exactly that change; ``test_upgraded_schema_equals_a_fresh_one`` compares the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    inspect,
+    select,
+    text,
+)
+from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
+
+from tlreg.registry import models as m
+from tlreg.registry.errors import SchemaVersionError
+
+_ID = String().with_variant(String(collation="C"), "postgresql")
+
+
+def _v1_metadata() -> MetaData:
+    """The version-1 schema exactly as tlreg 0.1 created it (frozen; never edit)."""
+    md = MetaData()
+    Table("meta", md, Column("key", AutoString, primary_key=True),
+          Column("value", AutoString, nullable=False))  # fmt: skip
+    Table(
+        "run", md,
+        Column("id", Integer, primary_key=True),
+        Column("branch", AutoString, nullable=False, index=True),
+        Column("config", JSON, nullable=False),
+        Column("status", AutoString, nullable=False),
+        Column("error", AutoString),
+        Column("ray_job_id", AutoString),
+        Column("created", UTCDateTime(), nullable=False),
+        Column("finished", UTCDateTime()),
+    )  # fmt: skip
+    Table(
+        "checkpoint", md,
+        Column("id", _ID, primary_key=True),
+        Column("branch", AutoString, nullable=False),
+        Column("step", BigInteger, nullable=False),
+        Column("manifest", AutoString, nullable=False),
+        Column("metrics", JSON, nullable=False),
+        Column("val_accuracy", Float),
+        Column("logical_bytes", BigInteger, nullable=False),
+        Column("new_bytes", BigInteger, nullable=False),
+        Column("kind", AutoString, nullable=False),
+        Column("message", AutoString),
+        Column("signature", JSON),
+        Column("run_id", Integer, ForeignKey("run.id"), index=True),
+        Column("created", UTCDateTime(), nullable=False),
+        Index("ix_checkpoint_branch_created", "branch", "created"),
+    )  # fmt: skip
+    Table(
+        "edge", md,
+        Column("child", _ID, ForeignKey("checkpoint.id"), primary_key=True),
+        Column("parent", _ID, ForeignKey("checkpoint.id"), primary_key=True),
+        Column("kind", AutoString, nullable=False),
+        Column("position", Integer, nullable=False),
+        Index("ix_edge_parent", "parent", "child"),
+    )  # fmt: skip
+    Table(
+        "branch", md,
+        Column("name", _ID, primary_key=True),
+        Column("head", _ID, ForeignKey("checkpoint.id")),
+        Column("base", _ID, ForeignKey("checkpoint.id")),
+        Column("task", AutoString),
+        Column("created", UTCDateTime(), nullable=False),
+    )  # fmt: skip
+    Table(
+        "tag", md,
+        Column("name", _ID, primary_key=True),
+        Column("checkpoint", _ID, ForeignKey("checkpoint.id"), nullable=False, index=True),
+        Column("created", UTCDateTime(), nullable=False),
+    )  # fmt: skip
+    Table(
+        "object", md,
+        Column("hash", _ID, primary_key=True),
+        Column("nbytes", BigInteger, nullable=False),
+        Column("created", UTCDateTime(), nullable=False),
+    )  # fmt: skip
+    Table(
+        "checkpoint_object", md,
+        Column("checkpoint", _ID, ForeignKey("checkpoint.id"), primary_key=True),
+        Column("object", _ID, ForeignKey("object.hash"), primary_key=True),
+        Index("ix_checkpoint_object_object", "object"),
+    )  # fmt: skip
+    Table(
+        "layer_prefix", md,
+        Column("checkpoint", _ID, ForeignKey("checkpoint.id"), primary_key=True),
+        Column("depth", Integer, primary_key=True),
+        Column("prefix", _ID, nullable=False),
+        Index("ix_layer_prefix_prefix", "prefix"),
+    )  # fmt: skip
+    return md
+
+
+def create_v1(conn: Connection) -> None:
+    """Create an empty version-1 registry (for tests of the upgrade path)."""
+    _v1_metadata().create_all(conn)
+    conn.execute(text("INSERT INTO meta (key, value) VALUES ('schema_version', '1')"))
+
+
+def _to_v2(conn: Connection) -> None:
+    """v2: garbage collection prunes checkpoints (``checkpoint.pruned``) and remembers orphans
+    and keys handed out for deletion (``gc_candidate``)."""
+    timestamp = UTCDateTime().compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE checkpoint ADD COLUMN pruned {timestamp}"))
+    md = MetaData()
+    Table(
+        "gc_candidate", md,
+        Column("kind", AutoString, primary_key=True),
+        Column("key", _ID, primary_key=True),
+        Column("first_seen", UTCDateTime(), nullable=False),
+        Column("doomed", UTCDateTime()),
+    )  # fmt: skip
+    md.create_all(conn)
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {2: _to_v2}
+"""``STEPS[n]`` migrates a version ``n - 1`` database to version ``n``."""
+
+assert sorted(STEPS) == list(range(2, m.SCHEMA_VERSION + 1)), "a migration step is missing"
+
+
+def stored_version(conn: Connection) -> int | None:
+    """The schema version recorded in the database; None when it holds no registry yet."""
+    if not inspect(conn).has_table("meta"):
+        return None
+    value = conn.execute(
+        select(m.Meta.value).where(m.Meta.key == "schema_version")
+    ).scalar_one_or_none()
+    if value is None:
+        raise SchemaVersionError(
+            "the database has a 'meta' table but no schema_version: it was not created by "
+            "tlreg; point the registry URL at an empty database"
+        )
+    return int(value)
+
+
+def create_latest(conn: Connection) -> None:
+    """Create every table of the current schema and stamp its version."""
+    m.metadata.create_all(conn, tables=m.tables())
+    conn.execute(
+        m.Meta.__table__.insert(), {"key": "schema_version", "value": str(m.SCHEMA_VERSION)}
+    )
+
+
+def upgrade(conn: Connection) -> tuple[int, int]:
+    """Migrate the database to ``SCHEMA_VERSION`` inside the caller's transaction.
+
+    Returns (from_version, to_version); from_version is 0 when the database was empty (the
+    latest schema is created). Raises SchemaVersionError for a database newer than this tlreg.
+    """
+    found = stored_version(conn)
+    if found is None:
+        create_latest(conn)
+        return 0, m.SCHEMA_VERSION
+    if found > m.SCHEMA_VERSION:
+        raise newer_error("the registry", found)
+    for version in range(found + 1, m.SCHEMA_VERSION + 1):
+        STEPS[version](conn)
+    conn.execute(
+        m.Meta.__table__.update()
+        .where(m.Meta.__table__.c.key == "schema_version")
+        .values(value=str(m.SCHEMA_VERSION))
+    )
+    return found, m.SCHEMA_VERSION
+
+
+def newer_error(what: str, found: int) -> SchemaVersionError:
+    return SchemaVersionError(
+        f"{what} has schema version {found}, newer than this tlreg supports "
+        f"({m.SCHEMA_VERSION}): upgrade tlreg"
+    )
+
+
+def older_error(what: str, found: int) -> SchemaVersionError:
+    return SchemaVersionError(
+        f"{what} has schema version {found}, older than this tlreg's ({m.SCHEMA_VERSION}): "
+        "back it up, then run 'tlreg upgrade'"
+    )
