@@ -27,8 +27,11 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest
 
+# make bench: the full checkpoint benchmark (1.5 GiB state, ~10 min on 2 cores);
+# make bench BENCH_ARGS=--quick for a < 1 min smoke run; see bench/ckpt_bench.py --help.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) bench/ckpt_bench.py
+	$(PY) bench/ckpt_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

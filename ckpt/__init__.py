@@ -34,6 +34,7 @@ from tlreg.ckpt.manifest import Manifest, ShardEntry, TensorEntry, read_manifest
 from tlreg.ckpt.shards import Shard
 from tlreg.ckpt.tree import flatten_state, unflatten_state
 from tlreg.ckpt.verify import VerifyReport, verify
+from tlreg.ckpt.view import open_checkpoint
 
 __all__ = [
     "PACK_BYTES",
@@ -51,6 +52,7 @@ __all__ = [
     "UnsupportedFormat",
     "VerifyReport",
     "flatten_state",
+    "open_checkpoint",
     "read_manifest",
     "unflatten_state",
     "verify",

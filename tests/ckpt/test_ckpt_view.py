@@ -214,3 +214,35 @@ def test_the_view_store_pickles_and_an_unknown_manifest_is_not_found(saved):
     assert np.array_equal(array[...], state["model"]["head.index"].numpy())
     with pytest.raises(CheckpointNotFound):
         open_checkpoint(store, "0" * 32)
+
+
+def test_a_sharded_tensor_reads_as_one_global_array_assembled_from_its_shards(store):
+    from dataclasses import replace
+
+    from tlreg.ckpt.manifest import (
+        ShardEntry,
+        TensorEntry,
+        new_manifest_id,
+        read_manifest,
+        shards_digest,
+        write_manifest,
+    )
+
+    g = torch.arange(7 * 9, dtype=torch.float32).reshape(7, 9)
+    blocks = {"b0": ((0, 0), g[:3, :5]), "b1": ((0, 5), g[:3, 5:]), "b2": ((3, 0), g[3:])}
+    with AsyncCheckpointer(store) as ckpt:
+        saved = read_manifest(
+            store, ckpt.save({k: b.clone() for k, (_, b) in blocks.items()}).result()
+        )
+    shards = tuple(
+        ShardEntry(o, tuple(b.shape), (e := saved.tensors[k]).object, e.offset, e.nbytes, e.hash)
+        for k, (o, b) in blocks.items()
+    )
+    entry = TensorEntry("", 0, g.nbytes, "float32", (7, 9), shards_digest(shards), shards)
+    manifest = replace(saved, id=new_manifest_id(), tensors={"w": entry}, version=2)
+    write_manifest(store, manifest)
+
+    for chunk_bytes in (1 << 20, 20, 4):
+        array = open_checkpoint(store, manifest.id, chunk_bytes=chunk_bytes)["w"]
+        assert np.array_equal(array[...], g.numpy()), array.chunks
+        assert np.array_equal(array[2:5, 3:7], g.numpy()[2:5, 3:7])

@@ -1,0 +1,828 @@
+"""tlreg.ckpt against torch.save, DCP and safetensors on the same state, in one run.
+
+Run: ``.venv/bin/python bench/ckpt_bench.py [--size GiB] [--reps N] [--dir DIR] [--quick]``
+(``make bench``). Prints three Markdown tables and the ratios against torch.save:
+
+1. **Save and restore** of an MLP's model + Adam state (``--size`` GiB, default 1.5): the
+   stall (time the calling thread is blocked), time until the bytes are durable (fsynced),
+   throughput as a fraction of ``dd bs=4M conv=fsync`` to the same directory (measured here),
+   the peak extra RSS during the saves (sampled every 2 ms, children included) and the
+   restore time next to ``torch.load(weights_only=True)``. Medians of ``--reps`` saves, with
+   min-max. Before every save one element of every tensor changes, so nothing dedups.
+2. **Training loop**: a CPU MLP with ``Adam(fused=True)``, a checkpoint every ``k`` steps;
+   the per-step slowdown against the same loop without checkpoints.
+3. **Frozen backbone**: bytes the second checkpoint adds to the disk when only the head
+   trained in between.
+
+Every method of tables 1 and 2 runs in a fresh Python process (same seed, so the same state):
+the RSS it reports is its own and no method inherits another's buffers. Restores read a
+warm page cache (the file was just written); nothing is dropped. ``--quick`` (a ~0.1 GiB
+state, 1 rep, a short loop) runs everything in this process in well under a minute: a smoke
+test, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlreg.ckpt import AsyncCheckpointer
+
+GiB = 1 << 30
+WIDTH = 2048
+
+T1_METHODS = [
+    "torch.save",
+    "dcp.save",
+    "dcp.async_save",
+    "dcp.async_save(process)",
+    "safetensors",
+    "tlreg eager",
+    "tlreg lazy",
+]
+T2_METHODS = T1_METHODS
+
+
+# -- state --------------------------------------------------------------------------------
+
+
+def mlp(layers: int, width: int = WIDTH, *, head: int = 0) -> torch.nn.Sequential:
+    """``layers`` Linear+ReLU blocks of ``width``, then an optional small head."""
+    mods: list[torch.nn.Module] = []
+    for _ in range(layers):
+        mods += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    if head:
+        mods.append(torch.nn.Linear(width, head))
+    return torch.nn.Sequential(*mods)
+
+
+def layers_for(size_gib: float, width: int = WIDTH) -> int:
+    """Layers whose parameters + Adam's two moments come to ``size_gib``."""
+    per_layer = (width * width + width) * 4 * 3
+    return max(1, round(size_gib * GiB / per_layer))
+
+
+def make_training(size_gib: float, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Adam]:
+    """An MLP and a fused Adam that has stepped once, so its moments exist."""
+    torch.manual_seed(seed)
+    model = mlp(layers_for(size_gib))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    model(torch.randn(8, WIDTH)).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+def tensors_of(state: Any) -> Iterator[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from tensors_of(v)
+    elif isinstance(state, list | tuple):
+        for v in state:
+            yield from tensors_of(v)
+
+
+def state_bytes(state: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors_of(state))
+
+
+def bump(state: Any) -> None:
+    """Change one element of every tensor: every save writes new bytes."""
+    with torch.no_grad():
+        for t in tensors_of(state):
+            if t.numel():
+                t.view(-1)[:1].add_(1)
+
+
+def touch(state: Any) -> float:
+    """Read one value per 4 KiB page of every tensor, so mmapped loads are paid for."""
+    total = 0.0
+    for t in tensors_of(state):
+        flat = t.reshape(-1).view(torch.uint8)
+        if flat.numel():
+            total += float(flat[::4096].sum())
+    return total
+
+
+def flat_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{dotted.path: tensor}`` for safetensors (which stores a flat dict of tensors)."""
+    out: dict[str, torch.Tensor] = {}
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    for k, v in items:
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            out[name] = v
+        elif isinstance(v, dict | list | tuple):
+            out |= flat_tensors(v, name + ".")
+    return out
+
+
+# -- measurement helpers ------------------------------------------------------------------
+
+
+def _rss(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss_with_children() -> int:
+    """RSS of this process and its direct children (DCP's process mode writes in one)."""
+    total = _rss("self")
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                total += sum(_rss(pid) for pid in f.read().split())
+    return total
+
+
+class RssPeak:
+    """Samples RSS every ``interval`` seconds in a thread; ``peak`` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = rss_with_children()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_with_children())
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_with_children())
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def dd_bandwidth(directory: Path, nbytes: int) -> float:
+    """Bytes/s of ``dd if=/dev/zero bs=4M count=N conv=fsync`` into ``directory``."""
+    target = directory / "dd.bin"
+    count = max(1, nbytes // (4 << 20))
+    start = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={count}", "conv=fsync"],
+        check=True,
+        capture_output=True,
+    )
+    elapsed = time.perf_counter() - start
+    target.unlink()
+    return count * (4 << 20) / elapsed
+
+
+def copy_time(state: Any, reps: int) -> float:
+    """Median time to copy the state once into a pre-faulted buffer (the stall's floor)."""
+    tensors = list(tensors_of(state))
+    buf = torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8)
+    buf.fill_(0)
+    times = []
+    for _ in range(max(3, reps)):
+        start = time.perf_counter()
+        offset = 0
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            buf[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
+            offset += n
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- the methods --------------------------------------------------------------------------
+
+
+@dataclass
+class SaveTiming:
+    stall: float
+    durable: float
+
+
+class Method:
+    """One way to checkpoint: ``save`` returns a waiter for durability; ``restore`` loads."""
+
+    name = ""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+        self.last: Any = None
+
+    def attach(self, opt: torch.optim.Optimizer) -> None:
+        """Hook into the optimizer (only lazy tlreg needs it)."""
+
+    def save(self, state: Any) -> Callable[[], None]:
+        raise NotImplementedError
+
+    def restore(self, state: Any) -> Any:
+        raise NotImplementedError
+
+    def cleanup_before(self, keep: int = 1) -> None:
+        """Remove all but the newest ``keep`` checkpoints (outside the timed region)."""
+
+    def close(self) -> None:
+        pass
+
+    def timed_save(self, state: Any) -> SaveTiming:
+        start = time.perf_counter()
+        wait = self.save(state)
+        stall = time.perf_counter() - start
+        wait()
+        return SaveTiming(stall, time.perf_counter() - start)
+
+
+class TorchSave(Method):
+    name = "torch.save"
+
+    def save(self, state: Any) -> Callable[[], None]:
+        self.count += 1
+        path = self.root / f"ckpt-{self.count}.pt"
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(self.root)
+        self.last = path
+        return lambda: None
+
+    def restore(self, state: Any) -> Any:
+        return torch.load(self.last, weights_only=True)
+
+    def cleanup_before(self, keep: int = 1) -> None:
+        for p in sorted(self.root.glob("ckpt-*.pt"), key=os.path.getmtime)[:-keep]:
+            p.unlink()
+
+
+class Safetensors(Method):
+    name = "safetensors"
+
+    def save(self, state: Any) -> Callable[[], None]:
+        from safetensors.torch import save_file
+
+        self.count += 1
+        path = self.root / f"ckpt-{self.count}.safetensors"
+        groups = state.get("optimizer", {}).get("param_groups")
+        save_file(flat_tensors(state), str(path), metadata={"param_groups": json.dumps(groups)})
+        fsync_path(path)  # save_file does not fsync
+        fsync_path(self.root)
+        self.last = path
+        return lambda: None
+
+    def restore(self, state: Any) -> Any:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.last))
+
+    cleanup_before = TorchSave.cleanup_before
+
+
+class DcpSave(Method):
+    name = "dcp.save"
+
+    def _dir(self) -> Path:
+        self.count += 1
+        self.last = self.root / f"ckpt-{self.count}"
+        return self.last
+
+    def save(self, state: Any) -> Callable[[], None]:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, checkpoint_id=str(self._dir()), no_dist=True)
+        return lambda: None
+
+    def restore(self, state: Any) -> Any:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(state, checkpoint_id=str(self.last), no_dist=True)  # in place, like DCP does
+        return state
+
+    def cleanup_before(self, keep: int = 1) -> None:
+        for p in sorted(self.root.glob("ckpt-*"), key=os.path.getmtime)[:-keep]:
+            shutil.rmtree(p)
+
+
+class DcpAsync(DcpSave):
+    name = "dcp.async_save"
+    process = False
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self._pending: Any = None
+
+    def save(self, state: Any) -> Callable[[], None]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        if self._pending is not None:  # DCP's docs: one async save in flight at a time
+            self._pending.result()
+        kind = AsyncCheckpointerType.PROCESS if self.process else AsyncCheckpointerType.THREAD
+        future = dcp.async_save(
+            state,
+            checkpoint_id=str(self._dir()),
+            no_dist=not self.process,
+            async_checkpointer_type=kind,
+        )
+        future = getattr(future, "upload_completion", future)
+        self._pending = future
+        return lambda: future.result()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+
+
+class DcpAsyncProcess(DcpAsync):
+    """DCP's writer process needs a process group: a one-rank gloo group on a FileStore."""
+
+    name = "dcp.async_save(process)"
+    process = True
+
+    def __init__(self, root: Path) -> None:
+        import torch.distributed as dist
+
+        super().__init__(root)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo", init_method=f"file://{root / 'pg'}", rank=0, world_size=1
+            )
+
+
+class Tlreg(Method):
+    lazy = False
+    name = "tlreg eager"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.ckpt = AsyncCheckpointer(str(root / "store"), lazy=self.lazy)
+
+    def attach(self, opt: torch.optim.Optimizer) -> None:
+        self.ckpt.attach_optimizer(opt)
+
+    def save(self, state: Any) -> Callable[[], None]:
+        pending = self.ckpt.save(state)
+
+        def wait() -> None:
+            self.last = pending.result()
+
+        return wait
+
+    def restore(self, state: Any) -> Any:
+        with AsyncCheckpointer(self.ckpt.store) as reader:
+            return reader.load(self.last)
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+class TlregLazy(Tlreg):
+    lazy = True
+    name = "tlreg lazy"
+
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m
+    for m in (TorchSave, DcpSave, DcpAsync, DcpAsyncProcess, Safetensors, Tlreg, TlregLazy)
+}
+
+
+# -- table 1: save and restore ------------------------------------------------------------
+
+
+def run_t1(method_name: str, size: float, reps: int, root: Path) -> dict[str, Any]:
+    model, opt = make_training(size)
+    state = state_of(model, opt)
+    gc.collect()
+    method = METHODS[method_name](root / method_name.replace(" ", "_"))
+    base = rss_with_children()
+    stalls, durables = [], []
+    try:
+        with RssPeak() as peak:
+            for _ in range(reps):
+                bump(state)
+                timing = method.timed_save(state)
+                stalls.append(timing.stall)
+                durables.append(timing.durable)
+                method.cleanup_before(keep=1)
+            method.close()
+        extra = peak.peak - base
+        restores = []
+        for _ in range(max(1, min(reps, 2))):
+            start = time.perf_counter()
+            restored = method.restore(state)
+            touch(restored)  # a lazy (mmap) load must really read the bytes too
+            restores.append(time.perf_counter() - start)
+            del restored
+    finally:
+        method.close()
+        shutil.rmtree(method.root, ignore_errors=True)
+    return {
+        "method": method_name,
+        "bytes": state_bytes(state),
+        "tensors": sum(1 for _ in tensors_of(state)),
+        "stall": stalls,
+        "durable": durables,
+        "extra_rss": extra,
+        "restore": restores,
+    }
+
+
+# -- table 2: training loop ---------------------------------------------------------------
+
+
+def run_t2(method_name: str, size: float, steps: int, every: int, batch: int, root: Path) -> dict:
+    """``steps`` steps without checkpoints, ``steps`` with one every ``every`` steps, then
+    ``steps`` without again: the slowdown is against the mean of the two plain runs, taken
+    minutes apart at most, so load from other processes on the machine mostly cancels."""
+    model, opt = make_training(size, seed=1)
+    state = state_of(model, opt)
+    x = torch.randn(batch, WIDTH)
+    method = METHODS[method_name](root / "t2")
+    method.attach(opt)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)  # steady state: gradients stay allocated
+        model(x).square().mean().backward()
+        opt.step()
+
+    def loop(checkpoint: bool) -> tuple[float, list[float]]:
+        stalls = []
+        waits: list[Callable[[], None]] = []
+        start = time.perf_counter()
+        for i in range(1, steps + 1):
+            step()
+            if checkpoint and i % every == 0 and i + every <= steps:
+                t0 = time.perf_counter()
+                waits.append(method.save(state))
+                stalls.append(time.perf_counter() - t0)
+        for wait in waits:
+            wait()
+        return (time.perf_counter() - start) / steps, stalls
+
+    try:
+        for _ in range(2):  # warm-up: allocator, threads
+            step()
+        before, _ = loop(False)
+        with_ckpt, stalls = loop(True)
+        after, _ = loop(False)
+    finally:
+        method.close()
+        shutil.rmtree(method.root, ignore_errors=True)
+    return {
+        "method": method_name,
+        "bytes": state_bytes(state),
+        "steps": steps,
+        "checkpoints": len(stalls),
+        "base_s": [before, after],
+        "step_s": with_ckpt,
+        "stall": stalls,
+    }
+
+
+def calibrate_batch(size: float, target_s: float) -> int:
+    """A batch for which a training step takes about ``target_s`` here (linear fit)."""
+    model, opt = make_training(size, seed=1)
+
+    def step_time(b: int) -> float:
+        x = torch.randn(b, WIDTH)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=False)
+            model(x).square().mean().backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    lo, hi = 16, 256
+    t_lo, t_hi = step_time(lo), step_time(hi)
+    per_sample = max((t_hi - t_lo) / (hi - lo), 1e-6)
+    return max(8, min(8192, round(lo + (target_s - t_lo) / per_sample)))
+
+
+# -- table 3: frozen backbone -------------------------------------------------------------
+
+
+def run_t3(size: float, root: Path) -> list[dict[str, Any]]:
+    torch.manual_seed(2)
+    model = mlp(layers_for(size / 3), head=10)  # backbone of size/3 GiB of weights
+    backbone, head = model[:-1], model[-1]
+    backbone.requires_grad_(False)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3, fused=True)
+    x = torch.randn(64, WIDTH)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            opt.step()
+
+    train(1)
+    rows = []
+    for name in ("torch.save", "dcp.save", "safetensors", "tlreg eager"):
+        method = METHODS[name](root / f"t3-{name.replace(' ', '_')}")
+        try:
+            state = state_of(model, opt)
+            method.timed_save(state)
+            before = dir_bytes(method.root)
+            train(3)
+            timing = method.timed_save(state_of(model, opt))
+            added = dir_bytes(method.root) - before
+        finally:
+            method.close()
+            shutil.rmtree(method.root, ignore_errors=True)
+        rows.append(
+            {
+                "method": name,
+                "bytes": state_bytes(state),
+                "head_bytes": state_bytes({"h": list(head.parameters()), "o": opt.state_dict()}),
+                "second": added,
+                "durable": timing.durable,
+            }
+        )
+    return rows
+
+
+# -- orchestration ------------------------------------------------------------------------
+
+
+def in_subprocess(args: list[str]) -> Any:
+    """Run this script's worker mode in a fresh interpreter; its JSON result, or an error."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    return json.loads(lines[-1])
+
+
+def worker(args: list[Any]) -> Any:
+    kind, *rest = args
+    root = Path(rest[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "t1":
+            return run_t1(rest[0], rest[1], rest[2], root)
+        if kind == "t2":
+            return run_t2(rest[0], rest[1], rest[2], rest[3], rest[4], root)
+        if kind == "t3":
+            return run_t3(rest[0], root)
+    raise ValueError(kind)
+
+
+def call(args: list[Any], isolated: bool) -> Any:
+    if isolated:
+        return in_subprocess(args)
+    try:
+        return worker(args)
+    except Exception as e:  # a peer that does not work here is reported, not fatal
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float], unit: float = 1.0, fmt: str = "{:.2f}") -> str:
+    m = fmt.format(med(xs) * unit)
+    if len(xs) < 2:
+        return m
+    return f"{m} ({fmt.format(min(xs) * unit)}-{fmt.format(max(xs) * unit)})"
+
+
+def table1(rows: list[dict], dd: float, copy_s: float) -> list[str]:
+    out = [
+        "| method | stall s | durable s | throughput / dd | peak extra RSS GiB "
+        "| restore s | restore / torch.load |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ref = next((r for r in rows if r["method"] == "torch.save" and "error" not in r), None)
+    load_ref = med(ref["restore"]) if ref else float("nan")
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
+            continue
+        thr = r["bytes"] / med(r["durable"]) / dd
+        out.append(
+            f"| {r['method']} | {spread(r['stall'], fmt='{:.3f}')} | {spread(r['durable'])} "
+            f"| {thr:.0%} | {r['extra_rss'] / GiB:.2f} | {spread(r['restore'], fmt='{:.3f}')} "
+            f"| {med(r['restore']) / load_ref:.2f}x |"
+        )
+    return out
+
+
+def ratios1(rows: list[dict], copy_s: float, dd: float) -> list[str]:
+    ok = {r["method"]: r for r in rows if "error" not in r}
+    ref = ok.get("torch.save")
+    if ref is None:
+        return ["torch.save failed: no ratios"]
+    ts = med(ref["durable"])
+    out = [
+        f"in-memory copy of the state (pre-faulted buffer): {copy_s:.3f} s; dd: {dd / 1e9:.2f} GB/s"
+    ]
+    for name in ("tlreg eager", "tlreg lazy"):
+        r = ok.get(name)
+        if r is None:
+            continue
+        stall = med(r["stall"])
+        out.append(
+            f"{name}: stall = {stall / copy_s:.3f} x copy; torch.save durable / stall = "
+            f"{ts / stall:.0f}; durable = {med(r['durable']) / ts:.2f} x torch.save; "
+            f"extra RSS = {r['extra_rss'] / r['bytes']:.2f} x state; "
+            f"restore = {med(r['restore']) / med(ref['restore']):.2f} x torch.load"
+        )
+    for name, r in ok.items():
+        if not name.startswith("tlreg") and name != "torch.save":
+            out.append(
+                f"{name}: stall {med(r['stall']) / ts:.2f} x, durable "
+                f"{med(r['durable']) / ts:.2f} x torch.save's"
+            )
+    return out
+
+
+def table2(rows: list[dict]) -> list[str]:
+    out = [
+        "| method | step s, no checkpoints | step s, checkpointing | slowdown "
+        "| checkpoints | stall per checkpoint s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['method']} | failed: {r['error']} | | | | |")
+            continue
+        base = statistics.mean(r["base_s"])
+        out.append(
+            f"| {r['method']} | {base:.3f} ({r['base_s'][0]:.3f}, {r['base_s'][1]:.3f}) "
+            f"| {r['step_s']:.3f} | {r['step_s'] / base - 1:+.1%} "
+            f"| {r['checkpoints']} | {spread(r['stall'], fmt='{:.3f}')} |"
+        )
+    return out
+
+
+def table3(rows: list[dict]) -> list[str]:
+    out = [
+        "| method | state GiB | trainable (head + Adam) MiB | 2nd checkpoint writes MiB "
+        "| vs torch.save | 2nd durable s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    ref = next((r for r in rows if r["method"] == "torch.save"), None)
+    for r in rows:
+        out.append(
+            f"| {r['method']} | {r['bytes'] / GiB:.2f} | {r['head_bytes'] / 2**20:.2f} "
+            f"| {r['second'] / 2**20:.2f} | {r['second'] / ref['second']:.4f} "
+            f"| {r['durable']:.2f} |"
+        )
+    return out
+
+
+def machine() -> str:
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=float, default=1.5, help="table 1 state in GiB")
+    parser.add_argument("--reps", type=int, default=3, help="saves per method in table 1")
+    parser.add_argument("--train-size", type=float, default=0.75, help="table 2 state, GiB")
+    parser.add_argument("--steps", type=int, default=20, help="table 2 steps per phase")
+    parser.add_argument("--every", type=int, default=5, help="table 2 checkpoint interval")
+    parser.add_argument("--step-s", type=float, default=0.7, help="table 2 target step time")
+    parser.add_argument("--frozen-size", type=float, default=0.5, help="table 3 state, GiB")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="small, 1 rep, in-process")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.quick:
+        args.size, args.reps, args.train_size, args.steps, args.every = 0.1, 1, 0.05, 6, 2
+        args.step_s, args.frozen_size = 0.15, 0.05
+    isolated = not args.quick
+    root = Path(tempfile.mkdtemp(prefix="tlreg-bench-", dir=args.dir))
+    free = shutil.disk_usage(root).free
+    need = (args.size * (args.reps + 2) + args.train_size * 3) * GiB
+    if free < need:
+        sys.exit(f"{root}: {free / GiB:.1f} GiB free, the benchmark needs ~{need / GiB:.0f}")
+    results: dict[str, Any] = {"machine": machine(), "dir": str(root)}
+    print(f"# tlreg checkpoint benchmark\n\n{results['machine']}; writing to {root}\n")
+    try:
+        model, opt = make_training(args.size)
+        state = state_of(model, opt)
+        nbytes = state_bytes(state)
+        copy_s = copy_time(state, args.reps)
+        del model, opt, state
+        gc.collect()
+        dd = dd_bandwidth(root, nbytes)
+        results |= {"dd": dd, "copy_s": copy_s}
+
+        t1 = []
+        for name in T1_METHODS:
+            print(f"table 1: {name} ...", file=sys.stderr, flush=True)
+            row = call(["t1", name, args.size, args.reps, str(root)], isolated)
+            t1.append(row | {"method": name})
+        results["t1"] = t1
+        lines = [
+            f"## 1. Save and restore: {nbytes / GiB:.2f} GiB state "
+            f"(MLP {layers_for(args.size)}x{WIDTH}² + Adam), median (min-max) of "
+            f"{args.reps}; dd bs=4M conv=fsync: {dd / 1e9:.2f} GB/s",
+            "",
+            *table1(t1, dd, copy_s),
+            "",
+            *ratios1(t1, copy_s, dd),
+            "",
+        ]
+        print("\n".join(lines), flush=True)
+
+        batch = calibrate_batch(args.train_size, args.step_s)
+        t2 = []
+        for name in T2_METHODS:
+            print(f"table 2: {name} ...", file=sys.stderr, flush=True)
+            row = call(
+                ["t2", name, args.train_size, args.steps, args.every, batch, str(root)], isolated
+            )
+            t2.append(row | {"method": name})
+        results["t2"] = t2
+        t2_bytes = next((r["bytes"] for r in t2 if "bytes" in r), 0)
+        lines = [
+            f"## 2. Training loop: MLP {layers_for(args.train_size)}x{WIDTH}², "
+            f"Adam(fused=True), {t2_bytes / GiB:.2f} GiB state, batch {batch}, "
+            f"{args.steps} steps with a checkpoint every {args.every} (the last one waited for) "
+            f"between two runs of {args.steps} steps without",
+            "",
+            *table2(t2),
+            "",
+        ]
+        print("\n".join(lines), flush=True)
+
+        print("table 3 ...", file=sys.stderr, flush=True)
+        t3 = call(["t3", args.frozen_size, str(root)], isolated)
+        results["t3"] = t3
+        if isinstance(t3, dict):
+            print(f"## 3. Frozen backbone: failed: {t3['error']}")
+        else:
+            print("## 3. Frozen backbone: bytes added by the second checkpoint\n")
+            print("\n".join(table3(t3)))
+        results["machine_after"] = machine()
+        print(f"\n{results['machine_after']} (at the end)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
