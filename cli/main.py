@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tlreg.cli import branches, history, train, weights
+from tlreg.cli import branches, history, jobs, train, weights
 from tlreg.cli.common import Env, TlregGroup, echo_json, json_option, pass_env
 from tlreg.registry import Registry
 from tlreg.training import write_settings
@@ -63,7 +63,7 @@ def init(env: Env, as_json: bool) -> None:
         click.echo(f"  store     {settings.store_url}")
 
 
-for module in (branches, history, train, weights):
+for module in (branches, history, jobs, train, weights):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -22,6 +22,7 @@ import torch
 
 from tlreg.registry import Registry
 from tlreg.training.errors import ConfigError, RunFailed
+from tlreg.training.jobs import current_submission_id
 from tlreg.training.task import load_task
 
 Event = dict[str, Any]
@@ -159,7 +160,10 @@ def train(
     registry = Registry(config.registry_url)
     try:
         registry.get_branch(config.branch)
-        run = registry.start_run(config.branch, recorded_config(config))
+        # Under `tlreg submit` or `ray job submit` the Run row names the Ray job.
+        run = registry.start_run(
+            config.branch, recorded_config(config), ray_job_id=current_submission_id()
+        )
         summary = TrainSummary(branch=config.branch, run_id=run.id, status="running")
         try:
             _fit(config, run.id, Path(storage_path), summary, on_event)

@@ -28,6 +28,7 @@ def test_cli_exposes_exactly_the_commands_of_this_release() -> None:
             "show",
             "diff",
             "runs",
+            "submit",
             "tag",
             "export",
             "verify",

@@ -1,0 +1,175 @@
+"""A real local Ray cluster for the job tests, started once per module.
+
+``ray_cluster`` runs ``ray start --head --block`` on 127.0.0.1 with every port it opens chosen
+free by us, its own short temp dir (Unix socket paths must stay under ~107 bytes) and token
+authentication on, with a fresh token. It is stopped by signalling only the processes it
+started: ``ray stop`` would stop every Ray on the machine, other people's included.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """Where the test cluster's job server listens and the token it accepts."""
+
+    address: str
+    token: str
+    temp_dir: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that authenticate a JobSubmissionClient in this process."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """Environment variables for a separate process that talks to the cluster."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (held together so that none repeats)."""
+    with ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
+def _short_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Ray puts sockets at <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store
+    # (~65 bytes below <temp>): use pytest's dir when that fits in sun_path, /tmp otherwise.
+    candidate = tmp_path_factory.mktemp("ray", numbered=True)
+    if len(str(candidate)) <= 36:
+        return candidate
+    return Path(tempfile.mkdtemp(prefix="tlreg-ray-"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A one-node Ray cluster with 2 CPUs and a job server, stopped after the module."""
+    temp_dir = _short_temp_dir(tmp_path_factory)
+    (
+        gcs,
+        object_manager,
+        node_manager,
+        client_server,
+        dashboard,
+        agent_http,
+        agent_grpc,
+        runtime_env_agent,
+        metrics,
+    ) = _free_ports(9)
+    token = secrets.token_hex(32)
+    env = {
+        **os.environ,
+        # The venv's python first: job entrypoints run `python -m tlreg.cli ...`.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    # Jobs get their tlreg settings from their runtime_env, never from the cluster's shell.
+    for name in [n for n in env if n.startswith("TLREG_")]:
+        del env[name]
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    args = [
+        str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+        f"--port={gcs}", f"--object-manager-port={object_manager}",
+        f"--node-manager-port={node_manager}", f"--ray-client-server-port={client_server}",
+        f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
+        # 0/0: each worker binds a port the kernel picks, not one of a fixed range.
+        "--min-worker-port=0", "--max-worker-port=0",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    cluster = RayCluster(address=f"http://127.0.0.1:{dashboard}", token=token, temp_dir=temp_dir)
+    log_path = temp_dir / "ray-start.log"
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            _wait_until_accepting_jobs(cluster, proc, log_path)
+            yield cluster
+        finally:
+            _stop(proc)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_until_accepting_jobs(
+    cluster: RayCluster, proc: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Poll the job API until it lists jobs; fail with the log tail if it never does."""
+    deadline = time.monotonic() + 90
+    error: object = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            r = requests.get(f"{cluster.address}/api/jobs/", headers=cluster.headers, timeout=2)
+            if r.status_code == 200:
+                return
+            error = f"HTTP {r.status_code}: {r.text[:200]}"
+        except requests.RequestException as e:
+            error = e
+        time.sleep(0.3)
+    _stop(proc)
+    pytest.fail(
+        f"ray start did not serve jobs (exit code {proc.poll()}, last error {error!r}).\n"
+        f"log tail:\n{log.read_text(errors='replace')[-4000:]}"
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop every process this `ray start` started, and nothing else.
+
+    Ray's own processes share ``proc``'s process group (start_new_session), but its workers
+    (job drivers, actors) put themselves in groups of their own: collect the whole tree
+    first, since they are re-parented once the raylet is gone. SIGTERM makes ``ray start
+    --block`` drain for up to 30 s, so survivors get SIGKILL after a short grace period.
+    """
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=2)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    if proc.poll() is None:
+        proc.wait(timeout=5)
