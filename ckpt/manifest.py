@@ -327,6 +327,15 @@ def manifest_key(manifest_id: str) -> str:
     return f"{MANIFESTS}/{manifest_id}.json"
 
 
+def stored_manifests(store: Store) -> set[str]:
+    """Ids of every manifest in ``store`` (for garbage collection)."""
+    return {
+        key.removeprefix(f"{MANIFESTS}/").removesuffix(".json")
+        for key in store.list(MANIFESTS)
+        if key.endswith(".json") and _ID.match(key.removeprefix(f"{MANIFESTS}/")[:-5])
+    }
+
+
 def read_manifest(store: Store, manifest_id: str) -> Manifest:
     """Read and parse the manifest ``manifest_id`` from ``store``.
 

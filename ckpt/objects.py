@@ -163,3 +163,21 @@ def read_range(
     for index, offset, n in layout.pieces(start, len(out)):
         store.get_into(chunk_key(digest, index), out[done : done + n], offset)
         done += n
+
+
+def stored_objects(store: Store) -> set[str]:
+    """Digests of every object folder in ``store``, complete or not (for garbage collection)."""
+    found = set()
+    for key in store.list(OBJECTS):
+        parts = key.split("/")
+        if len(parts) >= 4 and parts[3].startswith(parts[1] + parts[2]):
+            found.add(parts[3])
+    return found
+
+
+def delete_object(store: Store, digest: str) -> None:
+    """Delete object ``digest``: ``zarr.json`` first, so a reader never takes a half-deleted
+    object for complete, then every chunk. Idempotent."""
+    store.delete(meta_key(digest))
+    for key in list(store.list(object_prefix(digest))):
+        store.delete(key)

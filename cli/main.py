@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
-from tlreg.cli import branches, history, jobs, train, weights
+from tlreg.cli import branches, history, jobs, maintenance, train, weights
 from tlreg.cli.common import Env, TlregGroup, echo_json, json_option, pass_env
 from tlreg.registry import Registry
+from tlreg.registry.core import FORCE_ENV
 from tlreg.training import write_settings
 
 
@@ -14,16 +17,28 @@ from tlreg.training import write_settings
 @click.option("--home", envvar="TLREG_HOME", help="tlreg home (default ~/.tlreg).")
 @click.option("--registry", "registry_url", help="Registry URL (overrides TLREG_REGISTRY_URL).")
 @click.option("--store", "store_url", help="Store path or URL (overrides TLREG_STORE_URL).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Allow a SQLite registry on a network filesystem (one writing machine only).",
+)
 @click.version_option(package_name="tlreg")
 @click.pass_context
 def cli(
-    ctx: click.Context, home: str | None, registry_url: str | None, store_url: str | None
+    ctx: click.Context,
+    home: str | None,
+    registry_url: str | None,
+    store_url: str | None,
+    force: bool,
 ) -> None:
     """Async checkpoints and a lineage registry for transfer learning on Ray.
 
     \b
     Example:  tlreg init && tlreg branch base --task MODULE:ATTR && tlreg train base
     """
+    if force:
+        # An environment variable, so that Ray workers this command starts inherit it.
+        os.environ[FORCE_ENV] = "1"
     env = Env(home, registry_url, store_url)
     ctx.obj = env
     ctx.call_on_close(env.close)
@@ -63,7 +78,7 @@ def init(env: Env, as_json: bool) -> None:
         click.echo(f"  store     {settings.store_url}")
 
 
-for module in (branches, history, jobs, train, weights):
+for module in (branches, history, jobs, maintenance, train, weights):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -108,7 +108,7 @@ def _quote(value: str | None) -> str:
     return "(empty)" if value is None else repr(value)
 
 
-def _reopen(url: str, force: bool) -> Registry:
+def _reopen(url: str, force: bool | None) -> Registry:
     return Registry(url, force=force)
 
 
@@ -154,7 +154,14 @@ def filesystem_type(path: Path, mounts: Path | None = None) -> str | None:
     return best_type
 
 
-def _create_engine(url: str, *, force: bool = False) -> Engine:
+FORCE_ENV = "TLREG_SQLITE_FORCE"
+"""Set to 1 to allow a SQLite registry on a network filesystem (``tlreg --force``); an
+environment variable so that local Ray workers started by the same command inherit it."""
+
+
+def _create_engine(url: str, *, force: bool | None = None) -> Engine:
+    if force is None:
+        force = os.environ.get(FORCE_ENV) == "1"
     try:
         parsed = make_url(url)
     except ArgumentError as e:
@@ -185,8 +192,8 @@ def _create_engine(url: str, *, force: bool = False) -> Engine:
             raise UnsafeFilesystem(
                 f"registry file {str(path)!r} is on a {fs_type} filesystem, where SQLite's "
                 "locks do not hold across machines: use PostgreSQL "
-                "(postgresql+psycopg://user@host/db), or pass force=True if only one machine "
-                "ever writes it"
+                "(postgresql+psycopg://user@host/db), or pass --force (TLREG_SQLITE_FORCE=1) "
+                "if only one machine ever writes it"
             )
         try:
             # Owner-only: the registry names every checkpoint and run config. SQLite gives
@@ -227,7 +234,7 @@ class Registry:
 
     url: str
 
-    def __init__(self, url: str, *, force: bool = False) -> None:
+    def __init__(self, url: str, *, force: bool | None = None) -> None:
         """Open (or create) the registry at ``url``.
 
         Raises SchemaVersionError when the database has an older schema (the message says to
@@ -247,7 +254,7 @@ class Registry:
             raise
 
     @classmethod
-    def upgrade(cls, url: str, *, force: bool = False) -> tuple[int, int]:
+    def upgrade(cls, url: str, *, force: bool | None = None) -> tuple[int, int]:
         """Migrate the registry at ``url`` to this tlreg's schema, in one transaction.
 
         Returns (from_version, to_version); equal when there was nothing to do, and
@@ -276,7 +283,7 @@ class Registry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __reduce__(self) -> tuple[Callable[..., Registry], tuple[str, bool]]:
+    def __reduce__(self) -> tuple[Callable[..., Registry], tuple[str, bool | None]]:
         return (_reopen, (self.url, self.force))
 
     def __repr__(self) -> str:

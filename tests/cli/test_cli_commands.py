@@ -29,6 +29,8 @@ def test_cli_exposes_exactly_the_commands_of_this_release() -> None:
             "diff",
             "runs",
             "submit",
+            "gc",
+            "upgrade",
             "tag",
             "export",
             "verify",

@@ -230,7 +230,7 @@ def test_sqlite_on_a_network_filesystem_is_refused_unless_forced(
     message = str(e.value)
     assert "\n" not in message
     assert f"is on a {fs_type} filesystem" in message
-    assert "use PostgreSQL (postgresql+psycopg://user@host/db), or pass force=True" in message
+    assert "use PostgreSQL (postgresql+psycopg://user@host/db), or pass --force" in message
     assert not (tmp_path / "net" / "registry.db").exists()
     with Registry(url, force=True) as reg:
         reg.create_branch("main")

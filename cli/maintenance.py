@@ -1,0 +1,81 @@
+"""``tlreg gc`` and ``tlreg upgrade``: keeping a registry and its store in shape."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import click
+
+from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env
+from tlreg.registry import Registry
+from tlreg.training.gc import collect_garbage
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class Duration(click.ParamType):
+    """``90``, ``30s``, ``15m``, ``24h``, ``7d`` or ``2w``."""
+
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw]?)", str(value).strip())
+        if not m:
+            self.fail(f"{value!r} is not a duration like 90s, 15m, 24h or 7d", param, ctx)
+        return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2) or "s"])
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; change nothing.")
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=1),
+    help="Keep only the N newest checkpoints of each branch (plus tags, heads, bases).",
+)
+@click.option(
+    "--grace",
+    type=Duration(),
+    default="24h",
+    show_default=True,
+    help="Delete unregistered objects only once seen this long ago (crashed saves).",
+)
+@json_option
+@pass_env
+def gc(env: Env, dry_run: bool, keep_last: int | None, grace: timedelta, as_json: bool) -> None:
+    """Delete stored bytes no kept checkpoint needs; lineage rows always stay.
+
+    Example: tlreg gc --keep-last 5 --dry-run
+    """
+    plan = collect_garbage(
+        env.registry, env.store, keep_last=keep_last, grace=grace, dry_run=dry_run
+    )
+    if as_json:
+        echo_json({"dry_run": dry_run, **plan.to_json()})
+        return
+    verb = "would" if dry_run else "did"
+    click.echo(
+        f"gc {verb} prune {len(plan.prune)} checkpoints and delete {len(plan.objects)} objects "
+        f"({fmt_bytes(plan.nbytes)}), {len(plan.orphan_objects)} orphan objects and "
+        f"{len(plan.orphan_manifests)} orphan manifests"
+    )
+    if plan.waiting:
+        click.echo(f"{plan.waiting} unregistered items are younger than --grace and were kept")
+
+
+@click.command()
+@pass_env
+def upgrade(env: Env) -> None:
+    """Migrate the registry's schema to this tlreg's version.  Example: tlreg upgrade"""
+    before, after = Registry.upgrade(env.settings.registry_url)
+    if before == after:
+        click.echo(f"registry schema is up to date (version {after})")
+    else:
+        click.echo(f"registry schema upgraded from version {before} to {after}")
+
+
+COMMANDS = [gc, upgrade]
