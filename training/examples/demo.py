@@ -41,20 +41,29 @@ def _quote(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in "*? ") else arg
 
 
-def train(branch: str, task: str, home: Path, *extra: str, steps: int) -> dict[str, Any]:
+def train(
+    branch: str,
+    task: str,
+    home: Path,
+    *extra: str,
+    steps: int,
+    checkpoint_every: int = 50,
+    eval_every: int = 5,
+) -> dict[str, Any]:
+    """``tlreg train BRANCH --task TASK ... --json`` on 2 workers; returns the summary."""
     out = tlreg(
         "train",
         branch,
         "--task",
-        f"{DIGITS}:{task}",
+        task,
         "--workers",
         "2",
         "--steps",
         str(steps),
         "--checkpoint-every",
-        "50",
+        str(checkpoint_every),
         "--eval-every",
-        "5",
+        str(eval_every),
         *extra,
         "--json",
         home=home,
@@ -111,6 +120,43 @@ def branch_bytes(home: Path, branch: str) -> tuple[int, int]:
         registry.close()
 
 
+def comparison(
+    home: Path,
+    rows: list[tuple[str, str, dict[str, Any]]],
+    target: float,
+    title: str,
+    frozen_prefix: str,
+) -> list[str]:
+    """A Markdown table: steps and seconds to ``target``, final metric, bytes per branch."""
+    header = (
+        title,
+        f"steps to {target:.0%}",
+        "seconds",
+        "final",
+        "stored (logical)",
+        "new bytes",
+        f"new bytes in {frozen_prefix.removeprefix('model/')}*",
+    )
+    table = []
+    for label, branch, summary in rows:
+        reached_step, reached_s = first_reaching(summary, target)
+        logical, new = branch_bytes(home, branch)
+        table.append(
+            (
+                label,
+                reached_step,
+                reached_s,
+                f"{summary['evals'][-1]['metric']:.3f}",
+                f"{logical:,}",
+                f"{new:,}",
+                f"{frozen_new_bytes(home, branch, frozen_prefix):,}",
+            )
+        )
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in table]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--home", help="Keep the demo's tlreg home here instead of a temp dir.")
@@ -129,14 +175,14 @@ def run(home: Path, steps: int, target: float) -> None:
     print(f"tlreg demo in {home}\n", flush=True)
     tlreg("init", home=home)
     tlreg("branch", "base", "--task", f"{DIGITS}:lower", home=home)
-    train("base", "lower", home, steps=steps)
+    train("base", f"{DIGITS}:lower", home, steps=steps)
 
     tlreg("branch", "upper-head", "base", "--task", f"{DIGITS}:upper", home=home)
-    head = train("upper-head", "upper", home, "--freeze", "features.*", steps=steps)
+    head = train("upper-head", f"{DIGITS}:upper", home, "--freeze", "features.*", steps=steps)
     tlreg("branch", "upper-full", "base", "--task", f"{DIGITS}:upper", home=home)
-    full = train("upper-full", "upper", home, steps=steps)
+    full = train("upper-full", f"{DIGITS}:upper", home, steps=steps)
     tlreg("branch", "upper-scratch", "--task", f"{DIGITS}:upper", home=home)
-    scratch = train("upper-scratch", "upper", home, steps=steps)
+    scratch = train("upper-scratch", f"{DIGITS}:upper", home, steps=steps)
 
     tlreg("lineage", "base", home=home)
     print()
@@ -145,33 +191,7 @@ def run(home: Path, steps: int, target: float) -> None:
         ("ancestor, frozen features", "upper-head", head),
         ("ancestor, full fine-tune", "upper-full", full),
     ]
-    header = (
-        "digits 5-9",
-        f"steps to {target:.0%}",
-        "seconds",
-        "final acc",
-        "stored (logical)",
-        "new bytes",
-        "new bytes in features.*",
-    )
-    table = []
-    for label, branch, summary in rows:
-        reached_step, reached_s = first_reaching(summary, target)
-        logical, new = branch_bytes(home, branch)
-        table.append(
-            (
-                label,
-                reached_step,
-                reached_s,
-                f"{summary['evals'][-1]['metric']:.3f}",
-                str(logical),
-                str(new),
-                str(frozen_new_bytes(home, branch, "model/features.")),
-            )
-        )
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    for r in [header, *table]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print("\n".join(comparison(home, rows, target, "digits 5-9", "model/features.")))
     print("\nSeconds count from the first training step (Ray start-up excluded).")
 
 
