@@ -279,7 +279,7 @@ class BertModel(nn.Module):
         """``True`` where ``input_ids`` holds a real token."""
         return input_ids != self.config.pad_token_id
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Per-token hidden states ``[batch, tokens, hidden]`` (padding columns trimmed)."""
         input_ids = trim_padding(input_ids, self.config.pad_token_id)
         mask = self.attention_mask(input_ids)
@@ -291,7 +291,12 @@ class BertModel(nn.Module):
         This is sentence-transformers' ``Pooling(mean)`` + ``Normalize`` for all-MiniLM-L6-v2.
         """
         input_ids = trim_padding(input_ids, self.config.pad_token_id)
-        return F.normalize(mean_pool(self(input_ids), self.attention_mask(input_ids)), dim=-1)
+        hidden = self.hidden_states(input_ids)
+        return F.normalize(mean_pool(hidden, self.attention_mask(input_ids)), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings (see :meth:`embed`); subclasses put a head on them."""
+        return self.embed(input_ids)
 
 
 def trim_padding(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -382,7 +387,7 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, max_length: int = 128) -> WordPieceTokenizer:
-        """The tokenizer of a Hugging Face model folder (``vocab.txt``, ``tokenizer_config.json``)."""
+        """The tokenizer of a Hugging Face folder (``vocab.txt``, ``tokenizer_config.json``)."""
         folder = Path(folder)
         vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
         if vocab and vocab[-1] == "":
