@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def populate(reg: Registry, n: int) -> dict[str, Any]:
                     {"name": f"chain-{c}", "head": parent, "base": base, "task": None,
                      "created": t0},
                 )  # fmt: skip
+        assert parent is not None
         heads[c] = parent
         if member == 0:
             info["roots"].append(cid(c * CHAIN))
@@ -111,8 +113,10 @@ def populate(reg: Registry, n: int) -> dict[str, Any]:
             conn.execute(m.Tag.__table__.insert(), {"name": f"release-{c}", "checkpoint": heads[c],
                                                     "created": t0})  # fmt: skip
     if reg._dialect == "postgresql":
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ANALYZE")
+        # What autovacuum does to freshly inserted tables (PostgreSQL >= 13 vacuums after
+        # inserts too): statistics, and a visibility map so index-only scans skip the heap.
+        with reg._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE")
     return info
 
 
@@ -194,6 +198,11 @@ def backend_url(backend: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _load() -> str:
+    """The 1-minute load average (the machine is shared: timings scale with it)."""
+    return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", type=int, default=100_000)
@@ -207,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     table: dict[str, list[tuple[str, float, float]]] = {}
     for backend in backends:
-        print(f"{backend}, {n:,} checkpoints", flush=True)
+        print(f"{backend}, {n:,} checkpoints, load average {_load()}", flush=True)
         with backend_url(backend) as url, Registry(url) as reg:
             skip = tuple(x for x in args.skip.split(",") if x)
             table[backend] = run(reg, n, args.quick, skip)
+        print(f"  load average after {_load()}", flush=True)
     header = "| operation | " + " | ".join(f"{b} p50 / p99 (ms)" for b in backends) + " |"
     print(f"\n{n:,} checkpoints\n\n{header}\n|---|" + "---|" * len(backends))
     for i, (name, _, _) in enumerate(table[backends[0]]):

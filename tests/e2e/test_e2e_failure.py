@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
-from click.testing import CliRunner
 
 from tlreg.ckpt import verify
-from tlreg.cli.main import cli
 from tlreg.registry import Registry
 from tlreg.storage_backends import open_store
 
@@ -37,41 +35,25 @@ def _train_workers(root: psutil.Process) -> list[psutil.Process]:
 
 def test_killed_worker_resumes_from_last_commit_without_losing_or_repeating_steps(
     tmp_path: Path,
+    make_shell: Callable[..., Any],
 ) -> None:
     registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
-    env = {
-        **os.environ,
-        "TLREG_HOME": str(tmp_path / "home"),
-        "TLREG_REGISTRY_URL": registry_url,
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    }
-    env.pop("TLREG_STORE_URL", None)
-    runner = CliRunner(env={k: v for k, v in env.items() if k.startswith("TLREG")})
-    for args in (["init"], ["branch", "base", "--task", "tlreg.training.examples.digits:lower"]):
-        assert runner.invoke(cli, args).exit_code == 0
-
+    shell = make_shell(registry_url)
+    shell.tlreg("init")
+    shell.tlreg("branch", "base", "--task", "tlreg.training.examples.digits:lower")
     steps = 400
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tlreg.cli",
-            "train",
-            "base",
-            "--workers",
-            "2",
-            "--steps",
-            str(steps),
-            "--checkpoint-every",
-            "20",
-            "--max-failures",
-            "2",
-            "--json",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = shell.popen(
+        "train",
+        "base",
+        "--workers",
+        "2",
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        "20",
+        "--max-failures",
+        "2",
+        "--json",
     )
     registry = Registry(registry_url)
     killed = None
@@ -96,7 +78,7 @@ def test_killed_worker_resumes_from_last_commit_without_losing_or_repeating_step
         assert step_numbers == sorted(set(step_numbers))  # strictly increasing, no duplicates
         assert step_numbers[-1] == steps
         assert all(s % 20 == 0 for s in step_numbers)
-        store = open_store(str(tmp_path / "home" / "store"))
+        store = open_store(shell.store_url)
         for record in log:
             report = verify(store, record.manifest)
             assert report.ok, report.problems

@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from tlreg.ckpt import AsyncCheckpointer, read_manifest
-from tlreg.cli.main import cli
 from tlreg.storage_backends import open_store
 from tlreg.training.examples.digits import lower
 
@@ -24,35 +21,11 @@ UPPER = "tlreg.training.examples.digits:upper"
 pytestmark = pytest.mark.slow
 
 
-def run_tlreg(env: dict[str, str], *args: str) -> str:
-    """`tlreg ARGS` in a subprocess, as a user runs it (train starts its own local Ray)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "tlreg.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
-    tmp_path: Path, registry_url: str
+    tmp_path: Path, make_shell: Callable[..., Any], registry_url: str
 ) -> None:
-    env = {
-        **os.environ,
-        "TLREG_HOME": str(tmp_path / "home"),
-        "TLREG_REGISTRY_URL": registry_url,
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    }
-    env.pop("TLREG_STORE_URL", None)
-    runner = CliRunner(env={k: v for k, v in env.items() if k.startswith("TLREG")})
-
-    def tlreg(*args: str) -> str:
-        result = runner.invoke(cli, list(args), catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.output
+    shell = make_shell(registry_url)
+    tlreg = shell.tlreg
 
     weights = tmp_path / "ancestor.safetensors"
     ancestor = {k: v.contiguous() for k, v in lower.build_model(3).state_dict().items()}
@@ -64,7 +37,7 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     def train(steps: int) -> dict:
         """Feature extraction on 2 Ray workers: only the head trains."""
         args = f"train upper-head --workers 2 --steps {steps} --checkpoint-every 10"
-        return json.loads(run_tlreg(env, *args.split(), "--freeze", "features.*", "--json"))
+        return json.loads(shell.run(*args.split(), "--freeze", "features.*", "--json"))
 
     summary = train(20)
     assert summary["status"] == "succeeded"
@@ -114,7 +87,7 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
         if name.startswith("features."):
             assert torch.equal(exported[name].view(torch.int32), tensor.view(torch.int32)), name
     assert not torch.equal(exported["head.weight"], ancestor["head.weight"])
-    store = open_store(str(tmp_path / "home" / "store"))
+    store = open_store(shell.store_url)
     root_objects = set(read_manifest(store, root["manifest"]).objects)
     for c in log[:3]:
         manifest = read_manifest(store, c["manifest"])

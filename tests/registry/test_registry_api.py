@@ -360,6 +360,43 @@ def test_checkpoints_lists_every_checkpoint_oldest_first(diamond: Registry) -> N
     assert ids(diamond.checkpoints()) == ["aaaa0001", "bbbb0002", "cccc0003", "dddd0004"]
 
 
+def test_depth_stops_the_walk_that_many_edges_away(diamond: Registry) -> None:
+    assert ids(diamond.ancestors("dddd0004", depth=1)) == ["cccc0003", "bbbb0002"]
+    assert ids(diamond.descendants("aaaa0001", depth=1)) == ["bbbb0002"]
+    assert ids(diamond.descendants("aaaa0001", depth=2)) == ["bbbb0002", "cccc0003", "dddd0004"]
+    assert diamond.ancestors("dddd0004", depth=0) == []
+
+
+def test_lineage_records_equal_get_field_for_field(diamond: Registry) -> None:
+    # The lineage reads build records from raw rows; get() goes through the ORM. Every field
+    # must agree: merge parents in order, non-finite metrics, signatures, runs, pruned times.
+    run = diamond.start_run("side", {"lr": 0.1})
+    commit(
+        diamond, "side", "eeee0005", objects={"o": 3}, metrics={"loss": math.nan,
+        "val_accuracy": 0.5, "gain": -math.inf}, signature=["x", "y"], message="note",
+        run_id=run.id, logical_bytes=10,
+    )  # fmt: skip
+    diamond.create_branch("dead", from_ref="aaaa0001")
+    commit(diamond, "dead", "ffff0006", objects={"f": 1})
+    diamond.delete_branch("dead")
+    diamond.apply_gc(diamond.gc_plan())
+
+    def as_json(records: list[CheckpointRecord]) -> list[dict[str, Any]]:
+        return [r.to_json() for r in records]
+
+    every = diamond.checkpoints()
+    assert as_json(every) == as_json([diamond.get(r.id) for r in every])
+    assert [r.id for r in every if r.pruned is not None] == ["ffff0006"]
+    for records in (
+        diamond.ancestors("eeee0005"),
+        diamond.descendants("aaaa0001"),
+        diamond.log("main"),
+        diamond.children("bbbb0002"),
+    ):
+        assert records
+        assert as_json(records) == as_json([diamond.get(r.id) for r in records])
+
+
 # -- compare-and-swap ----------------------------------------------------------------------
 
 
