@@ -91,11 +91,8 @@ def render_tree(nodes: dict[str, CheckpointRecord], focus: str) -> list[str]:
 def lineage(env: Env, ref: str, depth: int | None, as_json: bool) -> None:
     """Ancestors and descendants of REF as a tree.  Example: tlreg lineage base"""
     focus = env.registry.resolve(ref)
-    ancestors = env.registry.ancestors(ref)
-    descendants = env.registry.descendants(ref)
-    if depth is not None:
-        ancestors = _within(focus, ancestors, depth, up=True)
-        descendants = _within(focus, descendants, depth, up=False)
+    ancestors = env.registry.ancestors(ref, depth=depth)
+    descendants = env.registry.descendants(ref, depth=depth)
     nodes = {r.id: r for r in [*ancestors, focus, *descendants]}
     if as_json:
         echo_json(
@@ -110,30 +107,6 @@ def lineage(env: Env, ref: str, depth: int | None, as_json: bool) -> None:
         return
     for line in render_tree(nodes, focus.id):
         click.echo(line)
-
-
-def _within(
-    focus: CheckpointRecord, records: list[CheckpointRecord], depth: int, *, up: bool
-) -> list[CheckpointRecord]:
-    by_id = {r.id: r for r in records}
-    level = {focus.id: 0}
-    frontier = [focus]
-    while frontier:
-        nxt = []
-        for r in frontier:
-            if level[r.id] >= depth:
-                continue
-            linked = (
-                [by_id[p] for p in r.parents if p in by_id]
-                if up
-                else [c for c in records if r.id in c.parents]
-            )
-            for c in linked:
-                if c.id not in level:
-                    level[c.id] = level[r.id] + 1
-                    nxt.append(c)
-        frontier = nxt
-    return [r for r in records if r.id in level]
 
 
 @click.command()
