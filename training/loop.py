@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -114,6 +115,18 @@ class TrainSummary:
         return None
 
 
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def root_cause(error: BaseException) -> str:
+    """One line naming what went wrong. Ray wraps worker failures in a group error whose
+    first line says only that workers failed; the cause is the last exception line of the
+    worker tracebacks it carries."""
+    lines = [line.strip() for line in f"{type(error).__name__}: {error}".splitlines()]
+    causes = [line for line in lines if _ERROR_LINE.match(line)]
+    return causes[-1] if causes else lines[0]
+
+
 def recorded_config(config: TrainConfig) -> dict[str, Any]:
     """The config as stored on the Run row: URLs without passwords (credentials never go
     into the registry)."""
@@ -169,8 +182,9 @@ def train(
             _fit(config, run.id, Path(storage_path), summary, on_event)
         except Exception as e:
             summary.status = "failed"
-            summary.error = f"{type(e).__name__}: {e}".splitlines()[0]
-            registry.finish_run(run.id, status="failed", error=summary.error)
+            summary.error = root_cause(e)
+            # The Run row keeps the whole report (worker tracebacks included), bounded.
+            registry.finish_run(run.id, status="failed", error=f"{type(e).__name__}: {e}"[:8000])
             raise RunFailed(
                 f"training branch {config.branch!r} failed (run {run.id}): {summary.error}"
             ) from e

@@ -116,3 +116,17 @@ def test_backbone_learning_rate_multiplier_applies_to_everything_but_the_head() 
         p.requires_grad_(False)
     with pytest.raises(ConfigError, match="froze every parameter"):
         param_groups(model, config, upper.reset)
+
+
+def test_a_failed_run_is_summarised_by_the_workers_root_cause() -> None:
+    from tlreg.training.loop import root_cause
+
+    wrapped = RuntimeError(
+        "Training failed due to worker errors:\n"
+        '[Rank 0]\nTraceback (most recent call last):\n  File "loop.py", line 3\n'
+        "tlreg.training.errors.ConfigError: --freeze ['*'] froze every parameter\n"
+    )
+    assert root_cause(wrapped) == (
+        "tlreg.training.errors.ConfigError: --freeze ['*'] froze every parameter"
+    )
+    assert root_cause(ValueError("plain")) == "ValueError: plain"
