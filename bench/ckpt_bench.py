@@ -11,8 +11,16 @@ Run: ``.venv/bin/python bench/ckpt_bench.py [--size GiB] [--reps N] [--dir DIR] 
    min-max. Before every save one element of every tensor changes, so nothing dedups.
 2. **Training loop**: a CPU MLP with ``Adam(fused=True)``, a checkpoint every ``k`` steps;
    the per-step slowdown against the same loop without checkpoints.
+2b. **Thread vs process writer** (``--writer-rounds``, default 6; ``--only-t2b`` runs just
+   this): both ``AsyncCheckpointer`` writers in one process, interleaved round by round;
+   per round, plain steps and then the steps right after a save, paired, so that load from
+   other processes hits both writers alike.
 3. **Frozen backbone**: bytes the second checkpoint adds to the disk when only the head
    trained in between.
+
+``--methods "torch.save,tlreg eager,..."`` runs only those rows of tables 1 and 2 (the rows
+include ``tlreg eager (process writer)`` and ``tlreg lazy (process writer)``); ``--no-t3``
+skips table 3.
 
 Every method of tables 1 and 2 runs in a fresh Python process (same seed, so the same state):
 the RSS it reports is its own and no method inherits another's buffers. Restores read a
@@ -56,6 +64,8 @@ T1_METHODS = [
     "safetensors",
     "tlreg eager",
     "tlreg lazy",
+    "tlreg eager (process writer)",
+    "tlreg lazy (process writer)",
 ]
 T2_METHODS = T1_METHODS
 
@@ -392,11 +402,12 @@ class DcpAsyncProcess(DcpAsync):
 
 class Tlreg(Method):
     lazy = False
+    writer = "thread"
     name = "tlreg eager"
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
-        self.ckpt = AsyncCheckpointer(str(root / "store"), lazy=self.lazy)
+        self.ckpt = AsyncCheckpointer(str(root / "store"), lazy=self.lazy, writer=self.writer)
 
     def attach(self, opt: torch.optim.Optimizer) -> None:
         self.ckpt.attach_optimizer(opt)
@@ -422,9 +433,30 @@ class TlregLazy(Tlreg):
     name = "tlreg lazy"
 
 
+class TlregProcess(Tlreg):
+    writer = "process"
+    name = "tlreg eager (process writer)"
+
+
+class TlregLazyProcess(Tlreg):
+    lazy = True
+    writer = "process"
+    name = "tlreg lazy (process writer)"
+
+
 METHODS: dict[str, type[Method]] = {
     m.name: m
-    for m in (TorchSave, DcpSave, DcpAsync, DcpAsyncProcess, Safetensors, Tlreg, TlregLazy)
+    for m in (
+        TorchSave,
+        DcpSave,
+        DcpAsync,
+        DcpAsyncProcess,
+        Safetensors,
+        Tlreg,
+        TlregLazy,
+        TlregProcess,
+        TlregLazyProcess,
+    )
 }
 
 
@@ -542,6 +574,76 @@ def calibrate_batch(size: float, target_s: float) -> int:
     return max(8, min(8192, round(lo + (target_s - t_lo) / per_sample)))
 
 
+# -- table 2b: writer interference, interleaved -------------------------------------------
+
+
+def run_writers(size: float, steps: int, rounds: int, batch: int, root: Path) -> list[dict]:
+    """The thread and the process writer in one process, interleaved: per round and writer,
+    ``steps`` plain training steps, then a save and ``steps`` steps while it persists (timed
+    from after ``save()`` returns, so the eager copy is not counted). Adjacent plain and
+    checkpointing phases pair up, and the writers alternate, so load from other processes
+    hits both alike; the slowdown is the median over rounds of (during / plain - 1)."""
+    model, opt = make_training(size, seed=1)
+    state = state_of(model, opt)
+    x = torch.randn(batch, WIDTH)
+    writers = ("thread", "process")
+    ckpts = {w: AsyncCheckpointer(str(root / f"t2b-{w}"), writer=w) for w in writers}  # type: ignore[arg-type]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        return (time.perf_counter() - start) / n
+
+    rows = {w: {"plain": [], "during": [], "stall": [], "durable": [], "late": 0} for w in writers}
+    try:
+        for w in writers:  # warm-up: arenas, the writer process
+            ckpts[w].save(state).result()
+        step()
+        for r in range(rounds):
+            for w in writers if r % 2 == 0 else writers[::-1]:
+                row = rows[w]
+                row["plain"].append(timed(steps))
+                t0 = time.perf_counter()
+                pending = ckpts[w].save(state)
+                row["stall"].append(time.perf_counter() - t0)
+                row["during"].append(timed(steps))
+                row["late"] += not pending.done()  # still persisting after the timed steps
+                pending.result()
+                row["durable"].append(time.perf_counter() - t0)
+    finally:
+        for c in ckpts.values():
+            c.close()
+        shutil.rmtree(root / "t2b-thread", ignore_errors=True)
+        shutil.rmtree(root / "t2b-process", ignore_errors=True)
+    return [
+        {"method": f"tlreg eager ({w} writer)", "bytes": state_bytes(state), **rows[w]}
+        for w in writers
+    ]
+
+
+def table2b(rows: list[dict]) -> list[str]:
+    out = [
+        "| writer | step s, plain | step s, while persisting | slowdown, median (min-max) "
+        "| stall s | durable s | rounds still persisting after the timed steps |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        ratios = [d / p - 1 for d, p in zip(r["during"], r["plain"], strict=True)]
+        out.append(
+            f"| {r['method']} | {med(r['plain']):.3f} | {med(r['during']):.3f} "
+            f"| {med(ratios):+.1%} ({min(ratios):+.1%} to {max(ratios):+.1%}) "
+            f"| {spread(r['stall'], fmt='{:.3f}')} | {spread(r['durable'])} "
+            f"| {r['late']} of {len(ratios)} |"
+        )
+    return out
+
+
 # -- table 3: frozen backbone -------------------------------------------------------------
 
 
@@ -614,6 +716,8 @@ def worker(args: list[Any]) -> Any:
             return run_t2(rest[0], rest[1], rest[2], rest[3], rest[4], root)
         if kind == "t3":
             return run_t3(rest[0], root)
+        if kind == "t2b":
+            return run_writers(rest[0], rest[1], rest[2], rest[3], root)
     raise ValueError(kind)
 
 
@@ -667,9 +771,8 @@ def ratios1(rows: list[dict], copy_s: float, dd: float) -> list[str]:
     out = [
         f"in-memory copy of the state (pre-faulted buffer): {copy_s:.3f} s; dd: {dd / 1e9:.2f} GB/s"
     ]
-    for name in ("tlreg eager", "tlreg lazy"):
-        r = ok.get(name)
-        if r is None:
+    for name, r in ok.items():
+        if not name.startswith("tlreg"):
             continue
         stall = med(r["stall"])
         out.append(
@@ -742,8 +845,29 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="small, 1 rep, in-process")
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated rows of tables 1-2 to run (default: all), e.g. "
+        "'torch.save,tlreg eager,tlreg eager (process writer)'",
+    )
+    parser.add_argument("--no-t3", action="store_true", help="skip table 3")
+    parser.add_argument(
+        "--writer-rounds",
+        type=int,
+        default=6,
+        help="table 2b: interleaved rounds of the thread vs the process writer (0: skip)",
+    )
+    parser.add_argument("--only-t2b", action="store_true", help="run table 2b only")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    t1_methods, t2_methods = T1_METHODS, T2_METHODS
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        unknown = [m for m in wanted if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        t1_methods = t2_methods = wanted
 
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -760,62 +884,88 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "dir": str(root)}
     print(f"# tlreg checkpoint benchmark\n\n{results['machine']}; writing to {root}\n")
     try:
-        model, opt = make_training(args.size)
-        state = state_of(model, opt)
-        nbytes = state_bytes(state)
-        copy_s = copy_time(state, args.reps)
-        del model, opt, state
-        gc.collect()
-        dd = dd_bandwidth(root, nbytes)
-        results |= {"dd": dd, "copy_s": copy_s}
+        if not args.only_t2b:
+            model, opt = make_training(args.size)
+            state = state_of(model, opt)
+            nbytes = state_bytes(state)
+            copy_s = copy_time(state, args.reps)
+            del model, opt, state
+            gc.collect()
+            dd = dd_bandwidth(root, nbytes)
+            results |= {"dd": dd, "copy_s": copy_s}
 
-        t1 = []
-        for name in T1_METHODS:
-            print(f"table 1: {name} ...", file=sys.stderr, flush=True)
-            row = call(["t1", name, args.size, args.reps, str(root)], isolated)
-            t1.append(row | {"method": name})
-        results["t1"] = t1
-        lines = [
-            f"## 1. Save and restore: {nbytes / GiB:.2f} GiB state "
-            f"(MLP {layers_for(args.size)}x{WIDTH}² + Adam), median (min-max) of "
-            f"{args.reps}; dd bs=4M conv=fsync: {dd / 1e9:.2f} GB/s",
-            "",
-            *table1(t1, dd, copy_s),
-            "",
-            *ratios1(t1, copy_s, dd),
-            "",
-        ]
-        print("\n".join(lines), flush=True)
+            t1 = []
+            for name in t1_methods:
+                print(f"table 1: {name} ...", file=sys.stderr, flush=True)
+                row = call(["t1", name, args.size, args.reps, str(root)], isolated)
+                t1.append(row | {"method": name})
+            results["t1"] = t1
+            lines = [
+                f"## 1. Save and restore: {nbytes / GiB:.2f} GiB state "
+                f"(MLP {layers_for(args.size)}x{WIDTH}² + Adam), median (min-max) of "
+                f"{args.reps}; dd bs=4M conv=fsync: {dd / 1e9:.2f} GB/s",
+                "",
+                *table1(t1, dd, copy_s),
+                "",
+                *ratios1(t1, copy_s, dd),
+                "",
+            ]
+            print("\n".join(lines), flush=True)
 
         batch = calibrate_batch(args.train_size, args.step_s)
-        t2 = []
-        for name in T2_METHODS:
-            print(f"table 2: {name} ...", file=sys.stderr, flush=True)
-            row = call(
-                ["t2", name, args.train_size, args.steps, args.every, batch, str(root)], isolated
-            )
-            t2.append(row | {"method": name})
-        results["t2"] = t2
-        t2_bytes = next((r["bytes"] for r in t2 if "bytes" in r), 0)
-        lines = [
-            f"## 2. Training loop: MLP {layers_for(args.train_size)}x{WIDTH}², "
-            f"Adam(fused=True), {t2_bytes / GiB:.2f} GiB state, batch {batch}, "
-            f"{args.steps} steps with a checkpoint every {args.every} (the last one waited for) "
-            f"between two runs of {args.steps} steps without",
-            "",
-            *table2(t2),
-            "",
-        ]
-        print("\n".join(lines), flush=True)
+        if not args.only_t2b:
+            t2 = []
+            for name in t2_methods:
+                print(f"table 2: {name} ...", file=sys.stderr, flush=True)
+                row = call(
+                    ["t2", name, args.train_size, args.steps, args.every, batch, str(root)],
+                    isolated,
+                )
+                t2.append(row | {"method": name})
+            results["t2"] = t2
+            t2_bytes = next((r["bytes"] for r in t2 if "bytes" in r), 0)
+            lines = [
+                f"## 2. Training loop: MLP {layers_for(args.train_size)}x{WIDTH}², "
+                f"Adam(fused=True), {t2_bytes / GiB:.2f} GiB state, batch {batch}, "
+                f"{args.steps} steps with a checkpoint every {args.every} "
+                f"(the last one waited for) between two runs of {args.steps} steps without",
+                "",
+                *table2(t2),
+                "",
+            ]
+            print("\n".join(lines), flush=True)
 
-        print("table 3 ...", file=sys.stderr, flush=True)
-        t3 = call(["t3", args.frozen_size, str(root)], isolated)
-        results["t3"] = t3
-        if isinstance(t3, dict):
-            print(f"## 3. Frozen backbone: failed: {t3['error']}")
-        else:
-            print("## 3. Frozen backbone: bytes added by the second checkpoint\n")
-            print("\n".join(table3(t3)))
+        if args.writer_rounds:
+            print("table 2b: thread vs process writer ...", file=sys.stderr, flush=True)
+            start_load = machine()
+            t2b = call(
+                ["t2b", args.train_size, args.every, args.writer_rounds, batch, str(root)],
+                isolated,
+            )
+            results["t2b"] = t2b
+            if isinstance(t2b, dict):
+                print(f"## 2b. Thread vs process writer: failed: {t2b['error']}")
+            else:
+                lines = [
+                    f"## 2b. Thread vs process writer, interleaved in one process: "
+                    f"{t2b[0]['bytes'] / GiB:.2f} GiB state, batch {batch}, {args.every} "
+                    f"steps timed right after each save, {args.writer_rounds} rounds "
+                    f"({start_load} at the start)",
+                    "",
+                    *table2b(t2b),
+                    "",
+                ]
+                print("\n".join(lines), flush=True)
+
+        if not args.no_t3 and not args.only_t2b:
+            print("table 3 ...", file=sys.stderr, flush=True)
+            t3 = call(["t3", args.frozen_size, str(root)], isolated)
+            results["t3"] = t3
+            if isinstance(t3, dict):
+                print(f"## 3. Frozen backbone: failed: {t3['error']}")
+            else:
+                print("## 3. Frozen backbone: bytes added by the second checkpoint\n")
+                print("\n".join(table3(t3)))
         results["machine_after"] = machine()
         print(f"\n{results['machine_after']} (at the end)")
     finally:

@@ -17,24 +17,56 @@ shards (:class:`Shard`, or DTensor blocks), rank 0 writes the manifest last, and
 wrote it.
 """
 
-from tlreg.ckpt.checkpointer import (
-    PACK_BYTES,
-    SOLO_BYTES,
-    AsyncCheckpointer,
-    PendingSave,
-    SaveStats,
-)
-from tlreg.ckpt.errors import (
-    CheckpointError,
-    CheckpointNotFound,
-    CorruptCheckpoint,
-    UnsupportedFormat,
-)
-from tlreg.ckpt.manifest import Manifest, ShardEntry, TensorEntry, read_manifest
-from tlreg.ckpt.shards import Shard
-from tlreg.ckpt.tree import flatten_state, unflatten_state
-from tlreg.ckpt.verify import VerifyReport, verify
-from tlreg.ckpt.view import open_checkpoint
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tlreg.ckpt.checkpointer import (
+        PACK_BYTES,
+        SOLO_BYTES,
+        AsyncCheckpointer,
+        PendingSave,
+        SaveStats,
+    )
+    from tlreg.ckpt.errors import (
+        CheckpointError,
+        CheckpointNotFound,
+        CorruptCheckpoint,
+        UnsupportedFormat,
+        WriterError,
+    )
+    from tlreg.ckpt.manifest import Manifest, ShardEntry, TensorEntry, read_manifest
+    from tlreg.ckpt.shards import Shard
+    from tlreg.ckpt.tree import flatten_state, unflatten_state
+    from tlreg.ckpt.verify import VerifyReport, verify
+    from tlreg.ckpt.view import open_checkpoint
+
+# Imported on first use (PEP 562), so that the writer process, which needs only
+# tlreg.ckpt.writer, starts without importing torch and zarr.
+_EXPORTS = {
+    "PACK_BYTES": "checkpointer",
+    "SOLO_BYTES": "checkpointer",
+    "AsyncCheckpointer": "checkpointer",
+    "PendingSave": "checkpointer",
+    "SaveStats": "checkpointer",
+    "CheckpointError": "errors",
+    "CheckpointNotFound": "errors",
+    "CorruptCheckpoint": "errors",
+    "UnsupportedFormat": "errors",
+    "WriterError": "errors",
+    "Manifest": "manifest",
+    "ShardEntry": "manifest",
+    "TensorEntry": "manifest",
+    "read_manifest": "manifest",
+    "Shard": "shards",
+    "flatten_state": "tree",
+    "unflatten_state": "tree",
+    "VerifyReport": "verify",
+    "verify": "verify",
+    "open_checkpoint": "view",
+}
 
 __all__ = [
     "PACK_BYTES",
@@ -51,9 +83,23 @@ __all__ = [
     "TensorEntry",
     "UnsupportedFormat",
     "VerifyReport",
+    "WriterError",
     "flatten_state",
     "open_checkpoint",
     "read_manifest",
     "unflatten_state",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tlreg.ckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tlreg.ckpt.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

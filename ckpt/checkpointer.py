@@ -8,7 +8,9 @@ One save goes through three steps (DESIGN §4):
    neither copied nor read: its previous location is reused (see :meth:`attach_model`);
 2. **persist** — on the writer thread: hash every tensor (BLAKE3), drop the ones already stored
    (tensor-level dedup), pack the rest into a few objects and write their chunks through a
-   thread pool, then each object's ``zarr.json``;
+   thread pool, then each object's ``zarr.json``. With ``writer="process"`` the hashing and
+   writes run in a writer subprocess that reads the arena from shared memory
+   (:mod:`tlreg.ckpt.writer`); the dedup decisions, packing plan and commit stay here;
 3. **commit** — write the manifest. A save that fails before this writes no manifest; the
    objects it wrote are unreferenced and garbage-collectable.
 
@@ -28,6 +30,7 @@ manifest.
 
 from __future__ import annotations
 
+import abc
 import json
 import threading
 import time
@@ -37,7 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import blake3
 import torch
@@ -77,6 +80,7 @@ from tlreg.ckpt.shards import (
 )
 from tlreg.ckpt.staging import Event, Stager, align
 from tlreg.ckpt.tree import flatten_state, select_subtree, tensor_refs, unflatten_state
+from tlreg.ckpt.writer import ProcessWriter, SharedArenas, check_store
 from tlreg.storage_backends import ObjectNotFound, Store, open_store
 
 if TYPE_CHECKING:
@@ -96,6 +100,9 @@ of a packed one; on S3 a request costs ~20 ms next to ~150 ms for 16 MiB. A solo
 hash is the tensor's own hash, so it is hashed once (a pack is hashed twice: per tensor and
 as a whole), and another process saving the same tensor finds it by name without any index.
 """
+
+DEFAULT_WRITER: Literal["thread", "process"] = "thread"
+"""Where ``AsyncCheckpointer`` hashes and writes by default (see docs/performance.md)."""
 
 _HASH_BATCH_BYTES = 4 << 20  # small tensors are hashed in batches to amortise task overhead
 _HASH_BATCH_COUNT = 512
@@ -391,6 +398,184 @@ class _Tasks:
                 self._cond.wait()
 
 
+_Span = tuple[int, int, int]
+"""Bytes a persist step reads: ``(buffer index, offset, nbytes)``; buffer -1 means zeros."""
+
+
+class _Ops(abc.ABC):
+    """The byte work of one save's persist step: where hashing and object writes run.
+
+    Every method returns at once; its future completes when the work is done, or with the
+    work's error. ``wait`` re-raises the first error; ``drain`` waits without raising (before
+    giving the buffers back).
+    """
+
+    @abc.abstractmethod
+    def hash(self, spans: list[_Span]) -> Future[list[str]]:
+        """The BLAKE3 digest of each span."""
+
+    @abc.abstractmethod
+    def write_object(
+        self, digest: str, spans: list[_Span], nbytes: int
+    ) -> Future[tuple[str, ObjectLayout | None]]:
+        """Write the chunks of object ``digest`` (its layout), or None if already stored."""
+
+    @abc.abstractmethod
+    def write_pack(
+        self, spans: list[_Span], nbytes: int
+    ) -> Future[tuple[str, ObjectLayout | None]]:
+        """Hash the spans as one object, then as :meth:`write_object`."""
+
+    @abc.abstractmethod
+    def write_meta(self, finals: Mapping[str, ObjectLayout]) -> None:
+        """Write each object's ``zarr.json`` (its chunks are durable); blocks."""
+
+    @abc.abstractmethod
+    def wait(self) -> None:
+        """Wait for every submitted operation; re-raise the first error."""
+
+    @abc.abstractmethod
+    def drain(self) -> None:
+        """Wait for every submitted operation without raising."""
+
+
+class _LocalOps(_Ops):
+    """The thread writer: on this process's I/O thread pool."""
+
+    def __init__(self, store: Store, tasks: _Tasks, buffers: list[torch.Tensor]) -> None:
+        self._store = store
+        self._tasks = tasks
+        self._buffers = buffers
+
+    def _part(self, span: _Span) -> memoryview:
+        source, offset, nbytes = span
+        if source < 0:
+            return zero_pad(nbytes)
+        return self._buffers[source].numpy().data[offset : offset + nbytes]
+
+    # docstring inherited
+    def hash(self, spans: list[_Span]) -> Future[list[str]]:
+        return self._tasks.submit(lambda: [_blake3(self._part(s)) for s in spans])
+
+    def _write(self, digest: str, spans: list[_Span], nbytes: int) -> ObjectLayout | None:
+        if self._store.exists(meta_key(digest)):
+            return None  # by an earlier save or another process
+        layout = ObjectLayout.plan(nbytes)
+        parts = [self._part(s) for s in spans]
+        for i, chunk in enumerate(split_chunks(parts, layout)):
+            self._tasks.submit(self._store.put, chunk_key(digest, i), chunk)
+        return layout
+
+    # docstring inherited
+    def write_object(
+        self, digest: str, spans: list[_Span], nbytes: int
+    ) -> Future[tuple[str, ObjectLayout | None]]:
+        return self._tasks.submit(lambda: (digest, self._write(digest, spans, nbytes)))
+
+    # docstring inherited
+    def write_pack(
+        self, spans: list[_Span], nbytes: int
+    ) -> Future[tuple[str, ObjectLayout | None]]:
+        def run() -> tuple[str, ObjectLayout | None]:
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            for s in spans:
+                hasher.update(self._part(s))
+            digest = hasher.hexdigest()
+            return digest, self._write(digest, spans, nbytes)
+
+        return self._tasks.submit(run)
+
+    # docstring inherited
+    def write_meta(self, finals: Mapping[str, ObjectLayout]) -> None:
+        for digest, layout in finals.items():
+            self._tasks.submit(self._store.put, meta_key(digest), layout.zarr_json())
+        self._tasks.wait()
+
+    # docstring inherited
+    def wait(self) -> None:
+        self._tasks.wait()
+
+    # docstring inherited
+    def drain(self) -> None:
+        self._tasks.drain()
+
+
+class _RemoteOps(_Ops):
+    """The process writer: requests to the writer process, which reads the shared buffers."""
+
+    def __init__(self, writer: ProcessWriter, stager: Stager, buffers: list[torch.Tensor]) -> None:
+        self._writer = writer
+        self._stager = stager
+        self._buffers = buffers
+        self._futures: list[Future[Any]] = []
+
+    def _spans(self, spans: list[_Span]) -> list[tuple[str | None, int, int]]:
+        return [
+            (None if s < 0 else self._stager.segment(self._buffers[s]), offset, n)
+            for s, offset, n in spans
+        ]
+
+    def _call(self, op: str, **args: Any) -> Future[Any]:
+        future = self._writer.call(op, **args)
+        self._futures.append(future)
+        return future
+
+    # docstring inherited
+    def hash(self, spans: list[_Span]) -> Future[list[str]]:
+        return self._call("hash", spans=self._spans(spans))
+
+    # docstring inherited
+    def write_object(
+        self, digest: str, spans: list[_Span], nbytes: int
+    ) -> Future[tuple[str, ObjectLayout | None]]:
+        sent = self._call("object", digest=digest, spans=self._spans(spans), nbytes=nbytes)
+        return _then(sent, lambda chunk: (digest, _layout(nbytes, chunk)))
+
+    # docstring inherited
+    def write_pack(
+        self, spans: list[_Span], nbytes: int
+    ) -> Future[tuple[str, ObjectLayout | None]]:
+        sent = self._call("pack", spans=self._spans(spans), nbytes=nbytes)
+        return _then(sent, lambda reply: (str(reply[0]), _layout(nbytes, reply[1])))
+
+    # docstring inherited
+    def write_meta(self, finals: Mapping[str, ObjectLayout]) -> None:
+        if finals:
+            objects = [[d, layout.nbytes, layout.chunk] for d, layout in finals.items()]
+            self._call("meta", objects=objects).result()
+
+    # docstring inherited
+    def wait(self) -> None:
+        for future in self._futures:
+            future.result()
+
+    # docstring inherited
+    def drain(self) -> None:
+        wait(self._futures)
+
+
+def _layout(nbytes: int, chunk: int | None) -> ObjectLayout | None:
+    return None if chunk is None else ObjectLayout(nbytes, int(chunk))
+
+
+def _then(future: Future[Any], fn: Callable[[Any], _T]) -> Future[_T]:
+    """A future of ``fn(future.result())``, or of the same error."""
+    out: Future[_T] = Future()
+
+    def done(f: Future[Any]) -> None:
+        error = f.exception()
+        if error is not None:
+            out.set_exception(error)
+            return
+        try:
+            out.set_result(fn(f.result()))
+        except BaseException as e:
+            out.set_exception(e)
+
+    future.add_done_callback(done)
+    return out
+
+
 class AsyncCheckpointer:
     """Saves nested PyTorch state to a store without blocking training, and loads it back.
 
@@ -412,6 +597,15 @@ class AsyncCheckpointer:
 
     ``skip_unchanged`` (default on) lets a frozen tensor that is unchanged since the previous
     save of this checkpointer be neither copied nor hashed (see :meth:`attach_model`).
+
+    ``writer`` says where the byte work of persisting (hashing, packing, object writes)
+    runs: ``"thread"``, on this process's I/O threads, or ``"process"``, in a writer
+    subprocess that reads the staging buffers from shared memory (see
+    :mod:`tlreg.ckpt.writer`), so that it never takes this process's GIL. The process
+    writer starts on the first save and stops on :meth:`close`; the store must pickle and
+    be reachable from another process (not ``memory://``). If it dies, the save it served
+    fails with :class:`~tlreg.ckpt.errors.WriterError` and no manifest, and the next save
+    starts a new one. Both write the same objects and manifests.
     """
 
     def __init__(
@@ -424,7 +618,10 @@ class AsyncCheckpointer:
         process_group: ProcessGroup | None = None,
         collective_timeout: timedelta | None = None,
         skip_unchanged: bool = True,
+        writer: Literal["thread", "process"] = DEFAULT_WRITER,
     ) -> None:
+        if writer not in ("thread", "process"):
+            raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
         if max_inflight_bytes is not None and max_inflight_bytes <= 0:
             raise ValueError("max_inflight_bytes must be positive (or None for no bound)")
         if io_threads < 1:
@@ -440,7 +637,14 @@ class AsyncCheckpointer:
             collective = Collective(process_group, timeout=collective_timeout)
             if collective.world > 1:
                 self._collective = collective
-        self._stager = Stager()
+        self.writer = writer
+        self._writer: ProcessWriter | None = None
+        if writer == "process":
+            check_store(self.store)
+            self._writer = ProcessWriter(self.store, threads=io_threads)
+            self._stager = Stager(shared=SharedArenas(), on_drop=self._writer.forget)
+        else:
+            self._stager = Stager()
         self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="tlreg-ckpt-stage")
         self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="tlreg-ckpt-persist")
         self._io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tlreg-ckpt-io")
@@ -462,7 +666,7 @@ class AsyncCheckpointer:
         ranks = ""
         if self._collective is not None:
             ranks = f", rank={self.rank}, world={self.world}"
-        return f"AsyncCheckpointer({self.store!r}, lazy={self.lazy}{ranks})"
+        return f"AsyncCheckpointer({self.store!r}, lazy={self.lazy}, writer={self.writer!r}{ranks})"
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
@@ -692,38 +896,41 @@ class AsyncCheckpointer:
 
     def _write_tensors(self, job: _SaveJob) -> _Part:
         """Hash, dedup, pack and write the staged tensors; returns their entries."""
-        tasks = _Tasks(self._io_pool)
+        assert job.arena is not None
+        buffers = [job.arena]  # span sources: the arena, then re-read copies
+        ops: _Ops
+        if self._writer is not None:
+            ops = _RemoteOps(self._writer, self._stager, buffers)
+        else:
+            ops = _LocalOps(self.store, _Tasks(self._io_pool), buffers)
         try:
-            return self._write_staged(job, tasks)
+            return self._write_staged(job, ops, buffers)
         finally:
             # never hand the arena back to the next save while a task still reads from it
-            tasks.drain()
+            ops.drain()
+            for buffer in buffers[1:]:
+                self._stager.discard(buffer)
 
-    def _write_staged(self, job: _SaveJob, tasks: _Tasks) -> _Part:
-        assert job.arena is not None
-        view = job.arena.numpy().data
-        store = self.store
+    def _write_staged(self, job: _SaveJob, ops: _Ops, buffers: list[torch.Tensor]) -> _Part:
         items = job.items
         checked: dict[str, bool] = {}
-        copies: dict[int, memoryview] = {}
+        copies: dict[int, _Span] = {}
         todo: list[int] = []
         for i, item in enumerate(items):
             if item.reuse is not None:
                 if not item.reuse.object or self._exists(item.reuse.object, checked):
                     continue
-                copies[i] = self._reread(item)  # its object was deleted since: write it again
+                buffers.append(self._reread(item))  # its object was deleted since: write it again
+                copies[i] = (len(buffers) - 1, 0, item.nbytes)
                 item.reuse = None
             todo.append(i)
 
-        def data(i: int) -> memoryview:
+        def span(i: int) -> _Span:
             copy = copies.get(i)
             if copy is not None:
                 return copy
             item = items[i]
-            return view[item.offset : item.offset + item.nbytes]
-
-        def hash_batch(batch: list[int]) -> list[str]:
-            return [_blake3(data(i)) for i in batch]
+            return (0, item.offset, item.nbytes)
 
         batches: list[tuple[list[int], Future[list[str]]]] = []
         lo = 0
@@ -733,46 +940,33 @@ class AsyncCheckpointer:
                 total += items[todo[hi]].nbytes
                 hi += 1
             batch = todo[lo:hi]
-            batches.append((batch, tasks.submit(hash_batch, batch)))
+            batches.append((batch, ops.hash([span(i) for i in batch])))
             lo = hi
 
-        def write_object(digest: str, parts: list[memoryview], nbytes: int) -> ObjectLayout | None:
-            """Start writing the chunks of a new object; None if it is already stored."""
-            if store.exists(meta_key(digest)):
-                return None  # by an earlier save or another process
-            layout = ObjectLayout.plan(nbytes)
-            for i, chunk in enumerate(split_chunks(parts, layout)):
-                tasks.submit(store.put, chunk_key(digest, i), chunk)
-            return layout
-
-        def write_pack(pack: _Pack) -> ObjectLayout | None:
-            parts: list[memoryview] = []
+        def pack_spans(pack: _Pack) -> list[_Span]:
+            spans: list[_Span] = []
             end = 0
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
             for index, offset in pack.members:
                 if offset > end:
-                    parts.append(zero_pad(offset - end))
-                parts.append(data(index))
+                    spans.append((-1, 0, offset - end))
+                spans.append(span(index))
                 end = offset + items[index].nbytes
             if pack.size > end:
-                parts.append(zero_pad(pack.size - end))
-            for part in parts:
-                hasher.update(part)
-            pack.digest = hasher.hexdigest()
-            return write_object(pack.digest, parts, pack.size)
+                spans.append((-1, 0, pack.size - end))
+            return spans
 
         hashes: list[str] = [""] * len(items)
         # per item: (object or pack, offset); a pack's digest is known once it is hashed
         where: list[tuple[str | _Pack, int]] = [("", 0)] * len(items)
         seen: dict[str, tuple[str | _Pack, int]] = {}
         objects: dict[str, int] = {}
-        # one per new object: (its layout if written, the object, its bytes, its tensors)
-        writes: list[tuple[Future[ObjectLayout | None], str | _Pack, int, int]] = []
+        # one per new object: (its digest and layout if written, the object, bytes, tensors)
+        writes: list[tuple[Future[tuple[str, ObjectLayout | None]], str | _Pack, int, int]] = []
         pack = _Pack()
         reused = 0
 
         def seal(p: _Pack) -> None:
-            writes.append((tasks.submit(write_pack, p), p, p.size, len(p.members)))
+            writes.append((ops.write_pack(pack_spans(p), p.size), p, p.size, len(p.members)))
 
         for batch, hashed in batches:
             for i, digest in zip(batch, hashed.result(), strict=True):
@@ -791,9 +985,7 @@ class AsyncCheckpointer:
                     reused += 1
                 elif nbytes >= SOLO_BYTES:
                     where[i] = seen[digest] = (digest, 0)
-                    writes.append(
-                        (tasks.submit(write_object, digest, [data(i)], nbytes), digest, nbytes, 1)
-                    )
+                    writes.append((ops.write_object(digest, [span(i)], nbytes), digest, nbytes, 1))
                 else:
                     if pack.members and pack.size + nbytes > PACK_BYTES:
                         seal(pack)
@@ -801,24 +993,23 @@ class AsyncCheckpointer:
                     where[i] = seen[digest] = (pack, pack.add(i, nbytes))
         if pack.members:
             seal(pack)
-        tasks.wait()
+        ops.wait()
 
         # Every chunk is durable: now mark each new object complete; the manifest follows.
         new_bytes = written = 0
         finals: dict[str, ObjectLayout] = {}
         for stored, obj, size, count in writes:
-            digest = obj.digest if isinstance(obj, _Pack) else obj
+            digest, layout = stored.result()
+            if isinstance(obj, _Pack):
+                obj.digest = digest
             objects[digest] = size
-            layout = stored.result()
             if layout is not None and digest not in finals:
                 finals[digest] = layout
                 new_bytes += size
                 written += 1
             else:
                 reused += count  # stored before (or twice in this save): nothing written
-        for digest, layout in finals.items():
-            tasks.submit(store.put, meta_key(digest), layout.zarr_json())
-        tasks.wait()
+        ops.write_meta(finals)
 
         part = _Part(self.rank, {}, {}, objects, new_bytes, written, reused)
         for i, item in enumerate(items):
@@ -849,21 +1040,22 @@ class AsyncCheckpointer:
             ok = checked[digest] = self.store.exists(meta_key(digest))
         return ok
 
-    def _reread(self, item: _Item) -> memoryview:
+    def _reread(self, item: _Item) -> torch.Tensor:
         """Copy a skipped tensor now, if it is still unchanged (its stored object is gone)."""
         tensor = item.tensor
         if tensor is None or item.signature is None:
             raise AssertionError(f"skipped tensor {item.path!r} lost its source")
-        copy = torch.empty(item.nbytes, dtype=torch.uint8)
+        copy = self._stager.scratch(item.nbytes)
         with torch.no_grad():
-            copy.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+            copy[: item.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
         now = _Signature.of(tensor, item.box)
         if now is None or not item.signature.matches(now):
+            self._stager.discard(copy)
             raise CheckpointError(
                 f"frozen tensor {item.path!r} changed after save() while its previous object "
                 "was found deleted; nothing was committed, save again"
             )
-        return copy.numpy().data
+        return copy
 
     def _known(self, digest: str, checked: dict[str, bool]) -> _Location | None:
         """Where ``digest`` is already stored, if the index knows and the object still exists."""
@@ -1290,6 +1482,8 @@ class AsyncCheckpointer:
         self._stage_pool.shutdown()
         self._persist_pool.shutdown()
         self._io_pool.shutdown()
+        if self._writer is not None:
+            self._writer.close()
         self._stager.close()
         if self._collective is not None:
             self._collective.close()

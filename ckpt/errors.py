@@ -22,3 +22,7 @@ class CorruptCheckpoint(CheckpointError, ValueError):
 
 class UnsupportedFormat(CheckpointError, ValueError):
     """The manifest or object was written in a format this version cannot read."""
+
+
+class WriterError(CheckpointError, RuntimeError):
+    """The writer process failed a request or died; the save it served wrote no manifest."""

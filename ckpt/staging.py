@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -46,6 +47,22 @@ def arena_slice(arena: torch.Tensor, offset: int, tensor: torch.Tensor) -> torch
     return arena[offset : offset + tensor_nbytes(tensor)].view(tensor.dtype).view(tensor.shape)
 
 
+class Arenas(Protocol):
+    """Where arenas come from when they must be shared with another process."""
+
+    def new(self, nbytes: int) -> torch.Tensor:
+        """A new uint8 tensor of ``nbytes`` in shared memory."""
+
+    def name(self, arena: torch.Tensor) -> str:
+        """The name another process opens ``arena`` by."""
+
+    def drop(self, arena: torch.Tensor) -> str | None:
+        """Release ``arena``'s shared memory; returns its name."""
+
+    def drop_all(self) -> list[str]:
+        """Release every arena still allocated; returns their names."""
+
+
 @dataclass
 class Event:
     """Where the caller's CUDA streams were when save() was called (the copy waits for it)."""
@@ -62,8 +79,17 @@ class Stager:
     on larger machines the threads add memory bandwidth.
     """
 
-    def __init__(self, *, keep: int = 4, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        keep: int = 4,
+        threads: int | None = None,
+        shared: Arenas | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
         self._keep = keep
+        self._shared = shared
+        self._on_drop = on_drop
         self._free: dict[tuple[int, bool], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -75,6 +101,14 @@ class Stager:
         self._pool.shutdown()
         with self._lock:
             self._free.clear()
+        if self._shared is not None:
+            self._shared.drop_all()
+
+    def _drop(self, arena: torch.Tensor) -> None:
+        if self._shared is not None:
+            name = self._shared.drop(arena)
+            if name is not None and self._on_drop is not None:
+                self._on_drop(name)
 
     # -- arenas -------------------------------------------------------------------------
 
@@ -85,8 +119,13 @@ class Stager:
             free = self._free.get((size, pinned))
             if free:
                 return free.pop()
-        arena = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
-        if not pinned:  # (cudaHostAlloc faults pinned pages in itself)
+        if self._shared is not None:
+            # (not pinned: a writer process reads it, and CUDA copies into pageable memory
+            # are correct, only synchronous)
+            arena = self._shared.new(size)
+        else:
+            arena = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+        if not arena.is_pinned():  # (cudaHostAlloc faults pinned pages in itself)
             # fault the pages in now, not during the first copy; on the copy threads
             step = -(-size // self._threads)
             parts = [arena[i : i + step] for i in range(0, size, step)]
@@ -97,13 +136,34 @@ class Stager:
     def release(self, arena: torch.Tensor) -> None:
         """Give an arena back once the writer is done with it."""
         key = (arena.numel(), arena.is_pinned())
+        dropped: list[torch.Tensor] = []
         with self._lock:
             # A state whose size changed will not come back to the old size: drop those arenas.
             for other in [k for k in self._free if k != key]:
-                del self._free[other]
+                dropped += self._free.pop(other)
             free = self._free.setdefault(key, [])
             if len(free) < self._keep:
                 free.append(arena)
+            else:
+                dropped.append(arena)
+        for old in dropped:
+            self._drop(old)
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        """A one-off buffer of ``nbytes``, shared like the arenas; give it to :meth:`discard`."""
+        if self._shared is not None:
+            return self._shared.new(max(nbytes, 1))
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def discard(self, buffer: torch.Tensor) -> None:
+        """Free a buffer from :meth:`scratch`."""
+        self._drop(buffer)
+
+    def segment(self, arena: torch.Tensor) -> str:
+        """The shared-memory name of an arena (only with ``shared``)."""
+        if self._shared is None:
+            raise ValueError("arenas are not shared")
+        return self._shared.name(arena)
 
     # -- copies -------------------------------------------------------------------------
 
