@@ -7,10 +7,10 @@ import traceback
 
 import pytest
 import torch
+from faulty_stores import FailingStore
 
 from tlreg.ckpt import AsyncCheckpointer, CheckpointError, PendingSave
 from tlreg.ckpt.staging import Stager, align
-from tlreg.storage_backends import LocalStore
 
 
 def test_eager_save_is_staged_when_it_returns_and_later_mutation_is_not_saved(
@@ -115,30 +115,11 @@ def test_max_inflight_bytes_bounds_staged_bytes_of_uncommitted_saves(gated_store
     ckpt.close()
 
 
-class FaultyStore(LocalStore):
-    """Fails the put of the ``fail_at``-th chunk file."""
-
-    def __init__(self, root: str, fail_at: int) -> None:
-        super().__init__(root)
-        self.fail_at = fail_at
-        self.chunk_puts = 0
-        self.lock = threading.Lock()
-
-    def put(self, key, data):
-        if "/c/" in key:
-            with self.lock:
-                self.chunk_puts += 1
-                fail = self.chunk_puts == self.fail_at
-            if fail:
-                raise OSError(28, f"injected: no space left writing {key}")
-        super().put(key, data)
-
-
 def test_failed_save_writes_no_manifest_and_result_reraises_the_original_error(
     tmp_path, monkeypatch, same
 ):
     monkeypatch.setattr("tlreg.ckpt.checkpointer.PACK_BYTES", 4096)
-    store = FaultyStore(str(tmp_path / "faulty"), fail_at=3)
+    store = FailingStore(str(tmp_path / "faulty"), fail_at=3)
     state = {f"t{i}": torch.full((500,), float(i)) for i in range(8)}  # 4 packs of two tensors
     with AsyncCheckpointer(store) as ckpt:
         pending = ckpt.save(state)
