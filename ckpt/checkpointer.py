@@ -602,8 +602,9 @@ class AsyncCheckpointer:
     runs: ``"thread"``, on this process's I/O threads, or ``"process"``, in a writer
     subprocess that reads the staging buffers from shared memory (see
     :mod:`tlreg.ckpt.writer`), so that it never takes this process's GIL. The process
-    writer starts on the first save and stops on :meth:`close`; the store must pickle and
-    be reachable from another process (not ``memory://``). If it dies, the save it served
+    writer starts on the first save and stops on :meth:`close`; the store's ``__reduce__``
+    must name an importable factory with JSON arguments, and the store must be reachable
+    from another process (not ``memory://``). If it dies, the save it served
     fails with :class:`~tlreg.ckpt.errors.WriterError` and no manifest, and the next save
     starts a new one. Both write the same objects and manifests.
     """

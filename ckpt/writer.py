@@ -7,7 +7,7 @@ BLAKE3 hashing, hashing packs, chunking and object writes. The writer is a fresh
 the first save and stopped by ``close()``; it imports only this module, not torch. It is not
 started through ``multiprocessing``'s spawn context, which re-imports the parent's
 ``__main__`` and so re-runs a training script that lacks the ``__main__`` guard; it gets its
-end of a socket pair, the parent's ``sys.path`` and the store (which pickles by contract).
+end of a socket pair, the parent's ``sys.path`` and how to rebuild the store (JSON).
 Hashing and encoding then never take the training process's GIL. The parent keeps
 everything with state — the dedup index, the packing plan, manifests and the commit — and
 sends the writer small JSON requests over the socket:
@@ -21,8 +21,8 @@ sends the writer small JSON requests over the socket:
 A span is ``[segment, offset, nbytes]``: bytes of a shared segment, or ``nbytes`` zero bytes
 when ``segment`` is null. Every request is answered by one JSON reply with its ``id``, sent
 once the work is done (an object's chunks are durable when its reply arrives). Nothing
-crosses the pipe but JSON; tensors travel through the shared segments only, and nothing read
-from a store is ever unpickled. The writer exits when the pipe closes, so it dies with the
+crosses the pipe but JSON (the store too: its ``__reduce__`` as a JSON recipe); tensors travel
+through the shared segments only, and nothing is ever unpickled. The writer exits when the pipe closes, so it dies with the
 parent; if it dies first, every request in flight fails with :class:`WriterError`, and the
 next request starts a fresh writer.
 """
@@ -30,10 +30,10 @@ next request starts a fresh writer.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import mmap
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -62,6 +62,36 @@ _ZERO_PAD_MAX = 1 << 16  # zero_pad's limit: longer zero spans are split
 
 Span = tuple[str | None, int, int]
 """``(segment name or None for zeros, offset, nbytes)``."""
+
+
+def store_recipe(store: Store) -> dict[str, Any]:
+    """``store`` as JSON: the import path of the factory its ``__reduce__`` names, the
+    arguments and the state. Stores reduce to their configuration (URL, options; never
+    credentials), so the writer process can rebuild one without unpickling anything."""
+    reduced = store.__reduce__()
+    factory, args = reduced[0], reduced[1]
+    state = reduced[2] if len(reduced) > 2 else None
+    recipe = {
+        "factory": f"{factory.__module__}:{factory.__qualname__}",
+        "args": list(args),
+        "state": state,
+    }
+    json.dumps(recipe)  # TypeError now, in the parent, for arguments JSON cannot carry
+    return recipe
+
+
+def build_store(recipe: dict[str, Any]) -> Store:
+    """The store a :func:`store_recipe` describes."""
+    module, _, qualname = recipe["factory"].partition(":")
+    factory: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        factory = getattr(factory, part)
+    store = factory(*recipe["args"])
+    if recipe["state"] is not None:
+        store.__setstate__(recipe["state"])
+    if not isinstance(store, Store):
+        raise TypeError(f"{recipe['factory']} built a {type(store).__name__}, not a Store")
+    return store
 
 
 def check_store(store: Store) -> None:
@@ -248,16 +278,16 @@ class ProcessWriter:
         conn = Connection(ours.detach())
         try:
             conn.send_bytes(json.dumps({"threads": self.threads, "path": sys.path}).encode())
-            # The store's own pickle (stores pickle by contract, for Ray): configuration this
-            # process made, never bytes read from a store.
-            conn.send_bytes(pickle.dumps(self.store))
-        except (OSError, pickle.PicklingError, TypeError, AttributeError) as e:
+            # How to rebuild the store (its __reduce__ as JSON): nothing is pickled.
+            conn.send_bytes(json.dumps(store_recipe(self.store)).encode())
+        except (OSError, TypeError, ValueError, AttributeError) as e:
             conn.close()
             proc.kill()
             proc.wait()
             raise WriterError(
                 f"cannot start the writer process for {self.store!r}: {type(e).__name__}: {e}; "
-                "the store must pickle (see Store), or use writer='thread'"
+                "the store's __reduce__ must name an importable factory with JSON arguments, "
+                "or use writer='thread'"
             ) from e
         self._proc, self._conn = proc, conn
         self._reader = threading.Thread(
@@ -376,7 +406,7 @@ def main(fd: int) -> None:
         for entry in hello["path"]:  # so that the store's class imports as in the parent
             if entry not in sys.path:
                 sys.path.append(entry)
-        store = pickle.loads(conn.recv_bytes())  # the parent's own store object (see _start)
+        store = build_store(json.loads(conn.recv_bytes()))  # the parent's store (see _start)
     except (EOFError, OSError):
         os._exit(0)
     serve(conn, store, int(hello["threads"]))
