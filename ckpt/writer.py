@@ -21,10 +21,10 @@ sends the writer small JSON requests over the socket:
 A span is ``[segment, offset, nbytes]``: bytes of a shared segment, or ``nbytes`` zero bytes
 when ``segment`` is null. Every request is answered by one JSON reply with its ``id``, sent
 once the work is done (an object's chunks are durable when its reply arrives). Nothing
-crosses the pipe but JSON (the store too: its ``__reduce__`` as a JSON recipe); tensors travel
-through the shared segments only, and nothing is ever unpickled. The writer exits when the pipe closes, so it dies with the
-parent; if it dies first, every request in flight fails with :class:`WriterError`, and the
-next request starts a fresh writer.
+crosses the pipe but JSON (the store too: its ``__reduce__`` as a JSON recipe); tensors
+travel through the shared segments only, and nothing is ever unpickled. The writer exits
+when the pipe closes, so it dies with the parent; if it dies first, every request in flight
+fails with :class:`WriterError`, and the next request starts a fresh writer.
 """
 
 from __future__ import annotations
