@@ -63,6 +63,8 @@ def gc(env: Env, dry_run: bool, keep_last: int | None, grace: timedelta, as_json
         f"({fmt_bytes(plan.nbytes)}), {len(plan.orphan_objects)} orphan objects and "
         f"{len(plan.orphan_manifests)} orphan manifests"
     )
+    if plan.abandoned:
+        click.echo(f"gc {verb} remove {plan.abandoned} leftovers of interrupted writes")
     if plan.waiting:
         click.echo(f"{plan.waiting} unregistered items are younger than --grace and were kept")
 

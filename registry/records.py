@@ -205,6 +205,10 @@ class GcPlan:
     """Store manifests of no checkpoint, seen for longer than ``grace`` (sorted)."""
     waiting: int = 0
     """Orphans seen, but not yet for ``grace``: a later collection deletes them."""
+    abandoned: int = 0
+    """Remains of interrupted puts (temporary files, open multipart uploads) older than
+    ``grace`` that the collection removed, or would remove (filled in by the caller that
+    sweeps the store; the registry does not see them)."""
 
     @property
     def nbytes(self) -> int:
@@ -223,4 +227,5 @@ class GcPlan:
             "orphan_objects": list(self.orphan_objects),
             "orphan_manifests": list(self.orphan_manifests),
             "waiting": self.waiting,
+            "abandoned": self.abandoned,
         }

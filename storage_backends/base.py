@@ -11,6 +11,7 @@ import abc
 import json
 import posixpath
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any, TypeAlias
 
 from tlreg.storage_backends.errors import InvalidKey
@@ -129,6 +130,17 @@ class Store(abc.ABC):
     def local_path(self, key: str) -> str | None:
         """The filesystem path of ``key`` if the store is a local directory, else None."""
         return None
+
+    def sweep_abandoned(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Remove the remains of writes interrupted before ``before``; return how many.
+
+        A put that dies mid-way (SIGKILL, power loss) leaves no object, but may leave a
+        temporary file (local stores) or an open multipart upload (S3) that nothing will ever
+        finish. Anything last touched before ``before`` is abandoned; newer remains may be a
+        put still in progress and are kept. With ``dry_run`` nothing is removed. Stores whose
+        puts leave no remains return 0.
+        """
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections; the store must not be used afterwards."""

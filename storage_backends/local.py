@@ -7,6 +7,7 @@ import os
 import stat
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key
@@ -14,6 +15,12 @@ from tlreg.storage_backends.errors import ObjectNotFound, StoreError
 
 # writev takes at most IOV_MAX buffers and at most ~2 GiB per call on Linux.
 _MAX_WRITE = 1 << 30
+_TMP_MARK = ".tmp-"
+"""Temporary files of atomic puts are named ``.<name>.tmp-<uuid>`` beside their target."""
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and _TMP_MARK in name
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -66,7 +73,7 @@ class LocalStore(Store):
             raise StoreError(
                 f"cannot create {path.parent}: {e.strerror}; check the store path"
             ) from e
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+        tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
@@ -136,7 +143,7 @@ class LocalStore(Store):
         for dirpath, _dirs, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root)
             for name in files:
-                if name.startswith(".") and ".tmp-" in name:
+                if _is_temporary(name):
                     continue  # an in-flight or abandoned atomic write
                 yield name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
 
@@ -161,3 +168,22 @@ class LocalStore(Store):
     # docstring inherited
     def local_path(self, key: str) -> str | None:
         return str(self._path(key))
+
+    # docstring inherited
+    def sweep_abandoned(self, before: datetime, *, dry_run: bool = False) -> int:
+        cutoff = before.timestamp()
+        swept = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not _is_temporary(name):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.stat(path).st_mtime >= cutoff:
+                        continue  # possibly a put still writing
+                    if not dry_run:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    continue  # its put finished (renamed) or failed (unlinked) meanwhile
+                swept += 1
+        return swept

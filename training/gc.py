@@ -11,6 +11,7 @@ no file timestamps are needed (S3 has none worth trusting).
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 from tlreg.ckpt.manifest import manifest_key, stored_manifests
@@ -38,8 +39,11 @@ def collect_garbage(
         store_objects=stored_objects(store),
         store_manifests=stored_manifests(store),
     )
+    # A put killed mid-way leaves a temporary file or an open multipart upload, never an
+    # object: nothing refers to it, and only its age tells it from a put still running.
+    abandoned = store.sweep_abandoned(plan.created - grace, dry_run=dry_run)
     if dry_run:
-        return plan
+        return dataclasses.replace(plan, abandoned=abandoned)
     done = registry.apply_gc(plan)
     for digest, _nbytes in done.objects:
         delete_object(store, digest)
@@ -51,4 +55,4 @@ def collect_garbage(
         [h for h, _ in done.objects] + list(done.orphan_objects),
         manifests=done.orphan_manifests,
     )
-    return done
+    return dataclasses.replace(done, abandoned=abandoned)
