@@ -27,6 +27,12 @@ offsets), and ``hash`` is the BLAKE3 digest of the JSON list ``[[offsets, shape,
 of its shards, so equal shardings of equal data compare equal. A manifest is written with
 the lowest version that can express it: one without sharded tensors is still version 1 and
 every earlier tlreg reads it; this one reads versions 1 and 2.
+
+The file ends with ``"checksum": "<BLAKE3 of the document before it>"``, and the file must be
+exactly what this module writes (compact JSON, keys in the written order). Together the two
+make every damaged byte an error: a flipped digit that still parses (a step, a shape, a
+tensor name) fails the checksum, and a flip that parses to the same values fails the byte
+comparison. Manifest ids are not content hashes, so the checksum is the only guard.
 """
 
 from __future__ import annotations
@@ -235,8 +241,9 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        """The manifest file's content (UTF-8 JSON, standard: no NaN literals)."""
-        return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
+        """The manifest file's content (UTF-8 JSON, standard: no NaN literals, checksummed)."""
+        doc = self.to_json()
+        return _dumps({**doc, "checksum": blake3.blake3(_dumps(doc)).hexdigest()})
 
     @classmethod
     def from_json(
@@ -245,8 +252,11 @@ class Manifest:
         """Parse a manifest document.
 
         Raises :class:`UnsupportedFormat` for another format or a newer version and
-        :class:`CorruptCheckpoint` (naming ``name``) for anything malformed.
+        :class:`CorruptCheckpoint` (naming ``name``) for anything malformed. A document given
+        as text or bytes (a file) must also carry a matching checksum; a mapping is taken as
+        already parsed from a trusted place.
         """
+        raw = data.encode() if isinstance(data, str) else data
         try:
             if isinstance(data, str | bytes):
                 data = json.loads(data)
@@ -266,6 +276,8 @@ class Manifest:
                 f"{name} has format version {version}, written by a newer tlreg "
                 f"(this one reads up to {VERSION}); upgrade tlreg to read it"
             )
+        if isinstance(raw, bytes):
+            _check_integrity(data, raw, name)
         try:
             step = data["step"]
             if step is not None and type(step) is not int:
@@ -302,6 +314,29 @@ class Manifest:
             metadata=metadata,
             tree=data.get("tree"),
             version=version,
+        )
+
+
+def _dumps(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _check_integrity(doc: Mapping[str, Any], raw: bytes, name: str) -> None:
+    """Raise :class:`CorruptCheckpoint` unless ``raw`` is exactly the checksummed ``doc``."""
+    checksum = doc.get("checksum")
+    if not isinstance(checksum, str) or not _HASH.match(checksum):
+        raise CorruptCheckpoint(
+            f"{name} has no valid checksum; it is damaged or was not written by tlreg"
+        )
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    try:
+        intact = blake3.blake3(_dumps(body)).hexdigest() == checksum and _dumps(doc) == raw
+    except ValueError:  # NaN or Infinity literals: never written by tlreg
+        intact = False
+    if not intact:
+        raise CorruptCheckpoint(
+            f"{name} fails its checksum: the file is damaged; "
+            "restore it from a copy, or delete the branch that holds it"
         )
 
 
