@@ -268,10 +268,19 @@ class Manifest:
             ) from None
         fmt, version = data.get("format"), data.get("version")
         if fmt != FORMAT:
-            raise UnsupportedFormat(f"{name} is not a tlreg manifest (format {fmt!r})")
+            raise UnsupportedFormat(
+                f"{name} is not a tlreg manifest (format {fmt!r}): it is damaged or another tool "
+                "wrote it; restore it from a copy"
+            )
         if type(version) is not int or version < 1:
             raise CorruptCheckpoint(f"{name} has no valid version ({version!r})")
         if version > VERSION:
+            # A flipped bit can make a version number too: only an intact file is "newer".
+            if isinstance(raw, bytes) and not _intact(data, raw):
+                raise CorruptCheckpoint(
+                    f"{name} claims format version {version} and fails this tlreg's checksum: "
+                    "it is damaged, or a newer tlreg wrote it (then upgrade tlreg)"
+                )
             raise UnsupportedFormat(
                 f"{name} has format version {version}, written by a newer tlreg "
                 f"(this one reads up to {VERSION}); upgrade tlreg to read it"
@@ -321,6 +330,16 @@ def _dumps(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _intact(doc: Mapping[str, Any], raw: bytes) -> bool:
+    """Whether ``raw`` is byte for byte the document tlreg wrote, with a matching checksum."""
+    checksum = doc.get("checksum")
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    try:
+        return blake3.blake3(_dumps(body)).hexdigest() == checksum and _dumps(doc) == raw
+    except ValueError:  # NaN or Infinity literals: never written by tlreg
+        return False
+
+
 def _check_integrity(doc: Mapping[str, Any], raw: bytes, name: str) -> None:
     """Raise :class:`CorruptCheckpoint` unless ``raw`` is exactly the checksummed ``doc``."""
     checksum = doc.get("checksum")
@@ -328,12 +347,7 @@ def _check_integrity(doc: Mapping[str, Any], raw: bytes, name: str) -> None:
         raise CorruptCheckpoint(
             f"{name} has no valid checksum; it is damaged or was not written by tlreg"
         )
-    body = {k: v for k, v in doc.items() if k != "checksum"}
-    try:
-        intact = blake3.blake3(_dumps(body)).hexdigest() == checksum and _dumps(doc) == raw
-    except ValueError:  # NaN or Infinity literals: never written by tlreg
-        intact = False
-    if not intact:
+    if not _intact(doc, raw):
         raise CorruptCheckpoint(
             f"{name} fails its checksum: the file is damaged; "
             "restore it from a copy, or delete the branch that holds it"

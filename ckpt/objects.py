@@ -83,8 +83,8 @@ class ObjectLayout:
 
     @classmethod
     def from_zarr_json(cls, raw: bytes, *, name: str) -> ObjectLayout:
-        """Parse an object's ``zarr.json``; :class:`UnsupportedFormat` unless tlreg could
-        have written it (1-D uint8, regular chunks, default keys, uncompressed bytes)."""
+        """Parse an object's ``zarr.json``; :class:`UnsupportedFormat` unless it is exactly
+        what tlreg writes (1-D uint8, regular chunks, default keys, uncompressed bytes)."""
         try:
             meta: Any = json.loads(raw)
             (nbytes,) = meta["shape"]
@@ -102,13 +102,15 @@ class ObjectLayout:
                 and type(chunk) is int
                 and nbytes > 0
                 and chunk > 0
+                # byte for byte what tlreg writes, so that no damaged byte goes unnoticed
+                and bytes(raw) == cls(nbytes, chunk).zarr_json()
             )
         except (ValueError, KeyError, TypeError) as e:
             raise UnsupportedFormat(f"{name} has unreadable zarr.json ({e!r})") from None
         if not ok:
             raise UnsupportedFormat(
-                f"{name} is not a tlreg object "
-                "(expected a 1-D uint8 array with the plain bytes codec)"
+                f"{name} is not a tlreg object as written (expected a 1-D uint8 array with the "
+                "plain bytes codec, in tlreg's layout): it is damaged or another tool wrote it"
             )
         return cls(nbytes, chunk)
 

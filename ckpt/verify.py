@@ -123,7 +123,8 @@ def _check_object(
         try:
             data = memoryview(store.get(chunk_key(digest, index)))
         except ObjectNotFound:
-            return "missing", read, set()
+            # its zarr.json exists: a lost chunk, or a damaged chunk size that names too many
+            return "damaged", read, {p for p, _ in members}
         read += len(data)
         logical = min(layout.chunk, layout.nbytes - index * layout.chunk)
         if len(data) != layout.chunk:
