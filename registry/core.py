@@ -35,8 +35,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.engine import URL, ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, delete, select, update
 
@@ -53,6 +53,7 @@ from tlreg.registry.errors import (
     HeadMoved,
     NotCollectable,
     RefNotFound,
+    RegistryUnavailable,
     RunNotFound,
     TagExists,
     UnsafeFilesystem,
@@ -170,7 +171,7 @@ def _create_engine(url: str, *, force: bool | None = None) -> Engine:
         ) from e
     backend = parsed.get_backend_name()
     if backend == "postgresql":
-        return create_engine(parsed, pool_pre_ping=True)
+        return _watch_errors(create_engine(parsed, pool_pre_ping=True), parsed)
     if backend != "sqlite":
         raise UnsupportedDatabase(
             f"registry URL {parsed.render_as_string(hide_password=True)!r} names a {backend} "
@@ -219,6 +220,38 @@ def _create_engine(url: str, *, force: bool | None = None) -> Engine:
     def _begin(conn: Any) -> None:
         write = conn.get_execution_options().get("tlreg_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return _watch_errors(engine, parsed)
+
+
+def _watch_errors(engine: Engine, url: URL) -> Engine:
+    """Turn "the database is not there" into :class:`RegistryUnavailable`, one line long.
+
+    A connection that cannot be made or is lost mid-way (server stopped, network cut) and a
+    SQLite file that stays locked past the busy timeout are conditions to fix outside
+    tlreg, not bugs: they get a message naming the database (password hidden) and what to
+    check. Every other database error passes through unchanged.
+    """
+    shown = url.render_as_string(hide_password=True)
+
+    @event.listens_for(engine, "handle_error")
+    def _unavailable(context: ExceptionContext) -> None:
+        error = context.original_exception
+        if context.is_pre_ping or not isinstance(
+            context.sqlalchemy_exception, OperationalError | InterfaceError
+        ):
+            return
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if context.connection is None or context.is_disconnect:
+            raise RegistryUnavailable(
+                f"registry database {shown} is unreachable ({first}); check that its server "
+                "is running and reachable, then retry"
+            ) from error
+        if "database is locked" in first:
+            raise RegistryUnavailable(
+                f"registry database {shown} stayed locked by another process ({first}); "
+                "retry when it is done"
+            ) from error
 
     return engine
 

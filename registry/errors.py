@@ -77,6 +77,10 @@ class HeadMoved(RegistryError):
         self.actual = actual
 
 
+class RegistryUnavailable(RegistryError, ConnectionError):
+    """The registry database cannot be reached (server stopped, network cut, file locked)."""
+
+
 class UnsafeFilesystem(RegistryError, OSError):
     """A SQLite registry file on a network filesystem, where SQLite's locking is unreliable."""
 
