@@ -192,6 +192,7 @@ def test_gc_plan_to_json_is_json_safe(forked: Registry) -> None:
         "orphan_objects": [],
         "orphan_manifests": [],
         "waiting": 0,
+        "abandoned": 0,
     }
 
 
