@@ -1,12 +1,57 @@
 """Branch and tag names: git's ``check-ref-format`` rules, so every name is also a valid git ref
-component path and survives shells, URLs and file names."""
+component path and survives shells, URLs and file names, plus Unicode rules against
+look-alikes (two names that print the same must not both exist)."""
 
 from __future__ import annotations
+
+import unicodedata
 
 from tlreg.registry.errors import InvalidName
 
 MAX_NAME_LENGTH = 255
 _FORBIDDEN_CHARS = frozenset(" ~^:?*[\\")
+_INVISIBLE = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zs", "Zl", "Zp"})
+"""Control, format (zero-width, bidi overrides), unassigned, private-use and surrogate code
+points and non-ASCII spaces: nothing a reader can see or tell apart."""
+_SCRIPT_MIXES = (
+    frozenset({"LATIN", "CJK", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA"}),
+    frozenset({"LATIN", "CJK", "BOPOMOFO"}),
+    frozenset({"LATIN", "CJK", "HANGUL"}),
+)
+"""Scripts that one name may mix (Unicode TS #39's "highly restrictive" level): Japanese,
+Chinese and Korean writing with Latin. Any other mix is refused as a possible look-alike."""
+
+
+def _char(ch: str) -> str:
+    return f"U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')}"
+
+
+def _script(ch: str) -> str | None:
+    """The script of a letter, from its Unicode name (LATIN, CYRILLIC, GREEK, ...)."""
+    if not unicodedata.category(ch).startswith("L"):
+        return None
+    return unicodedata.name(ch, "UNKNOWN").split(" ")[0]
+
+
+def _unicode_problem(name: str) -> str | None:
+    """Refuse names that can look like another name: invisible or format characters,
+    compatibility forms (fullwidth, ligatures), unnormalised text, or letters of scripts that
+    do not go together (a Cyrillic U+0430 inside a Latin 'main'). Accented Latin ('résumé'),
+    Greek, Cyrillic, and Japanese with Latin ('モデル-v2') are fine."""
+    if name.isascii():
+        return None
+    for ch in name:
+        if unicodedata.category(ch) in _INVISIBLE:
+            return f"it contains the invisible, space-like or unassigned character {_char(ch)}"
+    if unicodedata.normalize("NFC", name) != name:
+        return "it is not in Unicode normal form NFC (combining marks): type it as composed text"
+    if unicodedata.normalize("NFKC", name) != name:
+        odd = next(c for c in name if unicodedata.normalize("NFKC", c) != c)
+        return f"it contains the compatibility character {_char(odd)}, a look-alike"
+    scripts = {s for s in map(_script, name) if s is not None}
+    if len(scripts) > 1 and not any(scripts <= mix for mix in _SCRIPT_MIXES):
+        return f"it mixes letters of several scripts ({', '.join(sorted(scripts))}), a look-alike"
+    return None
 
 
 def _problem(name: str) -> str | None:
@@ -22,6 +67,9 @@ def _problem(name: str) -> str | None:
             return "it contains an ASCII control character"
         if ch in _FORBIDDEN_CHARS:
             return f"it contains {ch!r}"
+    lookalike = _unicode_problem(name)
+    if lookalike is not None:
+        return lookalike
     if name.startswith("-"):
         return "it starts with '-'"
     if name.startswith("/") or name.endswith("/"):
