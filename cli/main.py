@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import click
 
@@ -10,6 +11,7 @@ from tlreg.cli import branches, history, jobs, maintenance, train, weights
 from tlreg.cli.common import Env, TlregGroup, echo_json, json_option, pass_env
 from tlreg.registry import Registry
 from tlreg.registry.core import FORCE_ENV
+from tlreg.storage_backends import Store
 from tlreg.training import write_settings
 
 
@@ -50,20 +52,20 @@ def cli(
 def init(env: Env, as_json: bool) -> None:
     """Create the registry and store, and write tlreg.toml.  Example: tlreg init --store s3://b/p"""
     settings = env.settings
-    path = write_settings(settings)
+    _probe(env.store)  # a bad URL, credentials or bucket fails here, before anything is written
     registry = Registry(settings.registry_url)
     try:
         recorded = registry.get_meta("store_url")
-        if recorded is None:
-            registry.set_meta("store_url", settings.store_url)
-        elif recorded != settings.store_url:
+        if recorded is not None and recorded != settings.store_url:
             raise click.ClickException(
                 f"registry {settings.registry_url} already records store {recorded!r}, "
                 f"not {settings.store_url!r}: pass --store {recorded}"
             )
+        path = write_settings(settings)
+        if recorded is None:
+            registry.set_meta("store_url", settings.store_url)
     finally:
         registry.close()
-    env.store  # noqa: B018 - opening validates the URL and the credentials
     info = {
         "home": str(settings.home),
         "config": str(path),
@@ -76,6 +78,15 @@ def init(env: Env, as_json: bool) -> None:
         click.echo(f"initialised tlreg in {settings.home}")
         click.echo(f"  registry  {settings.registry_url}")
         click.echo(f"  store     {settings.store_url}")
+
+
+def _probe(store: Store) -> None:
+    """Read and write ``store`` once (a listing, a put and a delete of a scratch key), so
+    that a missing bucket, wrong credentials or an unwritable path show up at init."""
+    next(iter(store.list("manifests")), None)
+    key = f"tmp/init-probe-{uuid.uuid4().hex}"
+    store.put(key, b"tlreg init probe")
+    store.delete(key)
 
 
 for module in (branches, history, jobs, maintenance, train, weights):

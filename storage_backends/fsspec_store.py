@@ -11,7 +11,12 @@ import fsspec.core
 from fsspec.registry import known_implementations
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key
-from tlreg.storage_backends.errors import BackendMissing, ObjectNotFound, UnknownScheme
+from tlreg.storage_backends.errors import (
+    BackendMissing,
+    ObjectNotFound,
+    StoreUnavailable,
+    UnknownScheme,
+)
 
 # Protocols whose single upload of a whole object is atomic (object stores, and fsspec's
 # in-memory filesystem, which publishes a file when it is closed). Everything else is treated
@@ -35,13 +40,18 @@ def check_protocol(url: str) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as e:
-        hint = known_implementations.get(protocol, {}).get("err") or str(e)
-        raise BackendMissing(f"cannot open {url}: {hint}") from None
+        hint = known_implementations.get(protocol, {}).get("err") or _first_line(e)
+        raise BackendMissing(f"cannot open {url}: {hint} (pip install it into this env)") from None
     except ValueError:
         raise UnknownScheme(
             f"unknown store URL scheme '{protocol}://': use a path, file://, memory://, s3:// "
             "or an installed fsspec protocol"
         ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _is_tmp(name: str) -> bool:
@@ -61,7 +71,16 @@ class FsspecStore(Store):
         check_protocol(url)
         super().__init__(url)
         self.storage_options = storage_options
-        self._fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        try:
+            self._fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        except ImportError as e:
+            raise BackendMissing(f"cannot open {url}: {_first_line(e)}") from None
+        except (OSError, ValueError, TypeError, RuntimeError) as e:
+            # the filesystem's client could not start (no JVM for hdfs://, bad options, ...)
+            raise StoreUnavailable(
+                f"cannot open store {url}: {type(e).__name__}: {_first_line(e)}; check the URL, "
+                "the storage options and that the filesystem's client is set up"
+            ) from None
         self.root = root.rstrip("/")
         protocols = self._fs.protocol
         names = {protocols} if isinstance(protocols, str) else set(protocols)
