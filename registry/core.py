@@ -59,6 +59,7 @@ from tlreg.registry.errors import (
     UnsafeFilesystem,
     UnsupportedDatabase,
 )
+from tlreg.registry.names import shown as _shown
 from tlreg.registry.names import validate_name
 from tlreg.registry.records import (
     Branch,
@@ -378,13 +379,13 @@ class Registry:
             head = None
             if from_ref is not None:
                 self._gc_lock(s, shared=True)
-                head = self._live(self._resolve(s, from_ref), f"branch {name!r} from it").id
+                head = self._live(self._resolve(s, from_ref), f"branch {_shown(name)} from it").id
             row = m.Branch(name=name, head=head, base=head, task=task, created=m.utcnow())
             try:
                 s.exec(self._insert(m.Branch).values(**row.model_dump()))
             except IntegrityError:
                 raise BranchExists(
-                    f"branch {name!r} already exists: pick another name or {_BRANCHES_HINT}"
+                    f"branch {_shown(name)} already exists: pick another name or {_BRANCHES_HINT}"
                 ) from None
             return _branch(row)
 
@@ -404,7 +405,7 @@ class Registry:
         with self._session(write=True) as s:
             result = s.exec(delete(m.Branch).where(col(m.Branch.name) == name))
             if result.rowcount != 1:
-                raise BranchNotFound(f"branch {name!r} does not exist: {_BRANCHES_HINT}")
+                raise BranchNotFound(f"branch {_shown(name)} does not exist: {_BRANCHES_HINT}")
 
     def branch_bytes(self, branch: str) -> tuple[int, int]:
         """(logical, new) bytes summed over the checkpoints committed on ``branch``."""
@@ -422,9 +423,9 @@ class Registry:
         stmt = select(m.Branch).where(m.Branch.name == name)
         if lock:
             stmt = stmt.with_for_update()
-        row = s.exec(stmt).first()
+        row = None if _unstorable(name) else s.exec(stmt).first()
         if row is None:
-            raise BranchNotFound(f"branch {name!r} does not exist: {_BRANCHES_HINT}")
+            raise BranchNotFound(f"branch {_shown(name)} does not exist: {_BRANCHES_HINT}")
         return row
 
     # -- commit --------------------------------------------------------------------------
@@ -490,7 +491,7 @@ class Registry:
                 .with_for_update(of=m.Branch.__table__)
             ).first()
             if found is None:
-                raise BranchNotFound(f"branch {branch!r} does not exist: {_BRANCHES_HINT}")
+                raise BranchNotFound(f"branch {_shown(branch)} does not exist: {_BRANCHES_HINT}")
             current, current_branch = found
             expected = current if expected_head is ... else expected_head
             if expected != current:
@@ -664,13 +665,15 @@ class Registry:
 
     def _resolve(self, s: Session, ref: str) -> m.Checkpoint:
         if not isinstance(ref, str) or not ref:
-            raise RefNotFound(f"empty ref {ref!r}: {_REFS_HINT}")
+            raise RefNotFound(f"empty ref {_shown(ref)}: {_REFS_HINT}")
+        if _unstorable(ref):
+            raise RefNotFound(f"no branch, tag or checkpoint matches {_shown(ref)}: {_REFS_HINT}")
         target: str | None = None
         branch = s.get(m.Branch, ref)
         if branch is not None:
             if branch.head is None:
                 raise EmptyBranch(
-                    f"branch {ref!r} has no checkpoint yet: commit to it, or branch from a "
+                    f"branch {_shown(ref)} has no checkpoint yet: commit to it, or branch from a "
                     "ref that has one"
                 )
             target = branch.head
@@ -695,10 +698,10 @@ class Registry:
             if found:
                 shown = ", ".join(c.id for c in found[:10]) + (", ..." if len(found) > 10 else "")
                 raise AmbiguousRef(
-                    f"ref {ref!r} is a prefix of several checkpoints ({shown}): "
+                    f"ref {_shown(ref)} is a prefix of several checkpoints ({shown}): "
                     "type more characters"
                 )
-        raise RefNotFound(f"no branch, tag or checkpoint matches {ref!r}: {_REFS_HINT}")
+        raise RefNotFound(f"no branch, tag or checkpoint matches {_shown(ref)}: {_REFS_HINT}")
 
     def checkpoints(self) -> list[CheckpointRecord]:
         """Every checkpoint, oldest first."""
@@ -1087,13 +1090,13 @@ class Registry:
         validate_name(name, "tag")
         with self._session(write=True) as s:
             self._gc_lock(s, shared=True)
-            target = self._live(self._resolve(s, ref), f"tag it {name!r}").id
+            target = self._live(self._resolve(s, ref), f"tag it {_shown(name)}").id
             row = m.Tag(name=name, checkpoint=target, created=m.utcnow())
             try:
                 s.exec(self._insert(m.Tag).values(**row.model_dump()))
             except IntegrityError:
                 raise TagExists(
-                    f"tag {name!r} already exists: pick another name, or delete it with "
+                    f"tag {_shown(name)} already exists: pick another name, or delete it with "
                     f"'tlreg tag -d {name}'"
                 ) from None
             return Tag(name=row.name, checkpoint=row.checkpoint, created=row.created)
@@ -1107,9 +1110,11 @@ class Registry:
     def delete_tag(self, name: str) -> None:
         """Delete a tag (the checkpoint stays); raises RefNotFound."""
         with self._session(write=True) as s:
-            result = s.exec(delete(m.Tag).where(col(m.Tag.name) == name))
-            if result.rowcount != 1:
-                raise RefNotFound(f"tag {name!r} does not exist: list tags with 'tlreg tag'")
+            deleted = 0
+            if not _unstorable(name):
+                deleted = s.exec(delete(m.Tag).where(col(m.Tag.name) == name)).rowcount
+            if deleted != 1:
+                raise RefNotFound(f"tag {_shown(name)} does not exist: list tags with 'tlreg tag'")
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -1266,6 +1271,11 @@ WHERE NOT EXISTS (
 )"""
 
 
+def _unstorable(name: str) -> bool:
+    """Whether no stored name can equal ``name`` (PostgreSQL text refuses NUL characters)."""
+    return "\x00" in name
+
+
 def retry_on_head_moved(
     fn: Callable[[], T], *, attempts: int = 5, backoff: float = 0.05, max_backoff: float = 1.0
 ) -> T:
@@ -1297,7 +1307,7 @@ def _edge_kind(branch: str, parent_branch: str, n_parents: int) -> str:
 
 def _head_moved(branch: str, expected: str | None, actual: str | None) -> HeadMoved:
     return HeadMoved(
-        f"branch {branch!r} moved: expected head {_quote(expected)}, found {_quote(actual)}: "
+        f"branch {_shown(branch)} moved: expected head {_quote(expected)}, found {_quote(actual)}: "
         "resolve the branch again and retry the commit",
         branch=branch,
         expected=expected,

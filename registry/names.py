@@ -22,6 +22,14 @@ _SCRIPT_MIXES = (
 Chinese and Korean writing with Latin. Any other mix is refused as a possible look-alike."""
 
 
+def shown(name: str, limit: int = 64) -> str:
+    """``repr(name)`` for messages, cut to about ``limit`` characters with its length noted, so
+    a 10,000-character name gives a readable one-line error."""
+    if len(name) <= limit:
+        return repr(name)
+    return f"{name[:limit]!r}... ({len(name)} characters)"
+
+
 def _char(ch: str) -> str:
     return f"U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')}"
 
@@ -104,7 +112,7 @@ def validate_name(name: str, what: str = "branch") -> str:
     problem = _problem(name)
     if problem is not None:
         raise InvalidName(
-            f"invalid {what} name {name!r}: {problem}; "
+            f"invalid {what} name {shown(name)}: {problem}; "
             "choose a name like 'digits-head' or 'team/digits' (git ref rules)"
         )
     return name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tlreg.registry import InvalidName, Registry, validate_name
+from tlreg.registry.names import shown
 
 INVALID = {
     "empty": "",
@@ -42,7 +43,7 @@ def test_invalid_names_are_refused(name: str) -> None:
     with pytest.raises(InvalidName) as info:
         validate_name(name, "tag")
     message = str(info.value)
-    assert message.startswith(f"invalid tag name {name!r}: ")
+    assert message.startswith(f"invalid tag name {shown(name)}: ") and len(message) < 400
     assert "\n" not in message
 
 
