@@ -1,4 +1,5 @@
-"""CLI tests: an isolated tlreg home per test, driven through click's CliRunner."""
+"""CLI test harness: an isolated tlreg home per test, driven through click's CliRunner; the
+fixtures are imported by the conftest of each folder whose tests drive the CLI."""
 
 from __future__ import annotations
 
