@@ -68,18 +68,25 @@ def load_settings(
     registry_url: str | None = None,
     store_url: str | None = None,
 ) -> Settings:
-    """Resolve the settings with the precedence described in the module docstring."""
+    """Resolve the settings with the precedence described in the module docstring.
+
+    An argument given as "" is taken as given (and refused when opened), not as absent: an
+    empty ``--store "$UNSET_VAR"`` must not silently fall back to the default store. Empty
+    environment variables count as unset, as usual.
+    """
     home_path = Path(home).expanduser().absolute() if home else default_home()
     file_values = _read_toml(home_path / CONFIG_FILE)
     registry = (
         registry_url
-        or os.environ.get("TLREG_REGISTRY_URL")
+        if registry_url is not None
+        else os.environ.get("TLREG_REGISTRY_URL")
         or file_values.get("registry_url")
         or f"sqlite:///{home_path / 'registry.db'}"
     )
     store = (
         store_url
-        or os.environ.get("TLREG_STORE_URL")
+        if store_url is not None
+        else os.environ.get("TLREG_STORE_URL")
         or file_values.get("store_url")
         or str(home_path / "store")
     )

@@ -1,0 +1,83 @@
+"""Stores and registries that cannot be used: one line naming them and the fix, nothing written.
+
+Unknown URL schemes (with an install hint where fsspec knows the package), databases tlreg
+does not support or cannot reach, and, against the real S3 server, wrong credentials and a
+missing bucket. No secret is ever printed, and ``init`` writes nothing when it fails.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+def _one_line_error(result: object, *needles: str) -> str:
+    out: str = result.output  # type: ignore[attr-defined]
+    assert result.exit_code == 1, out  # type: ignore[attr-defined]
+    assert out.startswith("Error: ") and out.count("\n") == 1, out
+    for needle in needles:
+        assert needle in out, out
+    return out
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "url, needles",
+    [
+        ("gs://bucket/prefix", ("gs://bucket/prefix", "gcsfs", "pip install")),
+        ("foo://somewhere", ("unknown store URL scheme 'foo://'", "s3://")),
+        ("", ("empty store URL",)),
+    ],
+)
+def test_unusable_store_urls_are_refused_and_init_writes_nothing(
+    tlreg: Callable, home: Path, url: str, needles: tuple[str, ...]
+) -> None:
+    _one_line_error(tlreg("--store", url, "init"), *needles)
+    assert not home.exists() or list(home.iterdir()) == []
+
+
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_unsupported_and_unreachable_registries_are_named_without_their_password(
+    tlreg: Callable, home: Path
+) -> None:
+    _one_line_error(
+        tlreg("--registry", "mysql://user@db/tlreg", "init"), "mysql", "postgresql+psycopg://"
+    )
+    url = f"postgresql+psycopg://tlreg:s3cr3t-pw@127.0.0.1:{_closed_port()}/tlreg"
+    out = _one_line_error(tlreg("--registry", url, "log", "main"), "unreachable", "***")
+    assert "s3cr3t-pw" not in out
+    _one_line_error(tlreg("--registry", "not a url", "log", "main"), "not a url")
+    assert not (home / "tlreg.toml").exists()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_wrong_s3_credentials_fail_at_once_naming_the_bucket_never_the_secret(
+    tlreg: Callable, home: Path, s3_bucket_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_bucket_url.split("/")[2]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789abcdef")
+    out = _one_line_error(tlreg("--store", s3_bucket_url, "init"), bucket)
+    assert "wrong-secret-0123456789abcdef" not in out
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHKEY0123456789")
+    out = _one_line_error(tlreg("--store", s3_bucket_url, "init"), bucket)
+    assert "wrong-secret" not in out
+    assert not home.exists() or list(home.iterdir()) == []
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_a_missing_bucket_is_named_with_the_fix(
+    tlreg: Callable, home: Path, s3_bucket_url: str
+) -> None:
+    missing = "tlreg-no-such-bucket-4711"
+    _one_line_error(tlreg("--store", f"s3://{missing}/prefix", "init"), missing)
+    assert not home.exists() or list(home.iterdir()) == []
