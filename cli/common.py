@@ -8,6 +8,7 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from tlreg.ckpt.errors import CheckpointError
 from tlreg.registry import CheckpointRecord, Registry
@@ -52,6 +53,14 @@ class TlregGroup(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(str(e).splitlines()[0]) from e
+        except DBAPIError as e:
+            # e.g. a search_path schema that does not exist, a role without rights
+            orig = e.orig if e.orig is not None else e
+            first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+            raise click.ClickException(
+                f"registry database error ({type(orig).__name__}: {first}); "
+                "check the registry URL and the database's permissions"
+            ) from e
 
 
 pass_env = click.make_pass_decorator(Env)

@@ -13,6 +13,7 @@ from tlreg.registry import Registry
 from tlreg.registry.core import FORCE_ENV
 from tlreg.storage_backends import Store
 from tlreg.training import write_settings
+from tlreg.training.config import without_password
 
 
 @click.group(cls=TlregGroup)
@@ -72,12 +73,16 @@ def init(env: Env, as_json: bool) -> None:
         "registry_url": settings.registry_url,
         "store_url": settings.store_url,
     }
+    shown = without_password(settings.registry_url)
+    info["registry_url"] = shown
     if as_json:
         echo_json(info)
     else:
         click.echo(f"initialised tlreg in {settings.home}")
-        click.echo(f"  registry  {settings.registry_url}")
+        click.echo(f"  registry  {shown}")
         click.echo(f"  store     {settings.store_url}")
+        if shown != settings.registry_url:
+            click.echo("  the registry password was not saved: set PGPASSWORD or use ~/.pgpass")
 
 
 def _probe(store: Store) -> None:

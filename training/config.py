@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tomllib
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from tlreg.training.errors import ConfigError
 
@@ -93,14 +95,30 @@ def load_settings(
     return Settings(home=home_path, registry_url=registry, store_url=store)
 
 
+def without_password(url: str) -> str:
+    """``url`` with any password removed (not masked): what may be written down or shown.
+    Database passwords come from the environment (``PGPASSWORD``) or ``~/.pgpass``."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url
+    if parsed.password is None:
+        return url
+    return parsed._replace(password=None).render_as_string(hide_password=False)
+
+
 def write_settings(settings: Settings) -> Path:
-    """Write ``tlreg.toml`` in ``settings.home`` (creating it) and return its path."""
+    """Write ``tlreg.toml`` in ``settings.home`` (creating it) and return its path.
+
+    A password in the registry URL is left out: files hold no credentials (give it through
+    ``PGPASSWORD`` or ``~/.pgpass``, which the PostgreSQL driver reads itself).
+    """
     settings.home.mkdir(parents=True, exist_ok=True)
     path = settings.home / CONFIG_FILE
     body = (
         "# Written by `tlreg init`. Environment variables and flags override these.\n"
         "[tlreg]\n"
-        f"registry_url = {_toml_str(settings.registry_url)}\n"
+        f"registry_url = {_toml_str(without_password(settings.registry_url))}\n"
         f"store_url = {_toml_str(settings.store_url)}\n"
     )
     path.write_text(body)
