@@ -59,11 +59,18 @@ def populate(reg: Registry, n: int) -> dict[str, Any]:
     serial = 0
     for c in range(chains):
         group, member = divmod(c, 10)
-        rows, edges, objects, refs, layers = [], [], [], [], []
+        rows, edges, objects, refs, layers, links = [], [], [], [], [], []
+        # Lanes (schema v3) as Registry.commit labels them: every chain is one lane, named
+        # after its first checkpoint; a branch point is a lane link.
+        lane = cid(c * CHAIN)
         if member == 0:
             parent = None
         else:  # branch off the group's first chain at step member * 100
             parent = cid((group * 10) * CHAIN + member * 100)
+            links.append(
+                {"parent_lane": cid(group * 10 * CHAIN), "parent_pos": member * 100,
+                 "child_lane": lane, "child_pos": 0}
+            )  # fmt: skip
         arch = c % 100
         shared = f"shared-{c}"
         objects.append({"hash": shared, "nbytes": 1 << 20, "created": t0})
@@ -77,7 +84,7 @@ def populate(reg: Registry, n: int) -> dict[str, Any]:
                     "metrics": {"val_accuracy": (step % 97) / 97}, "val_accuracy": (step % 97) / 97,
                     "logical_bytes": 2 << 20, "new_bytes": 1 << 20, "kind": "train",
                     "message": None, "signature": signature(arch), "run_id": None,
-                    "created": created, "pruned": None,
+                    "created": created, "pruned": None, "lane": lane, "lane_pos": step,
                 }
             )  # fmt: skip
             if parent is not None:
@@ -94,6 +101,8 @@ def populate(reg: Registry, n: int) -> dict[str, Any]:
             conn.execute(m.Checkpoint.__table__.insert(), rows)
             if edges:
                 conn.execute(m.Edge.__table__.insert(), edges)
+            if links:
+                conn.execute(m.LaneLink.__table__.insert(), links)
             conn.execute(m.Object.__table__.insert(), objects)
             conn.execute(m.CheckpointObject.__table__.insert(), refs)
             conn.execute(m.LayerPrefix.__table__.insert(), layers)

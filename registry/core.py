@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import EllipsisType
 from typing import Any, TypeVar
@@ -34,9 +34,13 @@ from sqlalchemy import (
     or_,
     text,
 )
+from sqlalchemy import (
+    select as sa_select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import aliased
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, delete, select, update
 
@@ -66,11 +70,13 @@ from tlreg.registry.records import (
     CheckpointRecord,
     Edge,
     GcPlan,
+    RecordList,
     Run,
     Tag,
     decode_metrics,
     encode_metrics,
 )
+from tlreg.registry.records import utc as _utc
 
 CHECKPOINT_KINDS = ("train", "import", "merge")
 """Values of ``CheckpointRecord.kind``."""
@@ -172,7 +178,15 @@ def _create_engine(url: str, *, force: bool | None = None) -> Engine:
         ) from e
     backend = parsed.get_backend_name()
     if backend == "postgresql":
-        return _watch_errors(create_engine(parsed, pool_pre_ping=True), parsed)
+        # No JIT: registry statements are index lookups of a few milliseconds, and JIT
+        # compilation alone took 25-450 ms whenever the planner's estimate for a lineage walk
+        # crossed jit_above_cost.
+        # (appended to the URL's own options, e.g. a search_path, which connect_args replace)
+        own = parsed.query.get("options", "")
+        own = " ".join(own) if isinstance(own, tuple) else own
+        options = f"{own} -c jit=off".strip()
+        pg = create_engine(parsed, pool_pre_ping=True, connect_args={"options": options})
+        return _watch_errors(pg, parsed)
     if backend != "sqlite":
         raise UnsupportedDatabase(
             f"registry URL {parsed.render_as_string(hide_password=True)!r} names a {backend} "
@@ -483,8 +497,10 @@ class Registry:
             conn = s.connection()
             # The head and the branch it was committed on, in the statement that locks the
             # branch row: the default parent needs no query of its own.
+            # Also its lane label, and whether its lane goes on past it (then a child of it
+            # starts a lane of its own).
             found = conn.execute(
-                select(m.Branch.head, m.Checkpoint.branch)
+                sa_select(m.Branch.head, *_PARENT_COLUMNS)
                 .select_from(m.Branch)
                 .outerjoin(m.Checkpoint, col(m.Checkpoint.id) == col(m.Branch.head))
                 .where(m.Branch.name == branch)
@@ -492,23 +508,30 @@ class Registry:
             ).first()
             if found is None:
                 raise BranchNotFound(f"branch {_shown(branch)} does not exist: {_BRANCHES_HINT}")
-            current, current_branch = found
+            current = found[0]
             expected = current if expected_head is ... else expected_head
             if expected != current:
                 raise _head_moved(branch, expected, current)
-            if parent_ids is None:
+            parent_info: dict[str, tuple[str, str, int, bool]]
+            if parent_ids is None and (current is None or found[1] is not None):
                 parent_ids = [] if current is None else [current]
-                parent_branch = {} if current is None else {current: current_branch}
+                parent_info = {} if current is None else {current: tuple(found[1:])}
             else:
-                parent_branch = dict(
-                    conn.execute(
-                        select(m.Checkpoint.id, m.Checkpoint.branch).where(
+                # (Also when the lock waited for a concurrent commit on PostgreSQL: the row
+                # lock then reads the new head, but the head's checkpoint row is newer than
+                # the statement's snapshot and joins as NULLs. A new statement sees it.)
+                if parent_ids is None:
+                    parent_ids = [current]
+                parent_info = {
+                    row[0]: tuple(row[1:])
+                    for row in conn.execute(
+                        sa_select(m.Checkpoint.id, *_PARENT_COLUMNS).where(
                             col(m.Checkpoint.id).in_(parent_ids)
                         )
                     ).all()
-                )
+                }
             for p in parent_ids:
-                if p not in parent_branch:
+                if p not in parent_info:
                     raise RefNotFound(
                         f"parent checkpoint {p!r} of {manifest_id!r} does not exist: "
                         "pass ids of committed checkpoints"
@@ -516,6 +539,16 @@ class Registry:
             if run_id is not None and s.get(m.Run, run_id) is None:
                 raise RunNotFound(f"run {run_id} does not exist: start one with start_run()")
             self._refuse_doomed(s, manifest_id, sorted(sizes))
+
+            # The lane rule of migrations.lane_labels. Only a commit on the first parent's
+            # own branch extends its lane, and those hold that branch's row lock, so two
+            # commits never claim the same lane position (a unique index backs this up).
+            first = parent_info[parent_ids[0]] if parent_ids else None
+            if first is not None and len(parent_ids) == 1 and first[0] == branch and not first[3]:
+                lane, lane_pos, linked = first[1], first[2] + 1, []
+            else:
+                lane, lane_pos, linked = manifest_id, 0, parent_ids
+            links = [(parent_info[p][1], parent_info[p][2]) for p in linked]
 
             new_bytes = self._insert_objects(s, sizes)
             created = m.utcnow()
@@ -533,6 +566,8 @@ class Registry:
                 signature=sig,
                 run_id=run_id,
                 created=created,
+                lane=lane,
+                lane_pos=lane_pos,
             )
             try:
                 conn.execute(self._insert(m.Checkpoint).values(**checkpoint.model_dump()))
@@ -542,14 +577,15 @@ class Registry:
                     "write a new manifest, or tag the existing one"
                 ) from None
             refs = list(sizes)
-            kinds = [_edge_kind(branch, parent_branch[p], len(parent_ids)) for p in parent_ids]
+            kinds = [_edge_kind(branch, parent_info[p][0], len(parent_ids)) for p in parent_ids]
             prefixes = prefix_hashes(sig) if sig else []
             if self._dialect == "postgresql":
                 # One statement, one round trip, for the rows hanging off the checkpoint.
                 conn.execute(
                     _CHILD_ROWS_PG,
                     {"id": manifest_id, "objects": refs, "parents": parent_ids,
-                     "kinds": kinds, "prefixes": prefixes},
+                     "kinds": kinds, "prefixes": prefixes, "lane": lane, "lane_pos": lane_pos,
+                     "link_lanes": [a for a, _ in links], "link_pos": [b for _, b in links]},
                 )  # fmt: skip
             else:
                 if refs:
@@ -565,6 +601,15 @@ class Registry:
                             for i, (p, k) in enumerate(zip(parent_ids, kinds, strict=True))
                         ],
                     )
+                if links:
+                    conn.execute(
+                        self._insert(m.LaneLink),
+                        [
+                            {"parent_lane": a, "parent_pos": b, "child_lane": lane,
+                             "child_pos": lane_pos}
+                            for a, b in links
+                        ],
+                    )  # fmt: skip
                 if prefixes:
                     conn.execute(
                         self._insert(m.LayerPrefix),
@@ -723,28 +768,55 @@ class Registry:
             sql = _RECORDS.format(with_=chain, source="chain", order="w.n")
             return _fetch_records(s, sql, params)
 
-    def ancestors(self, ref: str, *, depth: int | None = None) -> list[CheckpointRecord]:
+    def ancestors(self, ref: str, *, depth: int | None = None) -> RecordList:
         """Every ancestor of ``ref`` through all parents, nearest first (ties: newest first);
-        ``ref`` itself is not included. ``depth`` stops the walk that many edges away."""
+        ``ref`` itself is not included. ``depth`` stops the walk that many edges away.
+
+        A :class:`RecordList`: read in full by this call, records built on access."""
         return self._walk(ref, up=True, depth=depth)
 
-    def descendants(self, ref: str, *, depth: int | None = None) -> list[CheckpointRecord]:
+    def descendants(self, ref: str, *, depth: int | None = None) -> RecordList:
         """Every descendant of ``ref`` through all children, nearest first (ties: oldest
         first); ``ref`` itself is not included. ``depth`` stops the walk that many edges
-        away."""
+        away.
+
+        A :class:`RecordList`: read in full by this call, records built on access."""
         return self._walk(ref, up=False, depth=depth)
 
-    def _walk(self, ref: str, *, up: bool, depth: int | None) -> list[CheckpointRecord]:
+    def _walk(self, ref: str, *, up: bool, depth: int | None) -> RecordList:
         if depth is not None and depth <= 0:
-            return []
-        near, far = ("child", "parent") if up else ("parent", "child")
-        bound = "" if depth is None else "WHERE w.d < :depth"
-        walk = _WALK.format(near=near, far=far, bound=bound)
-        order = f"w.d, c.created{' DESC' if up else ''}, c.id"
+            return RecordList([])
+        step_d, row_d = _LANE_DISTANCES[up]
+        # A checkpoint without edge rows has one parent, its lane's previous checkpoint,
+        # which is normally a row too; not so for the start's children (the start is not a
+        # row) nor at the far end of a bounded ancestor walk (one step too far).
+        pred = "NULL"
+        if not up:
+            pred = _LANE_PREVIOUS.format(near=f"{row_d} = 1")
+        elif depth is not None:
+            pred = _LANE_PREVIOUS.format(near=f"{row_d} = :depth")
+        sql = (_LANE_WALK_UP if up else _LANE_WALK_DOWN).format(
+            bound="" if depth is None else f"WHERE {step_d} <= :depth",
+            near="" if depth is None else f"AND {row_d} <= :depth",
+            d=row_d,
+            parents=_LANE_PARENTS[self._dialect == "postgresql"],
+            pred=pred,
+            **_LANE_JOIN[self._dialect == "postgresql"],
+        )
         with self._session() as s:
-            start = self._resolve(s, ref).id
-            sql = _RECORDS.format(with_=walk, source="dist", order=order)
-            return _fetch_records(s, sql, {"start": start, "depth": depth})
+            params: dict[str, Any] = {"start": self._resolve(s, ref).id}
+            if depth is not None:
+                params["depth"] = depth
+            if self._dialect == "postgresql":
+                # The final sort holds every row (~400 bytes each): 10^4 of them spilled to
+                # disk under the default 4 MB, which doubled the statement's time.
+                s.connection().exec_driver_sql("SET LOCAL work_mem = '64MB'")
+            rows = s.connection().execute(text(sql), params).all()
+        ids = [row[0] for row in rows]
+        if len(set(ids)) != len(ids):  # reached through several links: keep the nearest
+            seen: set[str] = set()
+            rows = [r for r in rows if not (r[0] in seen or seen.add(r[0]))]  # type: ignore[func-returns-value]
+        return RecordList(rows)
 
     def children(self, checkpoint_id: str) -> list[CheckpointRecord]:
         """The direct children of a checkpoint (any ref is accepted), oldest first."""
@@ -1154,6 +1226,21 @@ class Registry:
             return [_run(r) for r in s.exec(stmt).all()]
 
 
+# A parent's branch, lane and lane position, and whether its lane already goes on past it.
+_NEXT = aliased(m.Checkpoint)
+_PARENT_COLUMNS = (
+    m.Checkpoint.branch,
+    m.Checkpoint.lane,
+    m.Checkpoint.lane_pos,
+    exists()
+    .where(
+        col(_NEXT.lane) == col(m.Checkpoint.lane),
+        col(_NEXT.lane_pos) == col(m.Checkpoint.lane_pos) + 1,
+    )
+    .correlate(m.Checkpoint)
+    .label("extended"),
+)
+
 # -- lineage SQL ---------------------------------------------------------------------------
 # Plain SQL both backends run. Every step of a walk is an index lookup: edge's primary key
 # (child, parent) going up, ix_edge_parent (parent, child) going down.
@@ -1191,6 +1278,10 @@ WITH refs AS (
     SELECT :id, e.parent, e.kind, e.n - 1
     FROM unnest(CAST(:parents AS text[]), CAST(:kinds AS text[])) WITH ORDINALITY
         AS e(parent, kind, n)
+), links AS (
+    INSERT INTO lane_link (parent_lane, parent_pos, child_lane, child_pos)
+    SELECT l.lane, l.pos, :lane, :lane_pos
+    FROM unnest(CAST(:link_lanes AS text[]), CAST(:link_pos AS bigint[])) AS l(lane, pos)
 )
 INSERT INTO layer_prefix (checkpoint, depth, prefix)
 SELECT :id, l.n, l.prefix FROM unnest(CAST(:prefixes AS text[])) WITH ORDINALITY AS l(prefix, n)
@@ -1223,15 +1314,87 @@ WITH RECURSIVE chain(id, n) AS (
     UNION ALL SELECT e.parent, w.n + 1 FROM chain w JOIN edge e ON e.child = w.id
     WHERE e.position = 0 {bound}
 )"""
-# ancestors / descendants: UNION (not ALL) keeps each (id, distance) once, so DAG diamonds do
-# not multiply; a node reached at several distances counts at the nearest.
-_WALK = """
-WITH RECURSIVE walk(id, d) AS (
-    SELECT {far}, 1 FROM edge WHERE {near} = :start
-    UNION SELECT e.{far}, w.d + 1 FROM walk w JOIN edge e ON e.{near} = w.id {bound}
-), dist(id, d) AS (
-    SELECT id, min(d) FROM walk GROUP BY id
-)"""
+# ancestors / descendants over lanes (schema v3; see models.Checkpoint.lane). ``entry`` walks
+# the few lane links: (lane, pos, d) says that checkpoint ``lane[pos]`` is ``d`` edges from the
+# start, and so is every checkpoint of the lane past it (descendants) or before it (ancestors)
+# at ``d`` plus the positions between. The rows are then index range scans of the entered
+# lanes. A checkpoint several entries reach comes once per entry: _walk keeps its nearest.
+# Parents come from ``edge`` only for the first checkpoint of a lane; any other
+# checkpoint's one parent is the one before it in its lane.
+_LANE_COLUMNS = """c.id, c.branch, c.step, c.manifest, {created}, CAST(c.metrics AS TEXT),
+       c.logical_bytes, c.new_bytes, c.kind, c.message, CAST(c.signature AS TEXT), c.run_id,
+       {pruned}, c.lane, c.lane_pos,
+       CASE WHEN c.lane_pos = 0 THEN {parents} END, {pred}"""
+_LANE_WALK_DOWN = (
+    """
+WITH RECURSIVE entry(lane, pos, d) AS (
+    SELECT lane, lane_pos, CAST(0 AS BIGINT) FROM checkpoint WHERE id = :start
+    UNION SELECT l.child_lane, l.child_pos, e.d + l.parent_pos - e.pos + 1
+    FROM entry e {open}lane_link l {on} l.parent_lane = e.lane AND l.parent_pos >= e.pos {close_l}
+    {bound}
+)
+SELECT """
+    + _LANE_COLUMNS
+    + """
+FROM entry e {open}checkpoint c {on} c.lane = e.lane AND c.lane_pos >= e.pos {close_c}
+WHERE {d} > 0 {near}
+ORDER BY {d}, c.created, c.id"""
+)
+_LANE_WALK_UP = (
+    """
+WITH RECURSIVE entry(lane, pos, d) AS (
+    SELECT lane, lane_pos, CAST(0 AS BIGINT) FROM checkpoint WHERE id = :start
+    UNION SELECT l.parent_lane, l.parent_pos, e.d + e.pos - l.child_pos + 1
+    FROM entry e {open}lane_link l {on} l.child_lane = e.lane AND l.child_pos <= e.pos {close_l}
+    {bound}
+)
+SELECT """
+    + _LANE_COLUMNS
+    + """
+FROM entry e {open}checkpoint c {on} c.lane = e.lane AND c.lane_pos <= e.pos {close_c}
+WHERE {d} > 0 {near}
+ORDER BY {d}, c.created DESC, c.id"""
+)
+# Backend-specific parts. How ``entry`` rows reach lane rows: an index range scan per entry.
+# SQLite plans that join so; PostgreSQL is made to, with a LATERAL subquery kept apart by
+# OFFSET 0: left to itself it estimates the few entries as dozens, each matching a thousand
+# rows, and hash-joins them against a full scan of the table (40 ms for 1,000 rows at 10^5).
+_LANE_JOIN = {
+    False: {
+        "open": "JOIN ",
+        "on": "ON",
+        "close_c": "",
+        "close_l": "",
+        "created": "c.created",
+        "pruned": "c.pruned",
+    },
+    True: {
+        "open": "CROSS JOIN LATERAL (SELECT * FROM ",
+        "on": "WHERE",
+        "close_c": "OFFSET 0) c",
+        "close_l": "OFFSET 0) l",
+        # Times as UTC text, parsed when a record is built (as SQLite's are): psycopg's
+        # timestamptz parsing was a fifth of fetching 10^4 rows.
+        "created": "CAST(c.created AT TIME ZONE 'UTC' AS TEXT)",
+        "pruned": "CAST(c.pruned AT TIME ZONE 'UTC' AS TEXT)",
+    },
+}
+# (distance of a link's far end, distance of a row) for up=False and up=True.
+_LANE_DISTANCES = {
+    False: ("e.d + l.parent_pos - e.pos + 1", "e.d + c.lane_pos - e.pos"),
+    True: ("e.d + e.pos - l.child_pos + 1", "e.d + e.pos - c.lane_pos"),
+}
+# The parents of a lane's first checkpoint, in order, as a JSON array of ids (SQLite,
+# PostgreSQL); evaluated only for those rows.
+_LANE_PARENTS = {
+    False: """(SELECT json_group_array(x.parent) FROM (
+            SELECT parent FROM edge WHERE child = c.id ORDER BY position) x)""",
+    True: """(SELECT CAST(json_agg(x.parent ORDER BY x.position) AS TEXT)
+            FROM edge x WHERE x.child = c.id)""",
+}
+_LANE_PREVIOUS = """CASE WHEN {near} AND c.lane_pos > 0 THEN (
+            SELECT x.id FROM checkpoint x WHERE x.lane = c.lane AND x.lane_pos = c.lane_pos - 1
+        ) END"""
 
 # What garbage collection keeps: heads, bases and tags, and then every ancestor of those...
 _KEEP_REACHABLE = """
@@ -1379,15 +1542,6 @@ def _fetch_records(s: Session, sql: str, params: dict[str, Any]) -> list[Checkpo
         )
         for (row, parents), stored in zip(groups, metrics, strict=True)
     ]
-
-
-def _utc(value: datetime | str) -> datetime:
-    """A stored UTC datetime, as UTCDateTime reads it back (SQLite: text without an offset)."""
-    if isinstance(value, str):
-        return datetime.fromisoformat(value).replace(tzinfo=UTC)
-    if value.utcoffset() is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 def _branch(row: m.Branch) -> Branch:

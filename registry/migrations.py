@@ -12,7 +12,9 @@ doing exactly that change; ``test_upgraded_schema_equals_a_fresh_one`` compares 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -137,7 +139,94 @@ def _to_v2(conn: Connection) -> None:
     md.create_all(conn)
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {2: _to_v2}
+def lane_labels(
+    order: Iterable[tuple[str, str]], parents: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, tuple[str, int]], list[tuple[str, int, str, int]]]:
+    """Lane labels (schema v3) of checkpoints given as (id, branch) in an order where parents
+    come first, with ``parents[id]`` in parent order: ``(labels, links)``, where ``labels[id]``
+    is (lane, position) and ``links`` the (parent_lane, parent_pos, child_lane, child_pos) of
+    every edge that is not a step along a lane.
+
+    The rule ``Registry.commit`` applies: a checkpoint with one parent continues that
+    parent's lane when it is committed on the branch the parent was committed on and the
+    parent is still the last checkpoint of its lane; any other checkpoint (a root, a branch
+    point, a merge) starts a lane named after itself.
+    """
+    labels: dict[str, tuple[str, int]] = {}
+    branch_of: dict[str, str] = {}
+    taken: set[tuple[str, int]] = set()
+    links: list[tuple[str, int, str, int]] = []
+    for cid, branch in order:
+        ps = parents.get(cid, ())
+        first = labels[ps[0]] if ps else None
+        nxt = None if first is None else (first[0], first[1] + 1)
+        linked: Sequence[str] = ()
+        if nxt is not None and len(ps) == 1 and branch_of[ps[0]] == branch and nxt not in taken:
+            label = nxt
+        else:
+            label, linked = (cid, 0), ps
+        labels[cid] = label
+        branch_of[cid] = branch
+        taken.add(label)
+        links += [(*labels[p], *label) for p in linked]
+    return labels, links
+
+
+def _to_v3(conn: Connection) -> None:
+    """v3: lineage lanes (``checkpoint.lane``, ``checkpoint.lane_pos``, ``lane_link``), so that
+    ancestors and descendants are range scans; existing checkpoints are labelled here."""
+    id_type = _ID.compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE checkpoint ADD COLUMN lane {id_type}"))
+    conn.execute(text("ALTER TABLE checkpoint ADD COLUMN lane_pos BIGINT"))
+    md = MetaData()
+    link = Table(
+        "lane_link", md,
+        Column("parent_lane", _ID, primary_key=True),
+        Column("parent_pos", BigInteger, primary_key=True),
+        Column("child_lane", _ID, primary_key=True),
+        Column("child_pos", BigInteger, primary_key=True),
+        Index("ix_lane_link_child", "child_lane", "child_pos"),
+    )  # fmt: skip
+    md.create_all(conn)
+    # Label in topological order (oldest first among the ready ones): parents first.
+    rows = conn.execute(text("SELECT id, branch, created FROM checkpoint")).all()
+    parents: dict[str, list[str]] = {}
+    children: dict[str, list[str]] = {}
+    for child, parent in conn.execute(
+        text("SELECT child, parent FROM edge ORDER BY child, position")
+    ).all():
+        parents.setdefault(child, []).append(parent)
+        children.setdefault(parent, []).append(child)
+    info = {cid: (created, branch) for cid, branch, created in rows}
+    waiting = {cid: len(parents.get(cid, ())) for cid in info}
+    ready: list[tuple[Any, str]] = [(info[c][0], c) for c, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order: list[tuple[str, str]] = []
+    while ready:
+        _, cid = heapq.heappop(ready)
+        order.append((cid, info[cid][1]))
+        for child in children.get(cid, ()):
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                heapq.heappush(ready, (info[child][0], child))
+    labels, links = lane_labels(order, parents)
+    if labels:
+        conn.execute(
+            text("UPDATE checkpoint SET lane = :lane, lane_pos = :pos WHERE id = :id"),
+            [{"id": cid, "lane": lane, "pos": pos} for cid, (lane, pos) in labels.items()],
+        )
+    if links:
+        conn.execute(
+            link.insert(),
+            [
+                {"parent_lane": a, "parent_pos": b, "child_lane": c, "child_pos": d}
+                for a, b, c, d in links
+            ],
+        )
+    conn.execute(text("CREATE UNIQUE INDEX ix_checkpoint_lane ON checkpoint (lane, lane_pos)"))
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3}
 """``STEPS[n]`` migrates a version ``n - 1`` database to version ``n``."""
 
 assert sorted(STEPS) == list(range(2, m.SCHEMA_VERSION + 1)), "a migration step is missing"

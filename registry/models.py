@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Column, Index, String
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped with every schema change; stored in ``meta`` under ``schema_version``. Each bump comes
 with a step in :mod:`tlreg.registry.migrations` that brings the previous version here."""
 
@@ -56,7 +56,10 @@ class Checkpoint(SQLModel, table=True):
     """A committed checkpoint; its id is the manifest id."""
 
     __tablename__ = "checkpoint"
-    __table_args__ = (Index("ix_checkpoint_branch_created", "branch", "created"),)
+    __table_args__ = (
+        Index("ix_checkpoint_branch_created", "branch", "created"),
+        Index("ix_checkpoint_lane", "lane", "lane_pos", unique=True),
+    )
     id: str = Field(primary_key=True, sa_type=ID_TYPE)
     # Plain text, not a foreign key: deleting a branch keeps its checkpoints.
     branch: str
@@ -74,6 +77,27 @@ class Checkpoint(SQLModel, table=True):
     created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime())
     # Set by garbage collection (schema v2): the row and its edges stay, its objects may go.
     pruned: datetime | None = Field(default=None, sa_type=UTCDateTime())
+    # Lineage labels (schema v3): a "lane" is a run of checkpoints committed on one branch,
+    # each the only parent of the next; ``lane`` is the id of its first checkpoint and
+    # ``lane_pos`` the position in it. Only a lane's first checkpoint has other parents (none
+    # for a root, several for a merge): those edges are LaneLinks, so ancestors and
+    # descendants are index range scans over a few lanes instead of a walk over every
+    # checkpoint. Always set (nullable only because ALTER TABLE on SQLite cannot add a NOT
+    # NULL column without a default).
+    lane: str | None = Field(default=None, sa_type=ID_TYPE)
+    lane_pos: int | None = Field(default=None, sa_type=BigInteger())
+
+
+class LaneLink(SQLModel, table=True):
+    """An edge into a lane (schema v3): ``parent_lane[parent_pos]`` is a parent of
+    ``child_lane[child_pos]``, the first checkpoint of its lane (``child_pos`` is 0)."""
+
+    __tablename__ = "lane_link"
+    __table_args__ = (Index("ix_lane_link_child", "child_lane", "child_pos"),)
+    parent_lane: str = Field(primary_key=True, sa_type=ID_TYPE)
+    parent_pos: int = Field(primary_key=True, sa_type=BigInteger())
+    child_lane: str = Field(primary_key=True, sa_type=ID_TYPE)
+    child_pos: int = Field(primary_key=True, sa_type=BigInteger())
 
 
 class Edge(SQLModel, table=True):
@@ -156,6 +180,6 @@ def tables() -> list[Any]:
     """The registry's tables (SQLModel's metadata is shared with any other table model)."""
     models: list[Any] = [
         Meta, Run, Checkpoint, Edge, Branch, Tag, Object, CheckpointObject, LayerPrefix,
-        GcCandidate,
+        GcCandidate, LaneLink,
     ]  # fmt: skip
     return [model.__table__ for model in models]

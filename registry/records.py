@@ -3,11 +3,12 @@ safe to pickle and to hand to another thread or Ray process."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, overload
 
 # JSON (and PostgreSQL's json type) has no NaN or infinity; a diverged loss is still a metric
 # worth recording, so non-finite floats are stored as these strings and decoded on read.
@@ -89,6 +90,113 @@ class CheckpointRecord:
             "run_id": self.run_id,
             "pruned": self.pruned.isoformat() if self.pruned is not None else None,
         }
+
+
+class RecordList(Sequence[CheckpointRecord]):
+    """A read-only list of checkpoint records (what ``ancestors`` and ``descendants`` return).
+
+    Every value was read from the database by the call that returned it, in its one
+    transaction; a record is only *built* from its row (a dataclass, datetimes, decoded
+    JSON) when it is first accessed, then kept. Indexing, slicing (a plain list), ``len``,
+    iteration and ``==`` against any sequence behave like a list's; it pickles with its rows.
+    """
+
+    __slots__ = ("_at", "_built", "_rows", "_signatures")
+
+    def __init__(self, rows: Sequence[Sequence[Any]]) -> None:
+        # A row: id, branch, step, manifest, created, metrics (JSON text), logical_bytes,
+        # new_bytes, kind, message, signature (JSON text or None), run_id, pruned, lane,
+        # lane_pos, parents (JSON array text, read for a lane's first checkpoint and for
+        # merges, else None), the lane's previous checkpoint id when it may not be a row.
+        self._rows = rows
+        self._built: list[CheckpointRecord | None] = [None] * len(rows)
+        self._signatures: dict[str | None, tuple[str, ...] | None] = {None: None}
+        self._at: dict[tuple[str, int], str] | None = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> CheckpointRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[CheckpointRecord]: ...
+    def __getitem__(self, index: int | slice) -> CheckpointRecord | list[CheckpointRecord]:
+        if isinstance(index, slice):
+            return [self._record(i) for i in range(*index.indices(len(self._rows)))]
+        n = len(self._rows)
+        if not -n <= index < n:
+            raise IndexError("record index out of range")
+        return self._record(index % n)
+
+    def __iter__(self) -> Iterator[CheckpointRecord]:
+        return (self._record(i) for i in range(len(self._rows)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+    def __reduce__(self) -> tuple[type[RecordList], tuple[list[tuple[Any, ...]]]]:
+        return (RecordList, ([tuple(row) for row in self._rows],))
+
+    @property
+    def ids(self) -> list[str]:
+        """The checkpoint ids, in order (builds no record)."""
+        return [row[0] for row in self._rows]
+
+    def _record(self, i: int) -> CheckpointRecord:
+        built = self._built[i]
+        if built is None:
+            built = self._built[i] = self._build(self._rows[i])
+        return built
+
+    def _parents(self, row: Sequence[Any]) -> tuple[str, ...]:
+        if row[15] is not None:
+            return tuple(json.loads(row[15]))
+        if row[14] == 0:
+            return ()  # a root
+        if row[16] is not None:
+            return (row[16],)
+        # Every other checkpoint's one parent is its lane's previous checkpoint, a row here.
+        if self._at is None:
+            self._at = {(r[13], r[14]): r[0] for r in self._rows}
+        return (self._at[row[13], row[14] - 1],)
+
+    def _build(self, row: Sequence[Any]) -> CheckpointRecord:
+        signature = row[10]
+        if signature not in self._signatures:  # a model family shares one: decode it once
+            decoded = json.loads(signature)  # JSON null: no signature
+            self._signatures[signature] = None if decoded is None else tuple(decoded)
+        return CheckpointRecord(
+            id=row[0],
+            branch=row[1],
+            step=row[2],
+            manifest=row[3],
+            parents=self._parents(row),
+            created=utc(row[4]),
+            metrics=decode_metrics(json.loads(row[5])),
+            logical_bytes=row[6],
+            new_bytes=row[7],
+            kind=row[8],
+            message=row[9],
+            signature=self._signatures[signature],
+            run_id=row[11],
+            pruned=None if row[12] is None else utc(row[12]),
+        )
+
+
+def utc(value: datetime | str) -> datetime:
+    """A stored UTC datetime, as UTCDateTime reads it back (SQLite: text without an offset)."""
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    if value.utcoffset() is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 @dataclass(frozen=True, slots=True)

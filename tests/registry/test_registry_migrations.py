@@ -3,7 +3,7 @@ every row, on SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -131,7 +131,7 @@ def test_opening_a_version_1_registry_says_to_run_tlreg_upgrade(registry_url: st
         Registry(registry_url)
     message = str(e.value)
     assert "\n" not in message
-    assert "schema version 1, older than this tlreg's (2)" in message
+    assert f"schema version 1, older than this tlreg's ({SCHEMA_VERSION})" in message
     assert message.endswith("back it up, then run 'tlreg upgrade'")
     assert schema(registry_url) == before  # nothing was created on the way
 
@@ -186,6 +186,7 @@ def test_upgraded_schema_equals_a_fresh_one(registry_url: str) -> None:
             for table in reversed(mig._v1_metadata().sorted_tables):
                 conn.execute(text(f"DROP TABLE {table.name}"))
             conn.execute(text("DROP TABLE gc_candidate"))
+            conn.execute(text("DROP TABLE lane_link"))
     finally:
         engine.dispose()
     Registry(registry_url).close()
@@ -223,3 +224,68 @@ def test_a_failing_migration_step_changes_nothing(
         Registry.upgrade(registry_url)
     assert schema(registry_url) == before
     assert stored_version(registry_url) == "1"
+
+
+def test_upgrade_to_v3_labels_every_checkpoint_with_its_lane(registry_url: str) -> None:
+    """main: a <- b <- c, side: d branched at b, main: e merges c and d; then v3 lanes."""
+    make_v1(registry_url, with_data=False)
+    engine = engine_for(registry_url)
+    try:
+        with engine.begin() as conn:
+            t = mig._v1_metadata().tables
+            rows = [("a", "main"), ("b", "main"), ("c", "main"), ("d", "side"), ("e", "main")]
+            conn.execute(
+                t["checkpoint"].insert(),
+                [{"id": cid, "branch": branch, "step": i, "manifest": cid, "metrics": {},
+                  "val_accuracy": None, "logical_bytes": 0, "new_bytes": 0, "kind": "train",
+                  "message": None, "signature": None, "run_id": None,
+                  "created": T0 + timedelta(seconds=i)}
+                 for i, (cid, branch) in enumerate(rows)],
+            )  # fmt: skip
+            conn.execute(
+                t["edge"].insert(),
+                [{"child": c, "parent": p, "kind": k, "position": n}
+                 for c, p, k, n in [("b", "a", "continue", 0), ("c", "b", "continue", 0),
+                                    ("d", "b", "branch", 0), ("e", "c", "merge", 0),
+                                    ("e", "d", "merge", 1)]],
+            )  # fmt: skip
+            conn.execute(
+                t["branch"].insert(),
+                [{"name": "main", "head": "e", "base": None, "task": None, "created": T0},
+                 {"name": "side", "head": "d", "base": "b", "task": None, "created": T0}],
+            )  # fmt: skip
+    finally:
+        engine.dispose()
+    assert Registry.upgrade(registry_url) == (1, SCHEMA_VERSION)
+    engine = engine_for(registry_url)
+    try:
+        with engine.connect() as conn:
+            labels = conn.execute(
+                text("SELECT id, lane, lane_pos FROM checkpoint ORDER BY id")
+            ).all()
+            links = conn.execute(
+                text(
+                    "SELECT parent_lane, parent_pos, child_lane, child_pos FROM lane_link "
+                    "ORDER BY parent_lane, parent_pos, child_lane"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in labels] == [
+        ("a", "a", 0), ("b", "a", 1), ("c", "a", 2), ("d", "d", 0), ("e", "e", 0),
+    ]  # fmt: skip
+    assert [tuple(r) for r in links] == [("a", 1, "d", 0), ("a", 2, "e", 0), ("d", 0, "e", 0)]
+    with Registry(registry_url) as reg:
+        assert [(r.id, r.parents) for r in reg.ancestors("e")] == [
+            ("d", ("b",)), ("c", ("b",)), ("b", ("a",)), ("a", ()),
+        ]  # fmt: skip
+        assert [(r.id, r.parents) for r in reg.descendants("b")] == [
+            ("c", ("b",)), ("d", ("b",)), ("e", ("c", "d")),
+        ]  # fmt: skip
+        # Commits after the upgrade go on with the lanes the migration labelled.
+        reg.commit("main", "f", step=5, objects={})
+        reg.commit("side", "g", step=6, objects={})
+        assert [r.id for r in reg.descendants("a")] == ["b", "c", "d", "e", "g", "f"]
+        assert [(r.id, r.parents) for r in reg.ancestors("f", depth=2)] == [
+            ("e", ("c", "d")), ("d", ("b",)), ("c", ("b",)),
+        ]  # fmt: skip

@@ -122,7 +122,10 @@ class LineageMachine(RuleBasedStateMachine):
             step=self.counter,
             parents=parents,
             objects=objects,
-            kind="merge" if parents is not None and len(parents) > 1 else "train",
+            # A merge's kind is the caller's word: lineage must not depend on it.
+            kind=data.draw(st.sampled_from(["merge", "train"]), label="kind")
+            if parents is not None and len(parents) > 1
+            else "train",
             **kwargs,
         )
         expected_parents = tuple(parents) if parents is not None else ((head,) if head else ())
@@ -274,6 +277,15 @@ class LineageMachine(RuleBasedStateMachine):
         assert [up[a] for a in ancestors] == sorted(up[a] for a in ancestors)
         assert [down[d] for d in descendants] == sorted(down[d] for d in descendants)
         assert {r.id for r in self.reg.children(cid)} == set(children.get(cid, ()))
+        for record in [*self.reg.ancestors(cid), *self.reg.descendants(cid)]:
+            assert record.parents == self.parents[record.id]
+        for depth in (1, 2):
+            assert {r.id for r in self.reg.ancestors(cid, depth=depth)} == {
+                a for a, d in up.items() if d <= depth
+            }
+            assert {r.id for r in self.reg.descendants(cid, depth=depth)} == {
+                x for x, d in down.items() if d <= depth
+            }
 
 
 def test_random_operations_keep_lineage_invariants(registry: Registry) -> None:

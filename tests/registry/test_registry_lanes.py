@@ -1,0 +1,171 @@
+"""Lineage over lanes (schema v3): ancestors and descendants read a few lanes by index range
+instead of walking every edge. Whatever the graph (branch points in the middle of a lane, forks
+on one branch, merges whatever their ``kind``), the answers must be exactly those of a walk of
+the edges, with every record equal to what ``get`` returns."""
+
+from __future__ import annotations
+
+import pickle
+from collections import deque
+
+import pytest
+from sqlalchemy import text
+
+from tlreg.registry import Registry
+from tlreg.registry.migrations import lane_labels
+from tlreg.registry.records import RecordList
+
+# (id, branch, parents or None for the branch head); committed in this order.
+GRAPH: list[tuple[str, str, list[str] | None]] = [
+    ("m0", "main", None),
+    ("m1", "main", None),
+    ("m2", "main", None),
+    ("m3", "main", None),
+    ("s0", "side", ["m1"]),  # branch point in the middle of main's lane
+    ("s1", "side", None),
+    ("m4", "main", None),
+    ("f0", "main", ["m2"]),  # a fork on main itself: m2 is not the end of its lane any more
+    ("f1", "main", None),
+    ("x0", "main", ["f1", "s1"]),  # a merge committed with the default kind ("train")
+    ("x1", "main", None),
+    ("y0", "side", ["s1", "m4", "m0"]),  # a three-way merge whose first parent ends its lane
+    ("y1", "side", None),
+    ("t0", "twin", ["y1"]),  # two branches started from the same checkpoint
+    ("u0", "twin2", ["y1"]),
+    ("y2", "side", None),
+    ("r0", "other", None),  # a second root
+    ("r1", "other", None),
+]
+
+
+@pytest.fixture
+def lanes(registry: Registry) -> tuple[Registry, dict[str, tuple[str, ...]]]:
+    parents: dict[str, tuple[str, ...]] = {}
+    heads: dict[str, str | None] = {}
+    for cid, branch, explicit in GRAPH:
+        if branch not in heads:
+            registry.create_branch(branch)
+            heads[branch] = None
+        record = registry.commit(
+            branch, cid, step=len(parents), objects={}, parents=explicit, metrics={"n": 1.0}
+        )
+        head = heads[branch]
+        parents[cid] = tuple(explicit) if explicit is not None else ((head,) if head else ())
+        assert record.parents == parents[cid]
+        heads[branch] = cid
+    return registry, parents
+
+
+def walk(start: str, links: dict[str, tuple[str, ...]], depth: int | None) -> dict[str, int]:
+    """Shortest distances from ``start`` along ``links`` (breadth first)."""
+    seen = {start: 0}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        if depth is not None and seen[node] == depth:
+            continue
+        for nxt in links.get(node, ()):
+            if nxt not in seen:
+                seen[nxt] = seen[node] + 1
+                queue.append(nxt)
+    del seen[start]
+    return seen
+
+
+@pytest.mark.parametrize("depth", [None, 1, 2, 3, 5])
+def test_lineage_is_a_walk_of_the_edges(
+    lanes: tuple[Registry, dict[str, tuple[str, ...]]], depth: int | None
+) -> None:
+    reg, parents = lanes
+    children: dict[str, tuple[str, ...]] = {}
+    for child, ps in parents.items():
+        for p in ps:
+            children[p] = (*children.get(p, ()), child)
+    every = {r.id: r for r in reg.checkpoints()}
+    order = {cid: i for i, (cid, _, _) in enumerate(GRAPH)}  # commit order = created order
+    for cid in parents:
+        up = walk(cid, parents, depth)
+        down = walk(cid, children, depth)
+        ancestors = reg.ancestors(cid, depth=depth)
+        descendants = reg.descendants(cid, depth=depth)
+        # Nearest first; ties: newest first going up, oldest first going down.
+        assert ancestors.ids == sorted(up, key=lambda a: (up[a], -order[a]))
+        assert descendants.ids == sorted(down, key=lambda d: (down[d], order[d]))
+        for record in [*ancestors, *descendants]:
+            assert record == every[record.id]
+            assert record.parents == parents[record.id]
+
+
+def test_lanes_are_the_labels_migrations_compute(
+    lanes: tuple[Registry, dict[str, tuple[str, ...]]],
+) -> None:
+    reg, parents = lanes
+    with reg._engine.connect() as conn:
+        stored = {
+            cid: (lane, pos)
+            for cid, lane, pos in conn.execute(text("SELECT id, lane, lane_pos FROM checkpoint"))
+        }
+        links = set(
+            conn.execute(
+                text("SELECT parent_lane, parent_pos, child_lane, child_pos FROM lane_link")
+            ).all()
+        )
+    labels, expected_links = lane_labels([(c, b) for c, b, _ in GRAPH], parents)
+    assert stored == labels
+    assert links == set(expected_links)
+    # Spot checks of the rule: main's first lane runs m0..m4; the fork, the branch point, the
+    # merges and the twins start lanes of their own; a child of a merge continues its lane.
+    assert [stored[c] for c in ("m0", "m1", "m2", "m3", "m4")] == [("m0", i) for i in range(5)]
+    assert stored["f0"] == ("f0", 0) and stored["f1"] == ("f0", 1)
+    assert stored["s0"] == ("s0", 0) and stored["s1"] == ("s0", 1)
+    assert stored["x0"] == ("x0", 0) and stored["x1"] == ("x0", 1)
+    assert stored["y0"] == ("y0", 0) and stored["y2"] == ("y0", 2)
+    assert stored["t0"] == ("t0", 0) and stored["u0"] == ("u0", 0)
+    assert ("m0", 1, "s0", 0) in links and ("s0", 1, "x0", 0) in links
+
+
+def test_a_merge_with_the_default_kind_keeps_all_its_parents(registry: Registry) -> None:
+    registry.create_branch("main")
+    registry.commit("main", "a", step=0, objects={})
+    registry.create_branch("side", from_ref="a")
+    registry.commit("side", "b", step=1, objects={})
+    merged = registry.commit("main", "c", step=2, objects={}, parents=["a", "b"])
+    assert merged.kind == "train" and merged.parents == ("a", "b")
+    registry.commit("main", "d", step=3, objects={})
+    assert [(r.id, r.parents) for r in registry.descendants("a")] == [
+        ("b", ("a",)),
+        ("c", ("a", "b")),
+        ("d", ("c",)),
+    ]
+    assert [(r.id, r.parents) for r in registry.ancestors("d")] == [
+        ("c", ("a", "b")),
+        ("b", ("a",)),
+        ("a", ()),
+    ]
+
+
+def test_a_record_list_behaves_like_a_list(
+    lanes: tuple[Registry, dict[str, tuple[str, ...]]],
+) -> None:
+    reg, _ = lanes
+    found = reg.descendants("m0")
+    assert isinstance(found, RecordList)
+    records = [reg.get(cid) for cid in found.ids]
+    assert len(found) == len(records) > 5
+    assert found == records and records == found and found == tuple(records)
+    assert found != records[:-1] and found != [*records[1:], records[0]]
+    assert found[0] == records[0] and found[-1] == records[-1]
+    assert found[1:4] == records[1:4] and found[::-2] == records[::-2]
+    assert list(found) == records and found.ids == [r.id for r in records]
+    assert repr(found) == repr(records)
+    with pytest.raises(IndexError):
+        found[len(records)]
+    with pytest.raises(IndexError):
+        found[-len(records) - 1]
+    with pytest.raises(TypeError):
+        hash(found)
+    again = pickle.loads(pickle.dumps(found))
+    assert isinstance(again, RecordList) and again == records
+    empty = reg.ancestors("m0")
+    assert not empty and empty == [] and len(empty) == 0 and empty.ids == []
+    assert reg.descendants("m0", depth=0) == []
