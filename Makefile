@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tlreg-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench stress clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: lint
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) bench/ckpt_bench.py $(BENCH_ARGS)
+
+# make stress: the fault-injection, bad-input and security suites in their long setting
+# (TLREG_STRESS=1: many more kills, flips, outages and hypothesis examples); the counts
+# (trials, checkpoints lost, corruptions detected, ...) are printed at the end.
+stress: $(STAMP)
+	TLREG_STRESS=1 $(VENV)/bin/pytest tests/faults tests/bad_input tests/security
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

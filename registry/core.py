@@ -166,6 +166,10 @@ FORCE_ENV = "TLREG_SQLITE_FORCE"
 environment variable so that local Ray workers started by the same command inherit it."""
 
 
+SQLITE_BUSY_TIMEOUT = 60.0
+"""Seconds a SQLite write waits for another process's lock before RegistryUnavailable."""
+
+
 def _create_engine(url: str, *, force: bool | None = None) -> Engine:
     if force is None:
         force = os.environ.get(FORCE_ENV) == "1"
@@ -194,6 +198,14 @@ def _create_engine(url: str, *, force: bool | None = None) -> Engine:
         )
     database = parsed.database or ""
     memory = database in ("", ":memory:") or database.startswith("file:")
+    # How long a write waits for another writer's lock: sqlite:///x.db?timeout=SECONDS
+    try:
+        busy = float(parsed.query.get("timeout", SQLITE_BUSY_TIMEOUT))  # type: ignore[arg-type]
+    except ValueError:
+        raise UnsupportedDatabase(
+            f"registry URL {url!r}: timeout must be a number of seconds, e.g. ?timeout=60"
+        ) from None
+    parsed = parsed.difference_update_query(["timeout"])
     if memory:
         # One shared connection, or every connection would see its own empty database.
         engine = create_engine(
@@ -216,7 +228,7 @@ def _create_engine(url: str, *, force: bool | None = None) -> Engine:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:
             pass
-        engine = create_engine(parsed.set(database=str(path)), connect_args={"timeout": 60})
+        engine = create_engine(parsed.set(database=str(path)), connect_args={"timeout": busy})
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
@@ -224,7 +236,7 @@ def _create_engine(url: str, *, force: bool | None = None) -> Engine:
         # hold the write lock from its first read of the branch head.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout = 60000")
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
         if not memory:
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")

@@ -55,6 +55,8 @@ def test_unsupported_and_unreachable_registries_are_named_without_their_password
     out = _one_line_error(tlreg("--registry", url, "log", "main"), "unreachable", "***")
     assert "s3cr3t-pw" not in out
     _one_line_error(tlreg("--registry", "not a url", "log", "main"), "not a url")
+    bad_timeout = f"sqlite:///{home}/r.db?timeout=soon"
+    _one_line_error(tlreg("--registry", bad_timeout, "log", "main"), "timeout", "seconds")
     assert not (home / "tlreg.toml").exists()
 
 
