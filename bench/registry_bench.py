@@ -176,6 +176,13 @@ def run(
         ),
         ("ancestors (depth 1,000)", lambda i: reg.ancestors(heads[(i % chains) // 10 * 10]), slow),
         ("descendants (10^4)", lambda i: reg.descendants(roots[i % len(roots)]), slow),
+        # The same calls, then every record built (a RecordList builds them on access).
+        (
+            "ancestors + all records",
+            lambda i: list(reg.ancestors(heads[(i % chains) // 10 * 10])),
+            slow,
+        ),
+        ("descendants + all records", lambda i: list(reg.descendants(roots[i % len(roots)])), slow),
         ("common_ancestor", lambda i: reg.common_ancestor(heads[1], heads[2 + i % 7]), slow),
         ("best_ancestor", lambda i: reg.best_ancestor(sig), slow),
         ("gc_plan", lambda i: reg.gc_plan(), 3 if quick else 5),
@@ -185,7 +192,7 @@ def run(
         if skip and name.startswith(skip):
             continue
         p50, p99 = measure(fn, repeats)
-        print(f"  {name:<26} p50 {p50:9.2f} ms   p99 {p99:9.2f} ms", flush=True)
+        print(f"  {name:<26} p50 {p50:9.2f} ms   p99 {p99:9.2f} ms   load {_load()}", flush=True)
         results.append((name, p50, p99))
     return results
 

@@ -129,7 +129,9 @@ class RecordList(Sequence[CheckpointRecord]):
         return self._record(index % n)
 
     def __iter__(self) -> Iterator[CheckpointRecord]:
-        return (self._record(i) for i in range(len(self._rows)))
+        if self._rows and self._built[-1] is None:
+            self._build_all()
+        return iter(self._built)  # type: ignore[arg-type]  # all built now
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, str | bytes):
@@ -155,6 +157,14 @@ class RecordList(Sequence[CheckpointRecord]):
             built = self._built[i] = self._build(self._rows[i])
         return built
 
+    def _build_all(self) -> None:
+        """Build every record not built yet, decoding the metrics in one ``json.loads``."""
+        todo = [i for i, built in enumerate(self._built) if built is None]
+        rows = self._rows
+        metrics = json.loads("[" + ",".join(rows[i][5] for i in todo) + "]")
+        for i, stored in zip(todo, metrics, strict=True):
+            self._built[i] = self._build(rows[i], stored)
+
     def _parents(self, row: Sequence[Any]) -> tuple[str, ...]:
         if row[15] is not None:
             return tuple(json.loads(row[15]))
@@ -167,7 +177,7 @@ class RecordList(Sequence[CheckpointRecord]):
             self._at = {(r[13], r[14]): r[0] for r in self._rows}
         return (self._at[row[13], row[14] - 1],)
 
-    def _build(self, row: Sequence[Any]) -> CheckpointRecord:
+    def _build(self, row: Sequence[Any], metrics: Any = None) -> CheckpointRecord:
         signature = row[10]
         if signature not in self._signatures:  # a model family shares one: decode it once
             decoded = json.loads(signature)  # JSON null: no signature
@@ -179,7 +189,7 @@ class RecordList(Sequence[CheckpointRecord]):
             manifest=row[3],
             parents=self._parents(row),
             created=utc(row[4]),
-            metrics=decode_metrics(json.loads(row[5])),
+            metrics=decode_metrics(json.loads(row[5]) if metrics is None else metrics),
             logical_bytes=row[6],
             new_bytes=row[7],
             kind=row[8],
