@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
@@ -177,6 +179,32 @@ class FsspecStore(Store):
             if not path.startswith(folder) or _is_tmp(path.rpartition("/")[2]):
                 continue
             yield path[root_len:]
+
+    # docstring inherited
+    def sweep_abandoned(self, before: datetime, *, dry_run: bool = False) -> int:
+        if self.atomic_put:
+            return 0  # one upload per put: nothing to leave behind
+        root = self._fs._strip_protocol(self.root).rstrip("/")
+        self._fs.invalidate_cache(root)
+        swept = 0
+        for path in self._fs.find(root, withdirs=False):
+            if not _is_tmp(path.rstrip("/").rpartition("/")[2]):
+                continue
+            try:
+                modified = self._fs.modified(path)
+            except FileNotFoundError:
+                continue  # its put finished or failed meanwhile
+            except NotImplementedError:
+                continue  # no way to tell an abandoned write from one in progress
+            if modified.tzinfo is None:  # fsspec reports naive UTC for some filesystems
+                modified = modified.replace(tzinfo=timezone.utc)
+            if modified >= before:
+                continue
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(path)
+            swept += 1
+        return swept
 
     # docstring inherited
     def delete(self, key: str) -> None:

@@ -6,7 +6,10 @@ import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from tlreg.storage_backends import LocalStore, MemoryStore
+from tlreg.storage_backends.fsspec_store import FsspecStore
 
 
 def _abandon(store: LocalStore, key: str, age: timedelta) -> Path:
@@ -20,11 +23,13 @@ def _abandon(store: LocalStore, key: str, age: timedelta) -> Path:
     return tmp
 
 
-def test_local_sweep_removes_only_temporaries_older_than_the_cutoff(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "s")
+@pytest.mark.parametrize("kind", ["local", "fsspec"])
+def test_sweep_removes_only_temporaries_older_than_the_cutoff(tmp_path: Path, kind: str) -> None:
+    local = LocalStore(tmp_path / "s")
+    store = local if kind == "local" else FsspecStore(local.root.as_uri())
     store.put("objects/ab/cd/x", b"whole object")
-    old = _abandon(store, "objects/ab/cd/y", timedelta(hours=2))
-    young = _abandon(store, "manifests/m.json", timedelta(seconds=5))
+    old = _abandon(local, "objects/ab/cd/y", timedelta(hours=2))
+    young = _abandon(local, "manifests/m.json", timedelta(seconds=5))
     cutoff = datetime.now(timezone.utc) - timedelta(hours=1)
 
     assert store.sweep_abandoned(cutoff, dry_run=True) == 1
