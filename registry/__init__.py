@@ -34,7 +34,15 @@ from tlreg.registry.errors import (
     UnsupportedDatabase,
 )
 from tlreg.registry.names import validate_name
-from tlreg.registry.records import Branch, CheckpointRecord, Edge, GcPlan, Run, Tag
+from tlreg.registry.records import (
+    Branch,
+    CheckpointRecord,
+    Edge,
+    GcPlan,
+    RecordList,
+    Run,
+    Tag,
+)
 
 __all__ = [
     "CHECKPOINT_KINDS",
@@ -54,6 +62,7 @@ __all__ = [
     "HeadMoved",
     "InvalidName",
     "NotCollectable",
+    "RecordList",
     "RefNotFound",
     "Registry",
     "RegistryError",

@@ -11,9 +11,8 @@ from collections import deque
 import pytest
 from sqlalchemy import text
 
-from tlreg.registry import Registry
+from tlreg.registry import RecordList, Registry
 from tlreg.registry.migrations import lane_labels
-from tlreg.registry.records import RecordList
 
 # (id, branch, parents or None for the branch head); committed in this order.
 GRAPH: list[tuple[str, str, list[str] | None]] = [
