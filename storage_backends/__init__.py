@@ -38,7 +38,7 @@ def open_store(url: str | Store, **options: Any) -> Store:
 
     ``url`` is a plain path, ``file://``, ``memory://``, ``s3://bucket/prefix`` (needs
     ``tlreg[s3]``) or any other fsspec protocol. ``options`` go to the backend (e.g.
-    ``fsync=False`` for a local store, ``endpoint_url=...`` for S3). A :class:`Store` is
+    ``durability="file"`` for a local store, ``endpoint_url=...`` for S3). A :class:`Store` is
     returned unchanged.
     """
     if isinstance(url, Store):

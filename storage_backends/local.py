@@ -37,28 +37,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class LocalStore(Store):
-    """Objects as files under ``root``.
+DURABILITY = ("full", "file", "none")
+"""Durability policies of a local store, strongest first (see :class:`LocalStore`)."""
+DURABILITY_ENV = "TLREG_DURABILITY"
 
-    Writes go to a temporary file in the target directory, are fsynced (unless
-    ``fsync=False``), then renamed into place and the directory is fsynced: on POSIX
-    filesystems, Lustre and GPFS included, rename is the atomic commit. No file locks.
+
+class LocalStore(Store):
+    """Objects as files under ``root``, for local disks and parallel filesystems.
+
+    A put writes a hidden temporary file in the target directory, then renames it into
+    place: on POSIX filesystems, Lustre and GPFS included, rename is the atomic commit, and
+    nothing relies on file locks. Objects fan out over two directory levels (see
+    :mod:`tlreg.ckpt.objects`), so no directory grows past a few thousand entries.
+
+    ``durability`` (default: ``$TLREG_DURABILITY``, else ``"full"``) says what a put makes
+    durable before it returns:
+
+    - ``"full"``: the file is fsynced before the rename and its directory after it, so a
+      returned put survives a crash or power loss. What the checkpoint protocol assumes.
+    - ``"file"``: the file's data is fsynced, the rename is not (a crash may lose the name of
+      a just-written object, never expose a partial one). Saves a directory fsync per put
+      on filesystems where those are slow.
+    - ``"none"``: no fsync (the page cache, a burst buffer or a node-local scratch disk
+      flushes on its own). A crash may lose recently committed checkpoints' objects;
+      ``tlreg verify`` finds them.
     """
 
     supports_local_path = True
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, durability: str | None = None) -> None:
         self.root = Path(root).expanduser().absolute()
         super().__init__(self.root.as_uri())
-        self.fsync = fsync
-        self.supports_fsync = fsync
+        chosen = durability or os.environ.get(DURABILITY_ENV) or "full"
+        if chosen not in DURABILITY:
+            raise StoreError(
+                f"unknown durability {chosen!r} for store {self.url}: "
+                f"use one of {', '.join(DURABILITY)} (see {DURABILITY_ENV})"
+            )
+        self.durability = chosen
+        self.supports_fsync = chosen != "none"
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (LocalStore, (str(self.root),), {"fsync": self.fsync})
+        return (LocalStore, (str(self.root),), {"durability": self.durability})
 
-    def __setstate__(self, state: dict[str, bool]) -> None:
-        self.fsync = state["fsync"]
-        self.supports_fsync = self.fsync
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.durability = state["durability"]
+        self.supports_fsync = self.durability != "none"
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -79,7 +103,7 @@ class LocalStore(Store):
             try:
                 for part in parts:
                     _write_all(fd, part)
-                if self.fsync:
+                if self.durability != "none":
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -87,7 +111,7 @@ class LocalStore(Store):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        if self.fsync:
+        if self.durability == "full":
             _fsync_dir(path.parent)
 
     # docstring inherited

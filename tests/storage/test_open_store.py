@@ -29,7 +29,7 @@ def test_plain_path_opens_a_local_store(tmp_path: Path) -> None:
 
 
 def test_file_url_opens_a_local_store(tmp_path: Path) -> None:
-    store = open_store(f"file://{tmp_path}/s", fsync=False)
+    store = open_store(f"file://{tmp_path}/s", durability="none")
     assert isinstance(store, LocalStore) and store.root == tmp_path / "s"
     assert not store.supports_fsync
 

@@ -14,7 +14,7 @@ from tlreg.storage_backends.testing import DirectoryOracle, StoreTests
 class TestLocalStore(StoreTests):
     @pytest.fixture
     def store(self, tmp_path: Path) -> LocalStore:
-        return LocalStore(tmp_path / "store", fsync=False)
+        return LocalStore(tmp_path / "store", durability="none")
 
     @pytest.fixture
     def oracle(self, store: LocalStore) -> DirectoryOracle:
@@ -32,13 +32,13 @@ class TestLocalStoreWithFsync(TestLocalStore):
 
 
 def test_put_leaves_no_temporary_files(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path, fsync=False)
+    store = LocalStore(tmp_path, durability="none")
     store.put("a/b", [b"x", b"y"])
     assert sorted(os.listdir(tmp_path / "a")) == ["b"]
 
 
 def test_delete_prunes_empty_folders_but_not_the_root(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "root", fsync=False)
+    store = LocalStore(tmp_path / "root", durability="none")
     store.put("objects/ab/cd/x", b"1")
     store.delete("objects/ab/cd/x")
     assert (tmp_path / "root").is_dir()
