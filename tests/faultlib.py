@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 from collections import Counter
+from typing import Any
 
 STRESS = os.environ.get("TLREG_STRESS", "") not in ("", "0")
 
@@ -90,3 +91,17 @@ class TcpProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+_summarised = False
+
+
+def summarise(terminalreporter: Any) -> None:
+    """Print :data:`COUNTS` once per run (several suites' conftests ask for it)."""
+    global _summarised
+    if _summarised or not COUNTS:
+        return
+    _summarised = True
+    terminalreporter.section(f"fault injection and bad input ({'stress' if STRESS else 'short'})")
+    for key in sorted(COUNTS):
+        terminalreporter.write_line(f"{key:<64} {COUNTS[key]:>8}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faultlib import trials
+from faultlib import COUNTS, trials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -78,6 +78,7 @@ def test_nasty_names_are_refused_for_branches_and_tags_and_change_nothing(
     _refused(tlreg("branch", "--", name, "base"), "branch name")
     _refused(tlreg("tag", "--", "base", name), "tag name")
     assert snapshot() == before
+    COUNTS["bad input: nasty names refused (branch and tag)"] += 2
 
 
 @pytest.mark.parametrize("name", NASTY, ids=[repr(n)[:24] for n in NASTY])
@@ -98,6 +99,7 @@ def _accepted_or_refused(tlreg: Callable, snapshot: Callable, base: str, name: s
         _refused(tlreg("branch", "--", name, "base"), "invalid branch name")
         _refused(tlreg("tag", "--", "base", name), "invalid tag name")
         assert snapshot() == before
+        COUNTS["bad input: generated names refused"] += 1
         return
     made = tlreg("branch", "--", name, "base")
     assert made.exit_code == 0, made.output
@@ -105,6 +107,7 @@ def _accepted_or_refused(tlreg: Callable, snapshot: Callable, base: str, name: s
     assert name in [b["name"] for b in json.loads(tlreg("branches", "--json").output)]
     assert tlreg("branch", "-d", "--", name).exit_code == 0
     assert snapshot() == before
+    COUNTS["bad input: generated names accepted and round-tripped"] += 1
 
 
 @settings(

@@ -14,7 +14,7 @@ from typing import Any
 
 import blake3
 import pytest
-from faultlib import trials
+from faultlib import COUNTS, trials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -96,6 +96,7 @@ def test_a_bad_manifest_is_refused_in_one_line_by_every_reader(
         assert manifest_id in result.output and expected in result.output, result.output
     assert snapshot() == before
     assert not (store.root.parent / "out.safetensors").exists()
+    COUNTS["bad input: damaged manifests refused (verify, export, diff)"] += 3
 
 
 json_values = st.recursive(
@@ -112,6 +113,7 @@ def test_manifest_parsing_of_any_bytes_raises_only_checkpoint_errors(data: bytes
         Manifest.from_json(data, name="manifest x")
     except CheckpointError as e:
         assert str(e).startswith("manifest x") and "\n" not in str(e)
+        COUNTS["bad input: random manifest bytes refused"] += 1
 
 
 @settings(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultlib import trials
+from faultlib import COUNTS, trials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
@@ -48,11 +48,13 @@ def _refused_or_exact(tlreg: Callable, snapshot: Callable, path: Path, content: 
             k: v.tolist() for k, v in st_load(content).items()
         }
         assert tlreg("branch", "-d", "fresh").exit_code == 0
+        COUNTS["bad input: rewritten safetensors headers imported exactly"] += 1
         return
     out = result.output
     assert result.exit_code == 1 and out.startswith("Error: ") and out.count("\n") == 1, out
     assert path.name in out, out
     assert snapshot() == before
+    COUNTS["bad input: rewritten safetensors headers refused"] += 1
 
 
 @pytest.fixture
@@ -78,6 +80,7 @@ def test_a_safetensors_file_cut_anywhere_is_refused_changing_nothing(
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1
     assert "cut.safetensors" in result.output
     assert snapshot() == before
+    COUNTS["bad input: truncated safetensors files refused"] += 1
 
 
 @settings(

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from faultlib import COUNTS, STRESS
+from faultlib import summarise
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not COUNTS:
-        return
-    terminalreporter.section(f"fault injection ({'stress' if STRESS else 'short'} setting)")
-    for key in sorted(COUNTS):
-        terminalreporter.write_line(f"{key:<56} {COUNTS[key]:>8}")
+    summarise(terminalreporter)
