@@ -1,14 +1,17 @@
 """What the registry returns: plain frozen dataclasses, detached from any database session,
-safe to pickle and to hand to another thread or Ray process."""
+safe to pickle and to hand to another thread or Ray process; and RecordList, a list of them
+whose deferred fields are read on first access (pickling reads them first)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
+
+from .errors import RefNotFound
 
 # JSON (and PostgreSQL's json type) has no NaN or infinity; a diverged loss is still a metric
 # worth recording, so non-finite floats are stored as these strings and decoded on read.
@@ -92,23 +95,47 @@ class CheckpointRecord:
         }
 
 
+# The deferred columns of a RecordList's rows, by checkpoint id: the id again, manifest,
+# created, metrics (JSON text), logical_bytes, new_bytes, kind, message, signature (JSON text
+# or None), run_id, pruned.
+Deferred = Mapping[str, Sequence[Any]]
+
+
 class RecordList(Sequence[CheckpointRecord]):
     """A read-only list of checkpoint records (what ``ancestors`` and ``descendants`` return).
 
-    Every value was read from the database by the call that returned it, in its one
-    transaction; a record is only *built* from its row (a dataclass, datetimes, decoded
-    JSON) when it is first accessed, then kept. Indexing, slicing (a plain list), ``len``,
-    iteration and ``==`` against any sequence behave like a list's; it pickles with its rows.
+    The call that returns it reads, in its one transaction, the structure of the answer:
+    every checkpoint's ``id``, ``branch``, ``step`` and ``parents``, in order. The other
+    fields (``manifest``, ``created``, ``metrics``, ``logical_bytes``, ``new_bytes``,
+    ``kind``, ``message``, ``signature``, ``run_id``, ``pruned``) are *deferred*: the first
+    access to any record reads them for every record of the list in one more transaction
+    (one query per few thousand ids), then keeps them; nothing is cached across lists.
+    Checkpoint rows are never deleted and never change, except ``pruned``, which garbage
+    collection sets: a deferred ``pruned`` is the value at that first access.
+
+    A record is built (a dataclass, datetimes, decoded JSON) when first accessed, then kept.
+    Indexing, slicing (a plain list), ``len``, iteration and ``==`` against any sequence
+    behave like a list's; ``.ids`` and ``len`` read nothing more. Pickling reads the deferred
+    fields first and ships them, so an unpickled list never touches a database.
     """
 
-    __slots__ = ("_at", "_built", "_rows", "_signatures")
+    __slots__ = ("_at", "_built", "_deferred", "_load", "_rows", "_signatures")
 
-    def __init__(self, rows: Sequence[Sequence[Any]]) -> None:
-        # A row: id, branch, step, manifest, created, metrics (JSON text), logical_bytes,
-        # new_bytes, kind, message, signature (JSON text or None), run_id, pruned, lane,
-        # lane_pos, parents (JSON array text, read for a lane's first checkpoint and for
-        # merges, else None), the lane's previous checkpoint id when it may not be a row.
+    def __init__(
+        self,
+        rows: Sequence[Sequence[Any]],
+        deferred: Deferred | None = None,
+        load: Callable[[Sequence[Sequence[Any]]], Deferred] | None = None,
+    ) -> None:
+        # A row: id, branch, step, lane, lane_pos, parents (JSON array text, read for a lane's
+        # first checkpoint and for merges, else None), the lane's previous checkpoint id when
+        # it may not be a row. ``deferred`` holds the other columns (see Deferred), or
+        # ``load`` reads them for these rows.
+        if deferred is None and load is None and rows:
+            raise ValueError("a RecordList needs its deferred columns or a way to load them")
         self._rows = rows
+        self._deferred = deferred
+        self._load = load
         self._built: list[CheckpointRecord | None] = [None] * len(rows)
         self._signatures: dict[str | None, tuple[str, ...] | None] = {None: None}
         self._at: dict[tuple[str, int], str] | None = None
@@ -143,42 +170,71 @@ class RecordList(Sequence[CheckpointRecord]):
     def __repr__(self) -> str:
         return repr(list(self))
 
-    def __reduce__(self) -> tuple[type[RecordList], tuple[list[tuple[Any, ...]]]]:
-        return (RecordList, ([tuple(row) for row in self._rows],))
+    def __reduce__(
+        self,
+    ) -> tuple[type[RecordList], tuple[list[tuple[Any, ...]], dict[str, tuple[Any, ...]]]]:
+        deferred = self._loaded()
+        return (
+            RecordList,
+            ([tuple(row) for row in self._rows], {k: tuple(v) for k, v in deferred.items()}),
+        )
 
     @property
     def ids(self) -> list[str]:
-        """The checkpoint ids, in order (builds no record)."""
+        """The checkpoint ids, in order (reads and builds nothing)."""
         return [row[0] for row in self._rows]
+
+    def _loaded(self) -> Deferred:
+        """The deferred columns of every row, read now if not yet."""
+        if self._deferred is None:
+            assert self._load is not None  # __init__ requires one of them
+            ids = self.ids
+            deferred = self._load(self._rows)
+            missing = [cid for cid in ids if cid not in deferred]
+            if missing:  # cannot happen: checkpoint rows are never deleted
+                shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+                raise RefNotFound(
+                    f"{len(missing)} checkpoint(s) of this lineage answer no longer exist in "
+                    f"the registry ({shown}), so their deferred fields cannot be read: "
+                    "was the database restored or edited? Run the query again"
+                )
+            self._deferred = deferred
+            self._load = None
+        return self._deferred
 
     def _record(self, i: int) -> CheckpointRecord:
         built = self._built[i]
         if built is None:
-            built = self._built[i] = self._build(self._rows[i])
+            row = self._rows[i]
+            built = self._built[i] = self._build(row, self._loaded()[row[0]])
         return built
 
     def _build_all(self) -> None:
         """Build every record not built yet, decoding the metrics in one ``json.loads``."""
+        deferred = self._loaded()
         todo = [i for i, built in enumerate(self._built) if built is None]
         rows = self._rows
-        metrics = json.loads("[" + ",".join(rows[i][5] for i in todo) + "]")
-        for i, stored in zip(todo, metrics, strict=True):
-            self._built[i] = self._build(rows[i], stored)
+        wide = [deferred[rows[i][0]] for i in todo]
+        metrics = json.loads("[" + ",".join(w[3] for w in wide) + "]")
+        for i, w, stored in zip(todo, wide, metrics, strict=True):
+            self._built[i] = self._build(rows[i], w, stored)
 
     def _parents(self, row: Sequence[Any]) -> tuple[str, ...]:
-        if row[15] is not None:
-            return tuple(json.loads(row[15]))
-        if row[14] == 0:
+        if row[5] is not None:
+            return tuple(json.loads(row[5]))
+        if row[4] == 0:
             return ()  # a root
-        if row[16] is not None:
-            return (row[16],)
+        if row[6] is not None:
+            return (row[6],)
         # Every other checkpoint's one parent is its lane's previous checkpoint, a row here.
         if self._at is None:
-            self._at = {(r[13], r[14]): r[0] for r in self._rows}
-        return (self._at[row[13], row[14] - 1],)
+            self._at = {(r[3], r[4]): r[0] for r in self._rows}
+        return (self._at[row[3], row[4] - 1],)
 
-    def _build(self, row: Sequence[Any], metrics: Any = None) -> CheckpointRecord:
-        signature = row[10]
+    def _build(
+        self, row: Sequence[Any], wide: Sequence[Any], metrics: Any = None
+    ) -> CheckpointRecord:
+        signature = wide[8]
         if signature not in self._signatures:  # a model family shares one: decode it once
             decoded = json.loads(signature)  # JSON null: no signature
             self._signatures[signature] = None if decoded is None else tuple(decoded)
@@ -186,17 +242,17 @@ class RecordList(Sequence[CheckpointRecord]):
             id=row[0],
             branch=row[1],
             step=row[2],
-            manifest=row[3],
+            manifest=wide[1],
             parents=self._parents(row),
-            created=utc(row[4]),
-            metrics=decode_metrics(json.loads(row[5]) if metrics is None else metrics),
-            logical_bytes=row[6],
-            new_bytes=row[7],
-            kind=row[8],
-            message=row[9],
+            created=utc(wide[2]),
+            metrics=decode_metrics(json.loads(wide[3]) if metrics is None else metrics),
+            logical_bytes=wide[4],
+            new_bytes=wide[5],
+            kind=wide[6],
+            message=wide[7],
             signature=self._signatures[signature],
-            run_id=row[11],
-            pruned=None if row[12] is None else utc(row[12]),
+            run_id=wide[9],
+            pruned=None if wide[10] is None else utc(wide[10]),
         )
 
 

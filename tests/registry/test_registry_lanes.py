@@ -9,9 +9,9 @@ import pickle
 from collections import deque
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
-from tlreg.registry import RecordList, Registry
+from tlreg.registry import RecordList, RefNotFound, Registry
 from tlreg.registry.migrations import lane_labels
 
 # (id, branch, parents or None for the branch head); committed in this order.
@@ -168,3 +168,72 @@ def test_a_record_list_behaves_like_a_list(
     empty = reg.ancestors("m0")
     assert not empty and empty == [] and len(empty) == 0 and empty.ids == []
     assert reg.descendants("m0", depth=0) == []
+
+
+def _statements(reg: Registry) -> list[str]:
+    """Every SQL statement the registry's engine runs from now on."""
+    seen: list[str] = []
+    event.listen(reg._engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    return seen
+
+
+def test_lineage_reads_the_structure_and_defers_the_rest_to_one_batch(
+    lanes: tuple[Registry, dict[str, tuple[str, ...]]],
+) -> None:
+    reg, parents = lanes
+    found = reg.descendants("m0")
+    seen = _statements(reg)
+    assert len(found) > 5 and found.ids and not seen  # the call read the structure already
+    first = found[3]
+    deferred = [sql for sql in seen if "c.manifest" in sql]
+    assert len(deferred) == 1  # every record's deferred fields, one statement here
+    assert first == reg.get(first.id) and first.parents == parents[first.id]
+    seen.clear()
+    assert list(found) == [reg.get(cid) for cid in found.ids]
+    assert not [sql for sql in seen if "c.manifest" in sql]  # read once per list
+    again = reg.descendants("m0")  # nothing is cached across calls
+    seen.clear()
+    assert again == found and len([sql for sql in seen if "c.manifest" in sql]) == 1
+    # A bounded walk that enters one lane twice (m4 and m0, not m1..m3): the deferred read
+    # covers exactly its rows.
+    bounded = reg.ancestors("y0", depth=1)
+    assert sorted(bounded.ids) == ["m0", "m4", "s1"]
+    assert list(bounded) == [reg.get(cid) for cid in bounded.ids]
+
+
+def test_deferred_fields_are_those_at_first_access(
+    lanes: tuple[Registry, dict[str, tuple[str, ...]]],
+) -> None:
+    reg, _ = lanes
+    found = reg.ancestors("y2")
+    accessed = reg.ancestors("y2")
+    assert all(record.pruned is None for record in accessed)
+    plan = reg.gc_plan(keep_last=1)
+    reg.apply_gc(plan)
+    pruned = set(plan.prune) & set(found.ids)
+    assert pruned  # GC pruned part of this lineage between the call and the first access
+    assert list(found) == [reg.get(cid) for cid in found.ids]
+    assert {record.id for record in found if record.pruned is not None} == pruned
+    assert all(record.pruned is None for record in accessed)  # read before GC, kept
+
+
+def test_a_pickled_record_list_carries_its_deferred_fields(
+    lanes: tuple[Registry, dict[str, tuple[str, ...]]],
+) -> None:
+    reg, _ = lanes
+    blob = pickle.dumps(reg.descendants("m1"))  # nothing accessed yet: pickling reads them
+    expected = [reg.get(cid) for cid in reg.descendants("m1").ids]
+    seen = _statements(reg)
+    again = pickle.loads(blob)
+    assert again == expected and not seen
+
+
+def test_a_vanished_row_is_a_clear_error() -> None:
+    # Checkpoint rows are never deleted; should one be (a restored or edited database), the
+    # first access says so instead of building a wrong record.
+    gone = RecordList([("ck-gone", "main", 0, "ck-gone", 0, None, None)], load=lambda rows: {})
+    assert gone.ids == ["ck-gone"] and len(gone) == 1
+    with pytest.raises(RefNotFound, match=r"1 checkpoint\(s\) of this lineage .*\(ck-gone\)"):
+        gone[0]
+    with pytest.raises(ValueError, match="deferred columns"):
+        RecordList([("ck", "main", 0, "ck", 0, None, None)])
