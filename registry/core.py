@@ -798,7 +798,7 @@ class Registry:
         first); ``ref`` itself is not included. ``depth`` stops the walk that many edges
         away.
 
-        A :class:`RecordList`, like :meth:`ancestors`': this call reads ``id``, ``branch``,
+        A :class:`RecordList`, as for :meth:`ancestors`: this call reads ``id``, ``branch``,
         ``step`` and ``parents`` of every descendant, in order; the other fields are read for
         all of them at the first access to any record (``pruned`` as it is then)."""
         return self._walk(ref, up=False, depth=depth)
@@ -828,8 +828,9 @@ class Registry:
             if depth is not None:
                 params["depth"] = depth
             if self._dialect == "postgresql":
-                # The final sort holds every row (~400 bytes each): 10^4 of them spilled to
-                # disk under the default 4 MB, which doubled the statement's time.
+                # The final sort holds every row: 10^4 full rows spilled to disk under the
+                # default 4 MB (doubling the statement's time); narrow ones take ~2 MB, so
+                # this is for answers a few times larger.
                 s.connection().exec_driver_sql("SET LOCAL work_mem = '64MB'")
             rows = s.connection().execute(text(sql), params).all()
         ids = [row[0] for row in rows]
