@@ -14,6 +14,7 @@ import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +26,10 @@ from fsspec.asyn import sync
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key
 from tlreg.storage_backends.errors import ObjectNotFound, StoreError, StoreUnavailable
+
+MAX_ATTEMPTS_ENV = "TLREG_S3_MAX_ATTEMPTS"
+DEFAULT_MAX_ATTEMPTS = 5
+"""Attempts per S3 request (the first one included) before a transient error is raised."""
 
 #: S3's smallest allowed part (except the last) and its largest number of parts per upload
 MIN_PART_SIZE = 5 * 2**20
@@ -95,6 +100,11 @@ class S3Store(Store):
     request completes, so puts are atomic. Listings are never cached, so ``exists`` and
     ``list`` see what other processes wrote. ``options`` go to ``s3fs.S3FileSystem``
     (e.g. ``anon=True``, ``config_kwargs``, ``profile``); credentials are refused there.
+
+    Transient errors (5xx, throttling, connections refused or reset, timeouts) are retried up
+    to ``max_attempts`` requests in all (default ``$TLREG_S3_MAX_ATTEMPTS``, else 5) with
+    exponential backoff and full jitter; permanent ones (refused credentials, a missing
+    bucket) fail at once. Either way the error is one line naming the bucket and endpoint.
     """
 
     #: a PUT (or a completed multipart upload) is durable when S3 acknowledges it
@@ -108,6 +118,7 @@ class S3Store(Store):
         region: str | None = None,
         max_concurrency: int = 8,
         part_size: int = 16 * 2**20,
+        max_attempts: int | None = None,
         **options: Any,
     ) -> None:
         split = urlsplit(url)
@@ -124,6 +135,14 @@ class S3Store(Store):
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        if max_attempts is None:
+            raw = os.environ.get(MAX_ATTEMPTS_ENV) or str(DEFAULT_MAX_ATTEMPTS)
+            try:
+                max_attempts = int(raw)
+            except ValueError:
+                raise ValueError(f"{MAX_ATTEMPTS_ENV}={raw!r} is not a whole number") from None
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 (got {max_attempts})")
         super().__init__(url)
         self.bucket = split.netloc
         self.prefix = split.path.strip("/")
@@ -131,6 +150,7 @@ class S3Store(Store):
         self.region = region
         self.max_concurrency = max_concurrency
         self.part_size = part_size
+        self.max_attempts = max_attempts
         self.options = options
         self._bucket_checked = False
         self._fs = self._connect()
@@ -141,6 +161,7 @@ class S3Store(Store):
             "region": self.region,
             "max_concurrency": self.max_concurrency,
             "part_size": self.part_size,
+            "max_attempts": self.max_attempts,
             **self.options,
         }
         return (_reopen, (self.url, kwargs))
@@ -156,6 +177,17 @@ class S3Store(Store):
             client_kwargs.setdefault("region_name", self.region)
         config_kwargs = dict(options.pop("config_kwargs", None) or {})
         config_kwargs.setdefault("max_pool_connections", max(10, 2 * self.max_concurrency))
+        # One retry policy, botocore's "standard" mode: transient errors (5xx, throttling,
+        # connection refused/reset, timeouts) are retried up to max_attempts in all, after
+        # min(2**attempt, 20) s * random() (exponential backoff, full jitter); permanent ones
+        # (403, NoSuchBucket, ...) fail at once. s3fs's own retry loop is off (retries=1),
+        # or the two would multiply.
+        config_kwargs.setdefault(
+            "retries", {"mode": "standard", "total_max_attempts": self.max_attempts}
+        )
+        config_kwargs.setdefault("connect_timeout", 10)
+        config_kwargs.setdefault("read_timeout", 120)
+        options.setdefault("retries", 1)
         return s3fs.S3FileSystem(
             endpoint_url=self.endpoint_url,
             client_kwargs=client_kwargs,
@@ -234,8 +266,11 @@ class S3Store(Store):
             ) from None
         except (OSError, BotoCoreError, ClientError, asyncio.TimeoutError) as e:
             what = f"object {key!r}" if key is not None else "a listing"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise StoreUnavailable(
-                f"S3 request for {what} in bucket {self.bucket!r} at {self._endpoint()} failed: {e}"
+                f"S3 request for {what} in bucket {self.bucket!r} at {self._endpoint()} failed "
+                f"({first}) after up to {self.max_attempts} attempts: check that the endpoint "
+                f"is reachable, or raise {MAX_ATTEMPTS_ENV}"
             ) from e
 
     # -- primitives -----------------------------------------------------------------------
@@ -291,6 +326,27 @@ class S3Store(Store):
                     "abort_multipart_upload", Bucket=bucket, Key=s3key, UploadId=upload_id
                 )
             raise
+
+    # docstring inherited
+    def sweep_abandoned(self, before: datetime, *, dry_run: bool = False) -> int:
+        # A multipart upload whose process died stays open (and billed) until aborted.
+        swept = 0
+        page_args: dict[str, str] = {"Prefix": f"{self.prefix}/" if self.prefix else ""}
+        with self._errors(None):
+            while True:
+                page = self._call("list_multipart_uploads", **page_args)
+                for upload in page.get("Uploads") or []:
+                    if upload["Initiated"] >= before:
+                        continue  # possibly an upload still running
+                    if not dry_run:
+                        self._call(
+                            "abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                    swept += 1
+                if not page.get("IsTruncated"):
+                    return swept
+                page_args["KeyMarker"] = page["NextKeyMarker"]
+                page_args["UploadIdMarker"] = page["NextUploadIdMarker"]
 
     # docstring inherited
     def get(self, key: str) -> bytes:

@@ -29,12 +29,16 @@ class TcpProxy:
 
     ``stop()`` closes the listening socket and resets every relayed connection, so clients see
     exactly what a stopped server gives them (refused connections, broken sockets);
-    ``start()`` listens again on the same port.
+    ``start()`` listens again on the same port. With ``reset_next = n`` the next ``n``
+    connections are reset as soon as they are accepted; ``accepted`` counts connections.
     """
 
     def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.host, self.target_port = host, target_port
         self.port = 0
+        self.reset_next = 0
+        """Connections to reset at once (a server that crashes on them), before relaying."""
+        self.accepted = 0
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -66,6 +70,12 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # stopped
+            self.accepted += 1
+            if self.reset_next > 0:
+                self.reset_next -= 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection((self.host, self.target_port))
             except OSError:
