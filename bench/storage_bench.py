@@ -56,6 +56,16 @@ def _raw_local_put(root: Path, key: str, data: bytes) -> None:
         os.close(fd)
 
 
+def _run_pair(
+    runs: dict[str, list[float]], rep: int, threads: int, pair: dict[str, list[Callable[[], Any]]]
+) -> None:
+    """Time both sides of one comparison, tlreg first on even repetitions, raw first on odd
+    ones, so neither side always meets the warmer cache."""
+    names = list(pair) if rep % 2 == 0 else list(reversed(pair))
+    for name in names:
+        runs[name].append(_timed(threads, pair[name]))
+
+
 def _timed(threads: int, jobs: list[Callable[[], Any]]) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -75,14 +85,16 @@ def bench_local(root: Path, size: int, count: int, repeat: int, threads: int) ->
     runs: dict[str, list[float]] = {k: [] for k in ("tlreg put", "raw put", "tlreg get", "raw get")}
     for r in range(repeat):
         keys = [f"objects/{i % 256:02x}/{r}-{i}" for i in range(count)]
-        runs["tlreg put"].append(_timed(threads, [lambda k=k: store.put(k, data) for k in keys]))
-        runs["raw put"].append(
-            _timed(threads, [lambda k=k: _raw_local_put(raw_root, k, data) for k in keys])
-        )
-        runs["tlreg get"].append(_timed(threads, [lambda k=k: store.get(k) for k in keys]))
-        runs["raw get"].append(
-            _timed(threads, [lambda k=k: (raw_root / k).read_bytes() for k in keys])
-        )
+        puts = {
+            "tlreg put": [lambda k=k: store.put(k, data) for k in keys],
+            "raw put": [lambda k=k: _raw_local_put(raw_root, k, data) for k in keys],
+        }
+        _run_pair(runs, r, threads, puts)
+        gets = {
+            "tlreg get": [lambda k=k: store.get(k) for k in keys],
+            "raw get": [lambda k=k: (raw_root / k).read_bytes() for k in keys],
+        }
+        _run_pair(runs, r, threads, gets)
     shutil.rmtree(root / "tlreg", ignore_errors=True)
     shutil.rmtree(raw_root, ignore_errors=True)
     return _median_rates(runs, size * count)
@@ -113,20 +125,21 @@ def bench_s3(
     runs: dict[str, list[float]] = {k: [] for k in ("tlreg put", "raw put", "tlreg get", "raw get")}
     for r in range(repeat):
         keys = [f"objects/{r}-{i}" for i in range(count)]
-        runs["tlreg put"].append(_timed(threads, [lambda k=k: store.put(k, data) for k in keys]))
-        runs["raw put"].append(
-            _timed(
-                threads,
-                [
-                    lambda k=k: client.upload_fileobj(
-                        io.BytesIO(data), bucket, f"raw/{k}", Config=transfer
-                    )
-                    for k in keys
-                ],
-            )
-        )
-        runs["tlreg get"].append(_timed(threads, [lambda k=k: store.get(k) for k in keys]))
-        runs["raw get"].append(_timed(threads, [lambda k=k: boto_get(k) for k in keys]))
+        puts = {
+            "tlreg put": [lambda k=k: store.put(k, data) for k in keys],
+            "raw put": [
+                lambda k=k: client.upload_fileobj(
+                    io.BytesIO(data), bucket, f"raw/{k}", Config=transfer
+                )
+                for k in keys
+            ],
+        }
+        _run_pair(runs, r, threads, puts)
+        gets = {
+            "tlreg get": [lambda k=k: store.get(k) for k in keys],
+            "raw get": [lambda k=k: boto_get(k) for k in keys],
+        }
+        _run_pair(runs, r, threads, gets)
         for k in keys:
             store.delete(k)
             client.delete_object(Bucket=bucket, Key=f"raw/{k}")
