@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tlreg-installed
 
-.PHONY: demo test lint bench stress clean
+.PHONY: demo test lint bench bench-storage stress clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test: lint
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) bench/ckpt_bench.py $(BENCH_ARGS)
+
+# make bench-storage: bench/storage_bench.py (local disk vs raw writes, S3 vs boto3's transfer
+# manager). boto3 is installed here, at the version of the botocore that s3fs pinned (boto3 and
+# botocore share version numbers); as a plain dependency pip would backtrack through hundreds
+# of boto3 releases to find it.
+bench-storage: $(STAMP)
+	$(PY) -m pip install -q "boto3==$$($(PY) -c 'import botocore; print(botocore.__version__)')"
+	$(PY) bench/storage_bench.py $(BENCH_ARGS)
 
 # make stress: the fault-injection, bad-input and security suites in their long setting
 # (TLREG_STRESS=1: many more kills, flips, outages and hypothesis examples); the counts

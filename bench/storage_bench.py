@@ -9,6 +9,7 @@ against ``open().read()``. S3: ``S3Store`` against boto3's transfer manager
 same, so the columns compare MB/s for the same work; every figure is the median of
 ``--repeat`` runs, tlreg and raw interleaved.
 
+    make bench-storage                       # installs boto3 to match botocore, then runs this
     python bench/storage_bench.py            # 64 KiB .. 256 MiB objects, 256 MiB per size
     python bench/storage_bench.py --quick    # 32 MiB per size, one repetition
 """
