@@ -28,7 +28,7 @@ from tlreg.storage_backends.s3 import S3Store
 from tlreg.training import Checkpointer
 from tlreg.training.gc import collect_garbage
 
-OUTAGES = trials(short=1, long=10)
+OUTAGES = trials(short=1, long=5)
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -37,7 +37,9 @@ class CutMidSave(S3Store):
     """An S3 store that cuts the relay after the ``cut_after``-th chunk put."""
 
     def __init__(self, url: str, proxy: TcpProxy) -> None:
-        super().__init__(url)
+        # 3 attempts per request (backoff waits of up to 1 + 2 s): each of the save's
+        # remaining puts gives up within seconds, not the default 5 attempts' ~15 s
+        super().__init__(url, max_attempts=3)
         self.proxy = proxy
         self.cut_after: int | None = None
         self.chunks = 0
