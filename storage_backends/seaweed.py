@@ -120,6 +120,9 @@ def seaweed_server() -> Iterator[S3Server]:
         f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
         f"-admin.port={admin}", f"-admin.port.grpc={admin + 10000}", "-admin.ui=false",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-master.telemetry=false",
+        # volumes of 32 MB instead of 128: the volume count (free disk / volume size) has
+        # room for four times as many buckets, each of which takes several volumes
+        "-master.volumeSizeLimitMB=32",
         f"-s3.config={config}", "-s3.autoCreateBucket=false",  # a missing bucket stays missing
         f"-filer.localSocket={home / 'filer.sock'}", f"-s3.localSocket={home / 's3.sock'}",
     ]  # fmt: skip

@@ -8,6 +8,7 @@ no options, as it would for a user. If the server cannot start, the fixture fail
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ def s3_server() -> Iterator[S3Server]:
 
 
 @pytest.fixture
-def s3_bucket_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+def s3_bucket_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """``s3://<fresh bucket>/store``, with the environment a user of that server would set."""
     bucket = f"tlreg-{uuid.uuid4().hex[:16]}"
     s3_server.fs.mkdir(bucket)
@@ -58,7 +59,11 @@ def s3_bucket_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     # a developer's ~/.aws files must not leak a profile, endpoint or credentials in
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    return f"s3://{bucket}/store"
+    yield f"s3://{bucket}/store"
+    # Each bucket is a SeaweedFS collection with volumes of its own, and the server has room
+    # for a few hundred volumes: drop the bucket, or a long session runs out (InternalError).
+    with contextlib.suppress(Exception):
+        s3_server.fs.rm(bucket, recursive=True)
 
 
 # -- registries -------------------------------------------------------------------------------
