@@ -62,7 +62,11 @@ class TcpProxy:
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()  # RST, as from a server process that died
+                # shutdown first: close() alone leaves the socket open while a relay thread
+                # is blocked in recv() on it, and the client would wait for its read timeout
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
