@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import array
 import os
-import pickle
 import threading
 import time
 import uuid
@@ -284,24 +283,7 @@ class StoreTests:
         assert store.get_json("m/1.json") == {"a": {"y": True, "z": "é"}, "b": [1, 2.5, None]}
         assert oracle.read("m/1.json") == oracle.read("m/2.json")
 
-    # -- pickling and threads -------------------------------------------------------------
-
-    def test_pickled_store_works(self, store: Store) -> None:
-        store.put("p/before", b"before")
-        clone = pickle.loads(pickle.dumps(store))
-        assert type(clone) is type(store)
-        assert clone.url == store.url
-        assert clone.get("p/before") == b"before"
-        clone.put("p/clone", b"from clone")
-        assert clone.get("p/clone") == b"from clone"
-
-    def test_pickled_store_reaches_the_same_objects(self, store: Store, oracle: Oracle) -> None:
-        if not self.pickle_shares_data:
-            pytest.skip("this store's pickle is a copy of its contents")
-        clone = pickle.loads(pickle.dumps(store))
-        clone.put("p/clone", b"from clone")
-        assert oracle.read("p/clone") == b"from clone"
-        assert store.get("p/clone") == b"from clone"
+    # -- threads (pickling: tests/storage/store_pickling.py, outside the package) ----------
 
     def test_concurrent_puts_from_threads_all_land(self, store: Store, oracle: Oracle) -> None:
         errors: list[BaseException] = []

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from store_pickling import PickleTests
 
 from tlreg.storage_backends.fsspec_store import FsspecStore
 from tlreg.storage_backends.testing import DirectoryOracle, StoreTests
 
 
-class TestFsspecFileStore(StoreTests):
+class TestFsspecFileStore(StoreTests, PickleTests):
     @pytest.fixture
     def store(self, tmp_path: Path) -> FsspecStore:
         store = FsspecStore((tmp_path / "store").as_uri())
@@ -39,7 +40,7 @@ class MemoryFsOracle:
         self.fs.pipe_file(f"{self.root}/{key}", data)
 
 
-class TestFsspecMemoryStore(StoreTests):
+class TestFsspecMemoryStore(StoreTests, PickleTests):
     @pytest.fixture
     def store(self) -> Iterator[FsspecStore]:
         # fsspec's memory filesystem is one global namespace: a fresh folder per test

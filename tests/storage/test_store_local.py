@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from store_pickling import PickleTests
 
 from tlreg.storage_backends import LocalStore, open_store
 from tlreg.storage_backends.testing import DirectoryOracle, StoreTests
 
 
-class TestLocalStore(StoreTests):
+class TestLocalStore(StoreTests, PickleTests):
     @pytest.fixture
     def store(self, tmp_path: Path) -> LocalStore:
         return LocalStore(tmp_path / "store", durability="none")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from store_pickling import PickleTests
 
 from tlreg.storage_backends import MemoryStore, open_store
 from tlreg.storage_backends.testing import StoreTests
@@ -21,7 +22,7 @@ class DictOracle:
         self.objects[key] = data
 
 
-class TestMemoryStore(StoreTests):
+class TestMemoryStore(StoreTests, PickleTests):
     pickle_shares_data = False  # a worker gets a snapshot
 
     @pytest.fixture

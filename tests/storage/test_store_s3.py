@@ -7,6 +7,7 @@ import pickle
 from typing import Any
 
 import pytest
+from store_pickling import PickleTests
 
 from tlreg.storage_backends import StoreUnavailable, open_store
 from tlreg.storage_backends.s3 import MIN_PART_SIZE, S3Store
@@ -29,7 +30,7 @@ class S3Oracle:
         self.fs.pipe_file(f"{self.root}/{key}", data)
 
 
-class TestS3Store(StoreTests):
+class TestS3Store(StoreTests, PickleTests):
     large_size = 2 * MIN_PART_SIZE + 12345  # three parts of a multipart upload
     hypothesis_examples = 15
 
