@@ -78,7 +78,7 @@ from tlreg.ckpt.shards import (
     slices,
     volume,
 )
-from tlreg.ckpt.staging import Event, Stager, align
+from tlreg.ckpt.staging import Event, Stager, align, place
 from tlreg.ckpt.tree import flatten_state, select_subtree, tensor_refs, unflatten_state
 from tlreg.ckpt.writer import ProcessWriter, SharedArenas, check_store
 from tlreg.storage_backends import ObjectNotFound, Store, open_store
@@ -726,8 +726,8 @@ class AsyncCheckpointer:
         nbytes = 0
         for item in items:
             if item.reuse is None:
-                item.offset = nbytes
-                nbytes = align(nbytes + item.nbytes)
+                item.offset = place(nbytes, item.nbytes)
+                nbytes = align(item.offset + item.nbytes)
         staged = [item.tensor for item in items if item.reuse is None and item.tensor is not None]
         pending = PendingSave(Future(), Future())
         stats = pending.stats
