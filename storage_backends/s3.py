@@ -12,17 +12,21 @@ import asyncio
 import bisect
 import functools
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import botocore.session
 import s3fs
 from aiobotocore.session import AioSession
+from botocore import UNSIGNED
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.loaders import Loader, create_loader
-from fsspec.asyn import sync
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key
 from tlreg.storage_backends.errors import ObjectNotFound, StoreError, StoreUnavailable
@@ -34,6 +38,25 @@ DEFAULT_MAX_ATTEMPTS = 5
 #: S3's smallest allowed part (except the last) and its largest number of parts per upload
 MIN_PART_SIZE = 5 * 2**20
 MAX_PARTS = 10_000
+
+THREADED_MIN = 4 * 2**20
+"""Objects from this size up are sent from the calling thread by botocore's own (synchronous)
+client, not by s3fs's event loop (which is quicker for many small requests)."""
+
+# S3 error codes (botocore's ClientError) of a missing key or bucket, and of refused access
+_MISSING = frozenset({"NoSuchKey", "NotFound", "404"})
+_REFUSED = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "403",
+        "ExpiredToken",
+        "InvalidToken",
+        "AllAccessDisabled",
+        "AccountProblem",
+    }
+)
 
 # Options that would put a secret into the pickled state of the store.
 _CREDENTIAL_OPTIONS = frozenset({"key", "secret", "token", "username", "password", "session"})
@@ -62,6 +85,36 @@ def _single_body(parts: list[memoryview]) -> bytes | bytearray:
         if isinstance(view.obj, bytes | bytearray) and view.nbytes == len(view.obj):
             return view.obj
     return b"".join(parts)
+
+
+def _read(body: Any, length: int, s3key: str) -> bytes:
+    """A whole response body of ``length`` bytes; one that ends early is an error."""
+    data: bytes = body.read()  # botocore checks the Content-Length too
+    if len(data) != length:
+        raise OSError(f"short read of {s3key}: {len(data)} of {length} bytes")
+    return data
+
+
+def _in_threads(
+    workers: int, jobs: list[Callable[[], Any]], *, last_here: bool = False
+) -> list[Any]:
+    """Run ``jobs`` on up to ``workers`` threads (the last one in the calling thread with
+    ``last_here``) and return their results in order. On the first failure the jobs not
+    started are dropped, the running ones are waited for, and that failure is raised."""
+    here = jobs.pop() if last_here else None
+    if not jobs:
+        return [here()] if here else []
+    pool = ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="tlreg-s3")
+    try:
+        futures = [pool.submit(job) for job in jobs]
+        mine = [here()] if here else []
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]
+    return [f.result() for f in futures] + mine
 
 
 class _Parts:
@@ -97,9 +150,23 @@ class S3Store(Store):
 
     A put of up to ``part_size`` bytes is one PUT; a larger one is a multipart upload with up
     to ``max_concurrency`` parts in flight. Either way the object appears only when the
-    request completes, so puts are atomic. Listings are never cached, so ``exists`` and
-    ``list`` see what other processes wrote. ``options`` go to ``s3fs.S3FileSystem``
-    (e.g. ``anon=True``, ``config_kwargs``, ``profile``); credentials are refused there.
+    request completes, so puts are atomic (a failed multipart upload is aborted). A get is a
+    ranged GET of ``part_size`` bytes and, for a larger object, the rest in ranged GETs of
+    ``part_size``, up to ``max_concurrency`` in flight. Listings are never cached, so
+    ``exists`` and ``list`` see what other processes wrote. ``options`` go to
+    ``s3fs.S3FileSystem`` (e.g. ``anon=True``, ``config_kwargs``, ``profile``); credentials
+    are refused there.
+
+    Small puts and the other requests go through s3fs's event loop, which keeps many small
+    requests in flight cheaply. Gets, and puts of ``THREADED_MIN`` (4 MiB) or more, use a
+    synchronous botocore client from the calling thread, with the parts and ranges of large
+    objects on a pool of ``max_concurrency`` threads, as boto3's transfer manager does: the
+    per-request CPU work (SHA-256 payload signing over plain HTTP, body copies) then runs in
+    parallel instead of on s3fs's one loop thread. Both clients share the settings below.
+    Transport checksums (CRC32) are computed and checked only where S3 requires them
+    (``request_checksum_calculation`` / ``response_checksum_validation`` =
+    ``"when_required"``, overridable in ``config_kwargs``): tlreg checks the BLAKE3 hash of
+    everything it reads.
 
     Transient errors (5xx, throttling, connections refused or reset, timeouts) are retried up
     to ``max_attempts`` requests in all (default ``$TLREG_S3_MAX_ATTEMPTS``, else 5) with
@@ -154,6 +221,9 @@ class S3Store(Store):
         self.options = options
         self._bucket_checked = False
         self._fs = self._connect()
+        self._client_lock = threading.Lock()
+        self._sync_client: Any = None  # see _client
+        self._extra: dict[str, Any] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         kwargs = {
@@ -166,12 +236,10 @@ class S3Store(Store):
         }
         return (_reopen, (self.url, kwargs))
 
-    def _connect(self) -> s3fs.S3FileSystem:
+    def _settings(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """The s3fs options left, the client's keyword arguments and its ``Config`` ones,
+        shared by the s3fs (asyncio) client and the thread pool's botocore client."""
         options = dict(self.options)
-        # A session of our own (it resolves and caches credentials: never shared between
-        # stores), but with the process-wide model loader: that halves client creation time.
-        session = AioSession(profile=options.pop("profile", None))
-        session.register_component("data_loader", _botocore_loader())
         client_kwargs = dict(options.pop("client_kwargs", None) or {})
         if self.region:
             client_kwargs.setdefault("region_name", self.region)
@@ -187,6 +255,19 @@ class S3Store(Store):
         )
         config_kwargs.setdefault("connect_timeout", 10)
         config_kwargs.setdefault("read_timeout", 120)
+        # Transport checksums (CRC32 of every body sent, checked on every body read) only
+        # where S3 requires them: tlreg checks the BLAKE3 hash of everything it reads, and
+        # computing them costs CPU on every request.
+        config_kwargs.setdefault("request_checksum_calculation", "when_required")
+        config_kwargs.setdefault("response_checksum_validation", "when_required")
+        return options, client_kwargs, config_kwargs
+
+    def _connect(self) -> s3fs.S3FileSystem:
+        options, client_kwargs, config_kwargs = self._settings()
+        # A session of our own (it resolves and caches credentials: never shared between
+        # stores), but with the process-wide model loader: that halves client creation time.
+        session = AioSession(profile=options.pop("profile", None))
+        session.register_component("data_loader", _botocore_loader())
         options.setdefault("retries", 1)
         return s3fs.S3FileSystem(
             endpoint_url=self.endpoint_url,
@@ -201,6 +282,54 @@ class S3Store(Store):
             **options,
         )
 
+    def _client(self) -> Any:
+        """The synchronous botocore client of the large transfers, made on first use.
+
+        Large objects are sent and fetched from threads (as boto3's transfer manager does),
+        not on s3fs's one event-loop thread: request signing (SHA-256 of every body over
+        plain HTTP) and body copies then run in parallel. botocore clients are thread-safe;
+        one serves every thread of this store. Credentials, endpoint, region, retries and
+        timeouts are resolved exactly as for the s3fs client.
+        """
+        client = self._sync_client
+        if client is None:
+            with self._client_lock:
+                if self._sync_client is None:
+                    self._sync_client = self._make_client()
+                client = self._sync_client
+        return client
+
+    def _make_client(self) -> Any:
+        options, client_kwargs, config_kwargs = self._settings()
+        session = botocore.session.Session(profile=options.get("profile"))
+        session.register_component("data_loader", _botocore_loader())
+        if options.get("anon"):
+            config_kwargs["signature_version"] = UNSIGNED
+        if "use_ssl" in options:
+            client_kwargs.setdefault("use_ssl", options["use_ssl"])
+        if self.endpoint_url:
+            client_kwargs.setdefault("endpoint_url", self.endpoint_url)
+        # Several objects may be in flight at once, each with max_concurrency requests:
+        # room for a few of them in the connection pool (urllib3 discards, with a warning,
+        # a connection that does not fit back into a full pool).
+        if "max_pool_connections" not in (self.options.get("config_kwargs") or {}):
+            config_kwargs["max_pool_connections"] = max(10, 4 * self.max_concurrency)
+        # s3fs's request-wide extras apply to these requests too
+        extra = dict(options.get("s3_additional_kwargs") or {})
+        if options.get("requester_pays"):
+            extra.setdefault("RequestPayer", "requester")
+        self._extra = extra
+        return session.create_client("s3", config=Config(**config_kwargs), **client_kwargs)
+
+    def _sync_call(self, method: str, **kwargs: Any) -> Any:
+        """One request of the synchronous client (from any thread), about this bucket."""
+        client = self._client()
+        if self._extra:
+            operation = client.meta.method_to_api_mapping[method]
+            members = client.meta.service_model.operation_model(operation).input_shape.members
+            kwargs = {**{k: v for k, v in self._extra.items() if k in members}, **kwargs}
+        return getattr(client, method)(Bucket=self.bucket, **kwargs)
+
     # -- naming and errors ----------------------------------------------------------------
 
     def _key(self, key: str) -> str:
@@ -213,6 +342,8 @@ class S3Store(Store):
     def _endpoint(self) -> str:
         if self.endpoint_url:
             return self.endpoint_url
+        if self._sync_client is not None:
+            return str(self._sync_client.meta.endpoint_url)
         with suppress(Exception):
             return str(self._fs.s3.meta.endpoint_url)
         env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -259,19 +390,31 @@ class S3Store(Store):
             raise self._not_found(key) from None
         except PermissionError as e:
             raise self._refused(e) from None
+        except ClientError as e:  # from the synchronous client, untranslated by s3fs
+            code = _error_code(e)
+            if code == "NoSuchBucket" or (key is None and code in _MISSING):
+                raise self._no_bucket() from None
+            if code in _MISSING:
+                raise self._not_found(key) from None  # type: ignore[arg-type]
+            if code in _REFUSED:
+                raise self._refused(e) from None
+            raise self._unavailable(key, e) from e
         except NoCredentialsError:
             raise StoreUnavailable(
                 f"no AWS credentials found for bucket {self.bucket!r}: set AWS_ACCESS_KEY_ID "
                 "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
             ) from None
-        except (OSError, BotoCoreError, ClientError, asyncio.TimeoutError) as e:
-            what = f"object {key!r}" if key is not None else "a listing"
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise StoreUnavailable(
-                f"S3 request for {what} in bucket {self.bucket!r} at {self._endpoint()} failed "
-                f"({first}) after up to {self.max_attempts} attempts: check that the endpoint "
-                f"is reachable, or raise {MAX_ATTEMPTS_ENV}"
-            ) from e
+        except (OSError, BotoCoreError, asyncio.TimeoutError) as e:
+            raise self._unavailable(key, e) from e
+
+    def _unavailable(self, key: str | None, error: BaseException) -> StoreUnavailable:
+        what = f"object {key!r}" if key is not None else "a listing"
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return StoreUnavailable(
+            f"S3 request for {what} in bucket {self.bucket!r} at {self._endpoint()} failed "
+            f"({first}) after up to {self.max_attempts} attempts: check that the endpoint "
+            f"is reachable, or raise {MAX_ATTEMPTS_ENV}"
+        )
 
     # -- primitives -----------------------------------------------------------------------
 
@@ -281,50 +424,43 @@ class S3Store(Store):
         parts = as_parts(data)
         total = sum(p.nbytes for p in parts)
         with self._errors(key):
-            if total <= self.part_size:
-                self._call("put_object", Key=s3key, Body=_single_body(parts))
+            if total > self.part_size:
+                self._multipart(s3key, _Parts(parts))
+            elif total >= THREADED_MIN:
+                # in this thread: several puts in flight sign and send in parallel
+                self._sync_call("put_object", Key=s3key, Body=_single_body(parts))
             else:
-                sync(self._fs.loop, self._multipart, s3key, _Parts(parts))
+                self._call("put_object", Key=s3key, Body=_single_body(parts))
 
-    async def _multipart(self, s3key: str, parts: _Parts) -> None:
-        fs, bucket = self._fs, self.bucket
+    def _multipart(self, s3key: str, parts: _Parts) -> None:
         size = max(self.part_size, -(-parts.total // MAX_PARTS))
-        upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=s3key)
+        upload = self._sync_call("create_multipart_upload", Key=s3key)
         upload_id = upload["UploadId"]
-        slots = asyncio.Semaphore(self.max_concurrency)
 
-        async def send(number: int, start: int) -> dict[str, Any]:
-            async with slots:  # the part's copy exists only while it is being sent
-                body = parts.slice(start, min(size, parts.total - start))
-                out = await fs._call_s3(
-                    "upload_part",
-                    Bucket=bucket,
-                    Key=s3key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,
-                )
+        def send(number: int, start: int) -> dict[str, Any]:
+            body = parts.slice(start, min(size, parts.total - start))  # one copy per worker
+            out = self._sync_call(
+                "upload_part", Key=s3key, UploadId=upload_id, PartNumber=number, Body=body
+            )
             return {"PartNumber": number, "ETag": out["ETag"]}
 
         try:
-            sends = [send(n, start) for n, start in enumerate(range(0, parts.total, size), 1)]
-            results = await asyncio.gather(*sends, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-            await fs._call_s3(
+            starts = range(0, parts.total, size)
+            sent = _in_threads(
+                self.max_concurrency,
+                [functools.partial(send, n, start) for n, start in enumerate(starts, 1)],
+            )
+            self._sync_call(
                 "complete_multipart_upload",
-                Bucket=bucket,
                 Key=s3key,
                 UploadId=upload_id,
-                MultipartUpload={"Parts": results},
+                MultipartUpload={"Parts": sent},
             )
         except BaseException:
-            # nothing became visible; do not leave the parts billed in the bucket
+            # nothing became visible; do not leave the parts billed in the bucket (every
+            # part request has ended by now: none can land after the abort)
             with suppress(Exception):
-                await fs._call_s3(
-                    "abort_multipart_upload", Bucket=bucket, Key=s3key, UploadId=upload_id
-                )
+                self._sync_call("abort_multipart_upload", Key=s3key, UploadId=upload_id)
             raise
 
     # docstring inherited
@@ -352,44 +488,44 @@ class S3Store(Store):
     def get(self, key: str) -> bytes:
         s3key = self._key(key)
         with self._errors(key):
-            return bytes(sync(self._fs.loop, self._get, s3key))
+            return self._get(s3key)
 
-    async def _get(self, s3key: str) -> bytearray | bytes:
+    def _get(self, s3key: str) -> bytes:
         """The object: its first ``part_size`` bytes in one ranged GET, and, when that shows
-        a larger object, the rest in ranged GETs of ``part_size`` with up to
-        ``max_concurrency`` in flight (as boto3's transfer manager downloads)."""
-        fs, bucket, size = self._fs, self.bucket, self.part_size
+        a larger object, the rest in ranged GETs of ``part_size`` from ``max_concurrency``
+        threads (as boto3's transfer manager downloads) while the first range is read.
 
-        async def fetch(start: int, end: int) -> tuple[bytes, str]:
-            out = await fs._call_s3(
-                "get_object", Bucket=bucket, Key=s3key, Range=f"bytes={start}-{end - 1}"
-            )
-            async with out["Body"] as body:
-                return await body.read(), str(out.get("ContentRange") or "")
-
+        Each range is read as one bytes object and the object is their join: two copies of
+        every byte (socket to range, range to result). Ranges read into one preallocated
+        bytearray would be as many, since ``get`` returns bytes (``bytes(whole)``), and
+        urllib3's ``readinto`` reads into a temporary anyway.
+        """
+        size = self.part_size
         try:
-            first, content_range = await fetch(0, size)
-        except OSError as e:
+            out = self._sync_call("get_object", Key=s3key, Range=f"bytes=0-{size - 1}")
+        except ClientError as e:
             if _error_code(e) != "InvalidRange":
                 raise
             return b""  # an empty object has no byte 0
-        total = int(content_range.rpartition("/")[2]) if "/" in content_range else len(first)
-        if total <= len(first):
-            return first
-        whole = bytearray(total)
-        whole[: len(first)] = first
-        slots = asyncio.Semaphore(self.max_concurrency)
+        with out["Body"] as body:
+            length = int(out["ContentLength"])
+            content_range = str(out.get("ContentRange") or "")
+            total = int(content_range.rpartition("/")[2]) if "/" in content_range else length
+            if total <= length:
+                return _read(body, length, s3key)
 
-        async def fill(start: int) -> None:
-            end = min(start + size, total)
-            async with slots:
-                data, _ = await fetch(start, end)
-            if len(data) != end - start:
-                raise OSError(f"short read of {s3key}: {len(data)} of {end - start} bytes")
-            whole[start:end] = data
+            def fetch(start: int) -> bytes:
+                end = min(start + size, total)
+                part = self._sync_call("get_object", Key=s3key, Range=f"bytes={start}-{end - 1}")
+                with part["Body"] as stream:
+                    return _read(stream, end - start, s3key)
 
-        await asyncio.gather(*(fill(start) for start in range(len(first), total, size)))
-        return whole
+            jobs: list[Callable[[], bytes]] = [
+                functools.partial(fetch, start) for start in range(length, total, size)
+            ]
+            jobs.append(functools.partial(_read, body, length, s3key))
+            ranges = _in_threads(self.max_concurrency, jobs, last_here=True)
+        return b"".join([ranges[-1], *ranges[:-1]])
 
     # docstring inherited
     def get_range(self, key: str, start: int, length: int) -> bytes:

@@ -3,14 +3,17 @@ second s3fs client with its own credentials."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
+import time
 from typing import Any
 
 import pytest
 from store_pickling import PickleTests
 
-from tlreg.storage_backends import StoreUnavailable, open_store
-from tlreg.storage_backends.s3 import MIN_PART_SIZE, S3Store
+from tlreg.storage_backends import ObjectNotFound, StoreUnavailable, open_store
+from tlreg.storage_backends.s3 import MIN_PART_SIZE, THREADED_MIN, S3Store
 from tlreg.storage_backends.testing import StoreTests
 
 pytestmark = pytest.mark.s3
@@ -70,23 +73,125 @@ def test_large_put_is_a_multipart_upload(store: S3Store, s3_server: Any) -> None
     assert etag.strip('"').endswith("-3")  # S3's multipart ETag: md5-of-parts-<count>
 
 
-def test_failed_multipart_upload_leaves_nothing(
-    store: S3Store, s3_server: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = store._fs._call_s3
+class PartFails(S3Store):
+    """A store whose upload of part ``failing`` fails (as a dropped connection would), after
+    the parts before it have landed."""
 
-    async def flaky(method: str, *args: Any, **kwargs: Any) -> Any:
-        if method == "upload_part" and kwargs["PartNumber"] == 2:
+    failing = 2
+
+    def _sync_call(self, method: str, **kwargs: Any) -> Any:
+        if method == "upload_part" and kwargs["PartNumber"] == self.failing:
+            time.sleep(0.2)  # let the other parts in flight land first
             raise ConnectionResetError("network died")
-        return await real(method, *args, **kwargs)
+        return super()._sync_call(method, **kwargs)
 
-    monkeypatch.setattr(store._fs, "_call_s3", flaky)
-    with pytest.raises(StoreUnavailable, match="network died"):
-        store.put("big", b"x" * (3 * MIN_PART_SIZE))
-    monkeypatch.undo()
+
+def _open_uploads(s3_server: Any, bucket: str) -> list[Any]:
+    return s3_server.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads") or []
+
+
+@pytest.mark.parametrize("failing", [1, 2, 4])
+def test_a_part_failing_mid_upload_leaves_no_object_and_no_open_upload(
+    s3_bucket_url: str, s3_server: Any, failing: int
+) -> None:
+    store = PartFails(s3_bucket_url, part_size=MIN_PART_SIZE, max_concurrency=2)
+    store.failing = failing
+    with pytest.raises(StoreUnavailable, match="network died") as info:
+        store.put("big", os.urandom(3 * MIN_PART_SIZE + MIN_PART_SIZE // 2))
+    assert "\n" not in str(info.value)
     assert not store.exists("big")
-    uploads = s3_server.fs.call_s3("list_multipart_uploads", Bucket=store.bucket)
-    assert not uploads.get("Uploads")
+    assert not s3_server.fs.exists(f"{store.bucket}/{store.prefix}/big")
+    assert _open_uploads(s3_server, store.bucket) == []
+
+
+def test_a_failed_large_put_keeps_the_object_it_was_replacing(
+    s3_bucket_url: str, s3_server: Any
+) -> None:
+    store = PartFails(s3_bucket_url, part_size=MIN_PART_SIZE)
+    store.put("big", b"old")
+    with pytest.raises(StoreUnavailable):
+        store.put("big", os.urandom(3 * MIN_PART_SIZE))
+    assert store.get("big") == b"old"
+    assert _open_uploads(s3_server, store.bucket) == []
+
+
+@pytest.mark.parametrize(
+    "size",
+    [THREADED_MIN, MIN_PART_SIZE + 1, 3 * MIN_PART_SIZE + MIN_PART_SIZE // 2],
+    ids=["threaded-single-put", "two-parts", "3.5-parts"],
+)
+def test_large_puts_from_threads_round_trip_bit_exactly(
+    store: S3Store, s3_server: Any, size: int
+) -> None:
+    data = os.urandom(size)
+    # buffers whose edges fall inside parts, not on them
+    pieces = [data[: MIN_PART_SIZE // 3], data[MIN_PART_SIZE // 3 : 2 * MIN_PART_SIZE - 5]]
+    pieces.append(data[2 * MIN_PART_SIZE - 5 :])
+    senders: set[str] = set()
+    store._client().meta.events.register(
+        "before-send.s3.UploadPart", lambda **_: senders.add(threading.current_thread().name)
+    )
+    store.put("big", pieces)
+    assert s3_server.fs.cat_file(f"{store.bucket}/{store.prefix}/big") == data
+    assert store.get("big") == data
+    parts = -(-size // MIN_PART_SIZE)
+    etag = s3_server.fs.info(f"{store.bucket}/{store.prefix}/big")["ETag"].strip('"')
+    if parts > 1:
+        assert etag.endswith(f"-{parts}")
+        assert len(senders) > 1 and all(name.startswith("tlreg-s3") for name in senders)
+    else:
+        assert "-" not in etag and not senders  # one PUT
+
+
+@pytest.mark.parametrize(
+    "size",
+    [MIN_PART_SIZE - 1, MIN_PART_SIZE, MIN_PART_SIZE + 1, 3 * MIN_PART_SIZE + 12345],
+    ids=["one-short-of-a-part", "one-part", "one-byte-over", "3-parts-and-a-bit"],
+)
+def test_a_get_returns_the_exact_bytes_of_objects_around_the_part_size(
+    store: S3Store, s3_server: Any, size: int
+) -> None:
+    data = os.urandom(size)
+    s3_server.fs.pipe_file(f"{store.bucket}/{store.prefix}/obj", data)  # written by another
+    got = store.get("obj")
+    assert type(got) is bytes and len(got) == size and got == data
+
+
+def _error(action: Any) -> str:
+    with pytest.raises(StoreUnavailable) as info:
+        action()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("fault", ["wrong secret", "wrong key id", "missing bucket"])
+def test_large_transfers_fail_with_the_same_one_line_error_as_small_ones(
+    s3_bucket_url: str, s3_server: Any, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    s3_server.fs.pipe_file(f"{s3_bucket_url[5:]}/big", os.urandom(2 * MIN_PART_SIZE + 1))
+    url = s3_bucket_url
+    if fault == "wrong secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-5f2a")
+    elif fault == "wrong key id":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOTTHEKEYID")
+    else:
+        url = "s3://tlreg-no-such-bucket-78/store"
+    store = S3Store(url, part_size=MIN_PART_SIZE)
+    small = _error(lambda: store.put("small", b"x"))
+    assert _error(lambda: store.put("big", b"x" * (2 * MIN_PART_SIZE))) == small
+    assert _error(lambda: store.put("mid", b"x" * THREADED_MIN)) == small
+    assert _error(lambda: store.get("big")) == small
+    assert _error(lambda: store.get("small")) == small
+    assert url.split("/")[2] in small and "not-the-secret" not in small
+    assert s3_server.secret_key not in small
+    expected = "does not exist" if fault == "missing bucket" else "refused access"
+    assert expected in small
+
+
+def test_a_missing_key_is_object_not_found_on_the_large_path(store: S3Store) -> None:
+    with pytest.raises(ObjectNotFound):
+        store.get("nothing/here")
 
 
 def test_deletes_by_another_client_are_seen(store: S3Store, s3_server: Any) -> None:
@@ -97,7 +202,11 @@ def test_deletes_by_another_client_are_seen(store: S3Store, s3_server: Any) -> N
     assert list(store.list("a")) == []
 
 
-def test_pickle_holds_no_credentials(store: S3Store, s3_server: Any) -> None:
+@pytest.mark.parametrize("used", [False, True], ids=["fresh", "after-a-large-put"])
+def test_pickle_holds_no_credentials(store: S3Store, s3_server: Any, used: bool) -> None:
+    if used:  # both clients made, credentials resolved
+        store.put("big", b"x" * (MIN_PART_SIZE + 1))
+        store.put("small", b"x")
     blob = pickle.dumps(store)
     assert s3_server.secret_key.encode() not in blob
     assert s3_server.access_key.encode() not in blob

@@ -7,6 +7,7 @@ stop listening, which is what a crashing or stopped server does to a client.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 from faultlib import TcpProxy
 
 from tlreg.storage_backends import StoreUnavailable
-from tlreg.storage_backends.s3 import S3Store
+from tlreg.storage_backends.s3 import MIN_PART_SIZE, THREADED_MIN, S3Store
 
 pytestmark = pytest.mark.s3
 
@@ -65,6 +66,54 @@ def test_retries_are_bounded_and_the_error_names_bucket_endpoint_and_knob(
     assert len(sent) == 3
     assert "\n" not in message and s3_bucket_url.split("/")[2] in message
     assert f"127.0.0.1:{relay.port}" in message and "TLREG_S3_MAX_ATTEMPTS" in message
+
+
+def _counted_sync(store: S3Store, operation: str) -> list[float]:
+    """As ``_counted``, for the thread pool's botocore client (objects over THREADED_MIN)."""
+    sent: list[float] = []
+    store._client().meta.events.register(
+        f"before-send.s3.{operation}", lambda **_: sent.append(time.monotonic())
+    )
+    return sent
+
+
+def test_reset_connections_on_the_large_path_are_retried_until_the_put_lands(
+    s3_bucket_url: str, relay: TcpProxy
+) -> None:
+    store = S3Store(s3_bucket_url, max_attempts=5, part_size=MIN_PART_SIZE)
+    sent = _counted_sync(store, "CreateMultipartUpload")
+    data = os.urandom(2 * MIN_PART_SIZE + 3)
+    relay.reset_next = 2
+    store.put("big", data)
+    assert relay.reset_next == 0 and 2 <= len(sent) <= 3
+    assert store.get("big") == data
+
+
+@pytest.mark.parametrize("action", ["multipart put", "threaded put", "large get"])
+def test_large_path_retries_are_bounded_and_the_error_is_the_small_paths(
+    s3_bucket_url: str, s3_server: Any, relay: TcpProxy, action: str
+) -> None:
+    store = S3Store(s3_bucket_url, max_attempts=3, part_size=MIN_PART_SIZE)
+    s3_server.fs.pipe_file(f"{s3_bucket_url[5:]}/big", b"x" * (MIN_PART_SIZE + 1))
+    operation = {
+        "multipart put": "CreateMultipartUpload",
+        "threaded put": "PutObject",
+        "large get": "GetObject",
+    }[action]
+    sent = _counted_sync(store, operation)
+    relay.reset_next = 1000
+    with pytest.raises(StoreUnavailable) as info:
+        if action == "multipart put":
+            store.put("big", b"x" * (MIN_PART_SIZE + 1))
+        elif action == "threaded put":
+            store.put("big", b"x" * THREADED_MIN)
+        else:
+            store.get("big")
+    message = str(info.value)
+    assert len(sent) == 3
+    assert "\n" not in message and s3_bucket_url.split("/")[2] in message
+    assert f"127.0.0.1:{relay.port}" in message and "TLREG_S3_MAX_ATTEMPTS" in message
+    assert message.startswith("S3 request for object 'big' in bucket")
 
 
 def test_a_server_back_within_the_retry_window_gets_the_put(
