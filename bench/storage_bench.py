@@ -147,8 +147,12 @@ def bench_s3(
     return _median_rates(runs, size * count)
 
 
+def _label(size: int) -> str:
+    return f"{size // MiB} MiB" if size >= MiB else f"{size >> 10} KiB"
+
+
 def _row(size: int, count: int, rates: dict[str, float]) -> str:
-    label = f"{size // MiB} MiB" if size >= MiB else f"{size >> 10} KiB"
+    label = _label(size)
     put, get = rates["tlreg put"] / rates["raw put"], rates["tlreg get"] / rates["raw get"]
     return (
         f"| {label} | {count} | {rates['tlreg put']:.0f} | {rates['raw put']:.0f} | {put:.2f} "
@@ -164,6 +168,11 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="folder on the disk to measure")
     parser.add_argument("--quick", action="store_true", help="32 MiB per size, one repetition")
     parser.add_argument("--only", choices=["local", "s3"], default=None)
+    parser.add_argument(
+        "--sizes",
+        default=",".join(_label(size) for size in SIZES),
+        help="object sizes to measure, e.g. 16MiB,256MiB (default: all four)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.total_mib, args.repeat = 32, 1
@@ -172,7 +181,11 @@ def main() -> None:
         "| tlreg get MB/s | raw get MB/s | get ratio |\n|---|---|---|---|---|---|---|---|"
     )
     print(f"load average before: {os.getloadavg()[0]:.2f}; threads {args.threads}")
-    plan = [(size, max(1, args.total_mib * MiB // size)) for size in SIZES]
+    chosen = {label.strip().replace(" ", "") for label in args.sizes.split(",")}
+    sizes = [size for size in SIZES if _label(size).replace(" ", "") in chosen]
+    if not sizes:
+        parser.error(f"--sizes: none of {args.sizes!r} is one of {[_label(s) for s in SIZES]}")
+    plan = [(size, max(1, args.total_mib * MiB // size)) for size in sizes]
     if args.only in (None, "local"):
         root = Path(tempfile.mkdtemp(prefix="tlreg-storage-bench-", dir=args.dir))
         try:
