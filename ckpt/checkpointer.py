@@ -78,7 +78,7 @@ from tlreg.ckpt.shards import (
     slices,
     volume,
 )
-from tlreg.ckpt.staging import Event, Stager, align, place
+from tlreg.ckpt.staging import Event, Stager, align, page_aligned_empty, place
 from tlreg.ckpt.tree import flatten_state, select_subtree, tensor_refs, unflatten_state
 from tlreg.ckpt.writer import ProcessWriter, SharedArenas, check_store
 from tlreg.storage_backends import ObjectNotFound, Store, open_store
@@ -262,14 +262,15 @@ class _Item:
 
 @dataclass(slots=True)
 class _Pack:
-    """Small tensors that go into one object, back to back at aligned offsets."""
+    """Small tensors that go into one object, back to back at aligned offsets (those of
+    1 MiB and more on a page, like in the arena, so a restore reads them with direct I/O)."""
 
     members: list[tuple[int, int]] = field(default_factory=list)  # (item index, offset)
     size: int = 0
     digest: str = ""
 
     def add(self, index: int, nbytes: int) -> int:
-        offset = self.size
+        offset = place(self.size, nbytes)
         self.members.append((index, offset))
         self.size = align(offset + nbytes)
         return offset
@@ -1352,7 +1353,10 @@ class AsyncCheckpointer:
                     f"tensor {name!r} of checkpoint {manifest.id} has dtype {entry.dtype!r}, "
                     f"which torch {torch.__version__} lacks; upgrade torch to load it"
                 )
-            outs[name] = torch.empty(entry.nbytes, dtype=torch.uint8)
+            if entry.nbytes >= _DIRECT_READ_BYTES:  # read in place, with direct I/O if it can
+                outs[name] = page_aligned_empty(entry.nbytes)
+            else:
+                outs[name] = torch.empty(entry.nbytes, dtype=torch.uint8)
             if entry.nbytes:
                 by_object.setdefault(entry.object, []).append(name)
 
@@ -1401,6 +1405,8 @@ class AsyncCheckpointer:
                 raise damaged(path, "lacks a chunk") from None
             except EOFError:
                 raise damaged(path, "is truncated") from None
+            # hashed while the other reads go on (a damaged one is reported below, in order)
+            verified[path] = _blake3(out) == reads[path].hash
 
         def read_pieces(digest: str, index: int, pieces: list[tuple[str, int, int, int]]) -> None:
             lo = min(offset for _, offset, _, _ in pieces)
@@ -1415,20 +1421,21 @@ class AsyncCheckpointer:
             for path, offset, n, at in pieces:
                 outs[path].numpy().data[at : at + n] = src[offset - lo : offset - lo + n]
 
+        verified: dict[str, bool] = {}  # large tensors, hashed by the task that read them
         tasks = _Tasks(self._io_pool)
         for digest, members in by_object.items():
             tasks.submit(read_object, digest, members)
         tasks.wait()
 
-        def check(path: str) -> None:
-            entry = reads[path]
-            if _blake3(outs[path].numpy().data) != entry.hash:
-                raise damaged(path, "does not match the tensor's hash")
+        def check(path: str) -> bool:
+            return _blake3(outs[path].numpy().data) == reads[path].hash
 
+        checks = {name: self._io_pool.submit(check, name) for name in reads if name not in verified}
         # the first damaged tensor in the state's order is the one reported
-        checks = [self._io_pool.submit(check, name) for name in reads]
-        for future in checks:
-            future.result()
+        for name in reads:
+            ok = verified[name] if name in verified else checks[name].result()
+            if not ok:
+                raise damaged(name, "does not match the tensor's hash")
         return outs
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -45,6 +45,14 @@ def place(end: int, nbytes: int) -> int:
     return align(end)
 
 
+def page_aligned_empty(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor of ``nbytes`` starting on a :data:`PAGE` boundary
+    (torch's allocator aligns to 64 bytes), so direct I/O can read into it."""
+    block = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    shift = -block.data_ptr() % PAGE
+    return block[shift : shift + nbytes]
+
+
 def arena_layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
     """Aligned offsets of ``tensors`` in an arena, and the bytes it needs."""
     offsets, end = [], 0
@@ -139,10 +147,7 @@ class Stager:
         elif pinned:
             arena = torch.empty(size, dtype=torch.uint8, pin_memory=True)  # page-aligned
         else:
-            # torch's CPU allocator aligns to 64 bytes: start the arena on a page boundary
-            block = torch.empty(size + PAGE, dtype=torch.uint8)
-            shift = -block.data_ptr() % PAGE
-            arena = block[shift : shift + size]
+            arena = page_aligned_empty(size)
         if not arena.is_pinned():  # (cudaHostAlloc faults pinned pages in itself)
             # fault the pages in now, not during the first copy; on the copy threads
             step = -(-size // self._threads)

@@ -173,3 +173,43 @@ def test_arenas_and_their_large_tensors_start_on_a_page() -> None:
         stager.release(arena)
     finally:
         stager.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_direct_read_into_an_aligned_buffer_bypasses_the_page_cache(
+    direct_dir: Path, direct: bool
+) -> None:
+    writer = LocalStore(direct_dir / "s", direct_io=True)
+    data = _aligned(4 << 20 | 777)
+    writer.put("objects/ab/r", data)
+    path = Path(writer.local_path("objects/ab/r") or "")
+    with open(path, "rb") as f:  # what the put left in the page cache, if anything
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    reader = LocalStore(direct_dir / "s", direct_io=direct)
+    out = _aligned(data.nbytes)
+    reader.get_into("objects/ab/r", out)
+    assert bytes(out) == bytes(data)
+    cached = _cached_pages(path)
+    assert cached <= 2 if direct else cached >= 1024  # direct: at most the partial tail
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    start=st.sampled_from([0, BLOCK, 3 * BLOCK, 1, 100]),
+    length=st.integers(DIRECT_MIN_BYTES - 3, DIRECT_MIN_BYTES + 3 * BLOCK),
+    shift=st.sampled_from([0, 64]),
+)
+def test_direct_reads_of_any_range_are_byte_exact(
+    direct_dir: Path, start: int, length: int, shift: int
+) -> None:
+    store = LocalStore(direct_dir / "s", durability="none", direct_io=True)
+    data = os.urandom(DIRECT_MIN_BYTES + 5 * BLOCK + 11)
+    store.put("objects/cd/r", data)
+    length = min(length, len(data) - start)
+    out = _aligned(length + shift)[shift:]
+    store.get_into("objects/cd/r", out, start)
+    assert bytes(out) == data[start : start + length]
+    with pytest.raises(EOFError, match="shorter than expected"):
+        store.get_into("objects/cd/r", _aligned(len(data) + 1), 0)
