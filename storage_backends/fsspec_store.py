@@ -51,6 +51,28 @@ def check_protocol(url: str) -> None:
         ) from None
 
 
+# Storage options that carry a secret (fsspec backends' own names: s3fs, gcsfs, adlfs,
+# ossfs, sftp/ftp/smb, webdav, ...). A store pickles its options (Ray ships stores to
+# workers), so none of them may be one: secrets come from the provider's environment or
+# config files, read again wherever the store is opened.
+_SECRET_OPTION_WORDS = ("secret", "password", "passwd", "token", "credential", "sas")
+_SECRET_OPTIONS = frozenset(
+    {"key", "account_key", "connection_string", "session", "private_key", "pkey", "auth"}
+)
+
+
+def secret_options(options: dict[str, Any]) -> list[str]:
+    """The names among ``options`` (and their ``client_kwargs``) that would hold a secret."""
+    names = list(options) + [f"client_kwargs.{k}" for k in options.get("client_kwargs") or {}]
+    return sorted(
+        name
+        for name in names
+        if (leaf := name.rsplit(".", 1)[-1].lower()) in _SECRET_OPTIONS
+        or leaf.startswith("aws_")
+        or any(word in leaf for word in _SECRET_OPTION_WORDS)
+    )
+
+
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
@@ -66,11 +88,21 @@ class FsspecStore(Store):
     ``storage_options`` go to the filesystem's constructor. On object stores a put is one
     upload of the whole object; on other filesystems it is a write to a hidden temporary
     name followed by a rename, which ``list`` never shows. Pickling keeps the URL and the
-    options; the filesystem is opened again on the other side.
+    options; the filesystem is opened again on the other side. Options that would hold a
+    credential (``key``, ``secret``, ``token``, ``password``, ``account_key``, ...) are
+    refused: they would travel with every pickled store.
     """
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         check_protocol(url)
+        secrets = secret_options(storage_options)
+        if secrets:
+            raise StoreUnavailable(
+                f"store {url}: credentials cannot be storage options ({', '.join(secrets)}): "
+                "they would travel with the store; set them in the environment or the "
+                "provider's config file (e.g. AWS_*, GOOGLE_APPLICATION_CREDENTIALS, "
+                "AZURE_STORAGE_*, ~/.ssh/config)"
+            )
         super().__init__(url)
         self.storage_options = storage_options
         try:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
 from store_pickling import PickleTests
 
+from tlreg.storage_backends.errors import StoreUnavailable
 from tlreg.storage_backends.fsspec_store import FsspecStore
 from tlreg.storage_backends.testing import DirectoryOracle, StoreTests
 
@@ -63,3 +65,23 @@ def test_filesystem_put_hides_its_temporary_name(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b"]
     (tmp_path / "a" / ".c.tmp-0123").write_bytes(b"an abandoned write")
     assert list(store.list()) == ["a/b"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"password": "hunter2-planted"},
+        {"key": "AKIA-planted", "secret": "s-planted"},
+        {"account_key": "planted"},
+        {"client_kwargs": {"aws_secret_access_key": "planted"}},
+        {"token": "planted"},
+    ],
+)
+def test_credentials_as_storage_options_are_refused_without_echoing_them(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    with pytest.raises(StoreUnavailable, match="credentials cannot be storage options") as e:
+        FsspecStore(tmp_path.as_uri(), **options)
+    assert "planted" not in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not any(tmp_path.iterdir())  # nothing was opened or written
