@@ -81,7 +81,7 @@ from tlreg.registry.records import utc as _utc
 
 CHECKPOINT_KINDS = ("train", "import", "merge")
 """Values of ``CheckpointRecord.kind``."""
-RUN_STATUSES = ("running", "succeeded", "failed")
+RUN_STATUSES = ("running", "succeeded", "failed", "stopped")
 """Values of ``Run.status``."""
 MIN_PREFIX = 4
 """Shortest checkpoint id prefix that ``resolve`` accepts."""
@@ -1263,7 +1263,8 @@ class Registry:
             return _run(row)
 
     def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> Run:
-        """Mark a run "succeeded" or "failed" (with ``error``); raises RunNotFound."""
+        """Mark a run "succeeded", "failed" or "stopped" (with ``error`` saying why); raises
+        RunNotFound."""
         if status not in RUN_STATUSES[1:]:
             raise ValueError(f"a run finishes as one of {RUN_STATUSES[1:]}, not {status!r}")
         with self._session(write=True) as s:

@@ -328,7 +328,8 @@ class Tag:
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """A training run: ``status`` is "running", "succeeded" or "failed"."""
+    """A training run: ``status`` is "running", "succeeded", "failed" or "stopped" (by a
+    SIGTERM, e.g. ``ray job stop``)."""
 
     id: int
     branch: str

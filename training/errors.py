@@ -23,5 +23,10 @@ class RunFailed(TrainingError, RuntimeError):
     """A training run ended with an error; the registry's Run row holds the details."""
 
 
+class RunStopped(RunFailed):
+    """A training run was stopped from outside (SIGTERM: ``ray job stop``, a scheduler's
+    time limit); its Run row says "stopped"."""
+
+
 class CheckpointMismatch(TrainingError, ValueError):
     """A checkpoint's tensors do not fit the model it is restored into."""

@@ -9,12 +9,14 @@ Only tlreg writes checkpoints; Ray's own checkpoint upload is never used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from tlreg.registry import Registry
-from tlreg.training.errors import ConfigError, RunFailed
+from tlreg.training.errors import ConfigError, RunFailed, RunStopped
 from tlreg.training.jobs import current_submission_id
 from tlreg.training.task import load_task
 
@@ -178,16 +180,27 @@ def train(
             config.branch, recorded_config(config), ray_job_id=current_submission_id()
         )
         summary = TrainSummary(branch=config.branch, run_id=run.id, status="running")
+        stopped = threading.Event()
         try:
-            _fit(config, run.id, Path(storage_path), summary, on_event)
+            _fit(config, run.id, Path(storage_path), summary, on_event, stopped)
         except Exception as e:
-            summary.status = "failed"
-            summary.error = root_cause(e)
-            # The Run row keeps the whole report (worker tracebacks included), bounded.
-            registry.finish_run(run.id, status="failed", error=f"{type(e).__name__}: {e}"[:8000])
-            raise RunFailed(
-                f"training branch {config.branch!r} failed (run {run.id}): {summary.error}"
-            ) from e
+            if not stopped.is_set():
+                summary.status = "failed"
+                summary.error = root_cause(e)
+                # The Run row keeps the whole report (worker tracebacks included), bounded.
+                error = f"{type(e).__name__}: {e}"[:8000]
+                registry.finish_run(run.id, status="failed", error=error)
+                raise RunFailed(
+                    f"training branch {config.branch!r} failed (run {run.id}): {summary.error}"
+                ) from e
+        if stopped.is_set():
+            summary.status = "stopped"
+            if registry.runs(config.branch)[-1].status == "running":  # the handler could not
+                registry.finish_run(run.id, status="stopped", error="stopped by signal 15")
+            raise RunStopped(
+                f"training branch {config.branch!r} was stopped by SIGTERM (run {run.id}); "
+                f"its last committed checkpoint is the head of {config.branch!r}"
+            )
         summary.status = "succeeded"
         registry.finish_run(run.id, status="succeeded")
         return summary
@@ -195,7 +208,54 @@ def train(
         registry.close()
 
 
+class _Terminated(BaseException):
+    """Raised in the main thread by the SIGTERM handler of :func:`_stop_on_sigterm` (not an
+    Exception, so that no ``except Exception`` on the way swallows it)."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(registry_url: str, run_id: int, stopped: threading.Event) -> Iterator[None]:
+    """While training, a SIGTERM (what ``ray job stop`` and batch schedulers send first)
+    marks the Run "stopped" and unwinds the driver; Ray then ends the job's workers. The row
+    is written in the handler, through a registry of its own, because the sender may follow
+    up with SIGKILL within seconds (``ray job stop``: 3 s). Enter it after ``ray.init``,
+    which installs a SIGTERM handler of its own. Off the main thread (no signal handlers
+    there) it does nothing. ``stopped`` is set when it happened."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        if stopped.is_set():
+            return
+        stopped.set()
+        with contextlib.suppress(Exception), Registry(registry_url) as registry:
+            registry.finish_run(run_id, status="stopped", error=f"stopped by signal {signum}")
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except _Terminated:
+        pass  # the caller sees ``stopped`` set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _fit(
+    config: TrainConfig,
+    run_id: int,
+    storage_path: Path,
+    summary: TrainSummary,
+    on_event: Callable[[Event], None] | None,
+    stopped: threading.Event,
+) -> None:
+    _ensure_ray(max(2, config.workers))
+    with _stop_on_sigterm(config.registry_url, run_id, stopped):
+        _fit_on_ray(config, run_id, storage_path, summary, on_event)
+
+
+def _fit_on_ray(
     config: TrainConfig,
     run_id: int,
     storage_path: Path,
@@ -206,7 +266,6 @@ def _fit(
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    _ensure_ray(max(2, config.workers))
     events: Queue = Queue()
     trainer = TorchTrainer(
         worker_loop,

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from ray.job_submission import JobSubmissionClient
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from tlreg.cli.main import cli
 from tlreg.registry import Registry
@@ -141,3 +142,32 @@ def test_a_client_without_the_cluster_token_is_refused_in_one_line(ray_cluster: 
     message = str(refused.value)
     assert "\n" not in message
     assert message.startswith(f"Ray job server at {ray_cluster.address} refused the client: ")
+
+
+def test_ray_job_stop_marks_the_run_stopped_and_keeps_its_committed_checkpoints(
+    ray_cluster: Any, home: dict[str, str]
+) -> None:
+    client = JobSubmissionClient(ray_cluster.address, headers=ray_cluster.headers)
+    with Registry(home["TLREG_REGISTRY_URL"]) as registry:
+        registry.create_branch("stopme", task=LOWER)
+    submission_id = client.submit_job(
+        entrypoint="tlreg train stopme --workers 1 --steps 100000 --checkpoint-every 5",
+        runtime_env={"env_vars": {**home, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}},
+    )
+    deadline = time.monotonic() + 120
+    with Registry(home["TLREG_REGISTRY_URL"]) as registry:
+        while not registry.log("stopme"):  # running, and a checkpoint committed
+            assert time.monotonic() < deadline, client.get_job_logs(submission_id)[-3000:]
+            assert client.get_job_status(submission_id) in (JobStatus.PENDING, JobStatus.RUNNING)
+            time.sleep(0.5)
+        assert client.stop_job(submission_id)
+        assert follow(client, submission_id) == "STOPPED"
+        [run] = registry.runs("stopme")
+        assert (run.status, run.ray_job_id) == ("stopped", submission_id)
+        assert run.error == "stopped by signal 15"
+        assert run.finished is not None
+        # what it committed before the stop stays, whole
+        head = registry.get_branch("stopme").head
+        assert head == registry.log("stopme")[0].id
+    shown = CliRunner(env=home).invoke(cli, ["runs", "stopme", "--json"], catch_exceptions=False)
+    assert json.loads(shown.output)[0]["status"] == "stopped"
