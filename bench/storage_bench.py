@@ -1,10 +1,12 @@
 """Store throughput: tlreg's stores against the raw client writing the same bytes, same run.
 
 Local disk: ``LocalStore.put`` (durability "full": fsync the file, rename, fsync the folder)
-against plain ``open``/``write``/``fsync``/``os.replace``/folder fsync; reads are ``get``
-against ``open().read()``. S3: ``S3Store`` against boto3's transfer manager
-(``upload_fileobj``/``download_fileobj`` with a tuned ``TransferConfig``: 16 MiB parts,
-8 threads per object) on a SeaweedFS server started on loopback for the run. Both sides put
+against plain ``open``/``write``/``fsync``/``os.replace``/folder fsync, both from the same
+page-aligned buffer (as checkpoints are written from their staging arena); reads are ``get``
+against ``open().read()``, both cold (the files dropped from the page cache first).
+S3: ``S3Store`` against boto3's transfer manager (``upload_fileobj``/``download_fileobj``
+with a tuned ``TransferConfig``: 16 MiB parts, 8 threads per object) on a SeaweedFS server
+started on loopback for the run. Both sides put
 ``--threads`` objects at once (as the checkpoint writer does) and each size's total is the
 same, so the columns compare MB/s for the same work; every figure is the median of
 ``--repeat`` runs, tlreg and raw interleaved.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import mmap
 import os
 import shutil
 import statistics
@@ -41,7 +44,15 @@ SIZES = [64 << 10, 1 << 20, 16 << 20, 256 << 20]
 MiB = 1 << 20
 
 
-def _raw_local_put(root: Path, key: str, data: bytes) -> None:
+def _evict(root: Path) -> None:
+    """Drop the (fsynced, clean) files under ``root`` from the page cache: reads hit the disk."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _raw_local_put(root: Path, key: str, data: bytes | memoryview) -> None:
     path = root / key
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
@@ -80,7 +91,10 @@ def _median_rates(runs: dict[str, list[float]], nbytes: int) -> dict[str, float]
 
 
 def bench_local(root: Path, size: int, count: int, repeat: int, threads: int) -> dict[str, float]:
-    data = os.urandom(size)
+    # page-aligned, like the staging buffers checkpoints are written from
+    buffer = mmap.mmap(-1, size)
+    buffer.write(os.urandom(size))
+    data = memoryview(buffer)
     store = LocalStore(root / "tlreg", durability="full")
     raw_root = root / "raw"
     runs: dict[str, list[float]] = {k: [] for k in ("tlreg put", "raw put", "tlreg get", "raw get")}
@@ -91,6 +105,8 @@ def bench_local(root: Path, size: int, count: int, repeat: int, threads: int) ->
             "raw put": [lambda k=k: _raw_local_put(raw_root, k, data) for k in keys],
         }
         _run_pair(runs, r, threads, puts)
+        # cold reads for both (tlreg's direct-I/O puts leave nothing in the page cache)
+        _evict(root)
         gets = {
             "tlreg get": [lambda k=k: store.get(k) for k in keys],
             "raw get": [lambda k=k: (raw_root / k).read_bytes() for k in keys],
