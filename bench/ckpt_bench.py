@@ -874,6 +874,7 @@ def main() -> None:
         help="comma-separated rows of tables 1-2 to run (default: all), e.g. "
         "'torch.save,tlreg eager,tlreg eager (process writer)'",
     )
+    parser.add_argument("--no-t1", action="store_true", help="skip table 1")
     parser.add_argument("--no-t3", action="store_true", help="skip table 3")
     parser.add_argument(
         "--writer-rounds",
@@ -907,7 +908,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "dir": str(root)}
     print(f"# tlreg checkpoint benchmark\n\n{results['machine']}; writing to {root}\n")
     try:
-        if not args.only_t2b:
+        if not args.only_t2b and not args.no_t1:
             model, opt = make_training(args.size)
             state = state_of(model, opt)
             nbytes = state_bytes(state)
