@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import click
 
@@ -53,20 +54,26 @@ def cli(
 def init(env: Env, as_json: bool) -> None:
     """Create the registry and store, and write tlreg.toml.  Example: tlreg init --store s3://b/p"""
     settings = env.settings
-    _probe(env.store)  # a bad URL, credentials or bucket fails here, before anything is written
-    registry = Registry(settings.registry_url)
+    created = _first_missing(env.store)
     try:
-        recorded = registry.get_meta("store_url")
-        if recorded is not None and recorded != settings.store_url:
-            raise click.ClickException(
-                f"registry {settings.registry_url} already records store {recorded!r}, "
-                f"not {settings.store_url!r}: pass --store {recorded}"
-            )
-        path = write_settings(settings)
-        if recorded is None:
-            registry.set_meta("store_url", settings.store_url)
-    finally:
-        registry.close()
+        _probe(env.store)  # a bad URL, credentials or bucket fails here, before anything is written
+        registry = Registry(settings.registry_url)
+        try:
+            recorded = registry.get_meta("store_url")
+            if recorded is not None and recorded != settings.store_url:
+                raise click.ClickException(
+                    f"registry {settings.registry_url} already records store {recorded!r}, "
+                    f"not {settings.store_url!r}: pass --store {recorded}"
+                )
+            path = write_settings(settings)
+            if recorded is None:
+                registry.set_meta("store_url", settings.store_url)
+        finally:
+            registry.close()
+    except BaseException:
+        if created is not None:  # the probe made the store's folder: a failed init leaves none
+            _remove_empty(Path(env.store.local_path("x") or "").parent, created)
+        raise
     info = {
         "home": str(settings.home),
         "config": str(path),
@@ -83,6 +90,31 @@ def init(env: Env, as_json: bool) -> None:
         click.echo(f"  store     {settings.store_url}")
         if shown != settings.registry_url:
             click.echo("  the registry password was not saved: set PGPASSWORD or use ~/.pgpass")
+
+
+def _first_missing(store: Store) -> Path | None:
+    """The outermost folder of a local store's root that does not exist yet (None for
+    other stores, or when the root exists)."""
+    where = store.local_path("x")
+    if where is None:
+        return None
+    missing = None
+    for folder in [Path(where).parent, *Path(where).parent.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+def _remove_empty(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty."""
+    for path in [folder, *folder.parents]:
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty (something else wrote there) or already gone
+        if path == top:
+            return
 
 
 def _probe(store: Store) -> None:

@@ -83,3 +83,14 @@ def test_a_missing_bucket_is_named_with_the_fix(
     missing = "tlreg-no-such-bucket-4711"
     _one_line_error(tlreg("--store", f"s3://{missing}/prefix", "init"), missing)
     assert not home.exists() or list(home.iterdir()) == []
+
+
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_init_against_an_unreachable_registry_leaves_no_store_folder(
+    tlreg: Callable, home: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "new" / "nested" / "store"
+    registry = f"postgresql+psycopg://tlreg@127.0.0.1:{_closed_port()}/tlreg"
+    _one_line_error(tlreg("--store", str(store), "--registry", registry, "init"), "unreachable")
+    assert not (tmp_path / "new").exists()
+    assert not home.exists() or list(home.iterdir()) == []
