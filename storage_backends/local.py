@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import stat
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key
 from tlreg.storage_backends.errors import ObjectNotFound, StoreError
@@ -91,6 +93,46 @@ def _write_direct(fd: int, parts: list[memoryview]) -> None:
         _write_all(fd, bounce[whole:fill])
 
 
+@functools.cache
+def _mincore() -> Any:
+    """libc's mincore(2), or None where it cannot be had."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    call.restype = ctypes.c_int
+    return call
+
+
+def _all_cached(path: Path, start: int, length: int) -> bool:
+    """Whether the page cache holds every page of ``[start, start + length)`` of ``path``
+    (mincore(2) over a mapping of it: nothing is read, no readahead is started)."""
+    mincore = _mincore()
+    if mincore is None or length <= 0:
+        return False
+    page = mmap.PAGESIZE
+    first = start // page * page
+    span = start + length - first
+    vector = (ctypes.c_ubyte * -(-span // page))()
+    try:
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), span, offset=first, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return False  # e.g. the range runs past the end of the file: the read will say so
+    try:
+        anchor = ctypes.c_char.from_buffer(mapped)
+        try:
+            if mincore(ctypes.addressof(anchor), span, vector) != 0:
+                return False
+        finally:
+            del anchor
+    finally:
+        mapped.close()
+    return all(v & 1 for v in vector)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -132,8 +174,9 @@ class LocalStore(Store):
     written in place; other bytes through a 4 MiB bounce buffer per thread. On filesystems
     without ``O_DIRECT`` (tmpfs, some FUSE mounts) puts fall back to the page cache. Reads
     into a page-aligned buffer (:meth:`get_into`, as a checkpoint restore reads its large
-    tensors) bypass it likewise. Durability is the same either way: ``fsync`` still flushes
-    the device.
+    tensors) read with ``O_DIRECT`` too, without filling the cache, unless the cache holds
+    the whole range already (mincore(2)), which is then copied from there. Durability is the
+    same either way: ``fsync`` still flushes the device.
     """
 
     supports_local_path = True
@@ -243,8 +286,11 @@ class LocalStore(Store):
             if self.direct_io and out.nbytes >= DIRECT_MIN_BYTES and start % BLOCK == 0:
                 address = _address(out)
                 if address is not None and address % BLOCK == 0:
-                    done = self._read_direct(path, out, start)
-                    out, start = out[done:], start + done
+                    # bytes the page cache holds whole (a checkpoint written or read through
+                    # it before) are copied from there; others come straight off the disk
+                    if not _all_cached(path, start, out.nbytes):
+                        done = self._read_direct(path, out, start)
+                        out, start = out[done:], start + done
             with open(path, "rb", buffering=0) as f:
                 f.seek(start)
                 view = out

@@ -213,3 +213,25 @@ def test_direct_reads_of_any_range_are_byte_exact(
     assert bytes(out) == data[start : start + length]
     with pytest.raises(EOFError, match="shorter than expected"):
         store.get_into("objects/cd/r", _aligned(len(data) + 1), 0)
+
+
+def test_a_read_of_a_cached_range_copies_it_and_of_an_uncached_one_bypasses_the_cache(
+    direct_dir: Path,
+) -> None:
+    data = _aligned(8 << 20 | 999)
+    LocalStore(direct_dir / "s", direct_io=False).put("objects/ab/half", data)  # all cached
+    reader = LocalStore(direct_dir / "s", direct_io=True)
+    path = Path(reader.local_path("objects/ab/half") or "")
+    half = 4 << 20
+    with open(path, "rb") as f:  # the second half leaves the cache
+        os.posix_fadvise(f.fileno(), half, 0, os.POSIX_FADV_DONTNEED)
+    cached = half // mmap.PAGESIZE
+    assert _cached_pages(path) == cached
+    first, second = _aligned(half), _aligned(data.nbytes - half)
+    reader.get_into("objects/ab/half", first, 0)  # cached: copied from the page cache
+    reader.get_into("objects/ab/half", second, half)  # not cached: straight off the disk
+    assert bytes(first) + bytes(second) == bytes(data)
+    assert cached <= _cached_pages(path) <= cached + 1  # (the partial last page, buffered)
+    whole = _aligned(data.nbytes)  # partly cached: direct for all of it, exact either way
+    reader.get_into("objects/ab/half", whole)
+    assert bytes(whole) == bytes(data)
