@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _cache import evict
 
 from tlreg.ckpt import AsyncCheckpointer
 
@@ -138,18 +139,6 @@ def touch(state: Any) -> float:
         if flat.numel():
             total += float(flat[::4096].sum())
     return total
-
-
-def evict(root: Path) -> None:
-    """Drop every file under ``root`` from the page cache (their pages are clean: every
-    method fsyncs), so the next restore reads the disk, as after a restart elsewhere."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def flat_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from _cache import evict
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
@@ -42,14 +43,6 @@ from tlreg.storage_backends.seaweed import seaweed_server
 
 SIZES = [64 << 10, 1 << 20, 16 << 20, 256 << 20]
 MiB = 1 << 20
-
-
-def _evict(root: Path) -> None:
-    """Drop the (fsynced, clean) files under ``root`` from the page cache: reads hit the disk."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _raw_local_put(root: Path, key: str, data: bytes | memoryview) -> None:
@@ -106,7 +99,7 @@ def bench_local(root: Path, size: int, count: int, repeat: int, threads: int) ->
         }
         _run_pair(runs, r, threads, puts)
         # cold reads for both (tlreg's direct-I/O puts leave nothing in the page cache)
-        _evict(root)
+        evict(root)
         gets = {
             "tlreg get": [lambda k=k: store.get(k) for k in keys],
             "raw get": [lambda k=k: (raw_root / k).read_bytes() for k in keys],

@@ -54,7 +54,7 @@ def cli(
 def init(env: Env, as_json: bool) -> None:
     """Create the registry and store, and write tlreg.toml.  Example: tlreg init --store s3://b/p"""
     settings = env.settings
-    created = _first_missing(env.store)
+    created = _missing_folders(env.store)
     try:
         _probe(env.store)  # a bad URL, credentials or bucket fails here, before anything is written
         registry = Registry(settings.registry_url)
@@ -72,7 +72,7 @@ def init(env: Env, as_json: bool) -> None:
             registry.close()
     except BaseException:
         if created is not None:  # the probe made the store's folder: a failed init leaves none
-            _remove_empty(Path(env.store.local_path("x") or "").parent, created)
+            _remove_empty(*created)
         raise
     info = {
         "home": str(settings.home),
@@ -92,18 +92,19 @@ def init(env: Env, as_json: bool) -> None:
             click.echo("  the registry password was not saved: set PGPASSWORD or use ~/.pgpass")
 
 
-def _first_missing(store: Store) -> Path | None:
-    """The outermost folder of a local store's root that does not exist yet (None for
-    other stores, or when the root exists)."""
+def _missing_folders(store: Store) -> tuple[Path, Path] | None:
+    """For a local store whose root does not exist yet: the root, and the outermost of its
+    folders that does not exist either (None for other stores, or when the root exists)."""
     where = store.local_path("x")
     if where is None:
         return None
+    root = Path(where).parent
     missing = None
-    for folder in [Path(where).parent, *Path(where).parent.parents]:
+    for folder in [root, *root.parents]:
         if folder.exists():
-            return missing
+            break
         missing = folder
-    return missing
+    return None if missing is None else (root, missing)
 
 
 def _remove_empty(folder: Path, top: Path) -> None:

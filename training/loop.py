@@ -195,8 +195,9 @@ def train(
                 ) from e
         if stopped.is_set():
             summary.status = "stopped"
-            if registry.runs(config.branch)[-1].status == "running":  # the handler could not
-                registry.finish_run(run.id, status="stopped", error="stopped by signal 15")
+            [mine] = [r for r in registry.runs(config.branch) if r.id == run.id]
+            if mine.status == "running":  # the handler could not write it
+                registry.finish_run(run.id, status="stopped", error=_stopped_by(signal.SIGTERM))
             raise RunStopped(
                 f"training branch {config.branch!r} was stopped by SIGTERM (run {run.id}); "
                 f"its last committed checkpoint is the head of {config.branch!r}"
@@ -206,6 +207,11 @@ def train(
         return summary
     finally:
         registry.close()
+
+
+def _stopped_by(signum: int) -> str:
+    """The ``error`` of a Run stopped by signal ``signum``."""
+    return f"stopped by signal {signum}"
 
 
 class _Terminated(BaseException):
@@ -230,7 +236,7 @@ def _stop_on_sigterm(registry_url: str, run_id: int, stopped: threading.Event) -
             return
         stopped.set()
         with contextlib.suppress(Exception), Registry(registry_url) as registry:
-            registry.finish_run(run_id, status="stopped", error=f"stopped by signal {signum}")
+            registry.finish_run(run_id, status="stopped", error=_stopped_by(signum))
         raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
