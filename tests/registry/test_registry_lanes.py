@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import pickle
 from collections import deque
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, text, update
 
 from tlreg.registry import RecordList, RefNotFound, Registry
+from tlreg.registry import models as m
 from tlreg.registry.migrations import lane_labels
 
 # (id, branch, parents or None for the branch head); committed in this order.
@@ -237,3 +239,58 @@ def test_a_vanished_row_is_a_clear_error() -> None:
         gone[0]
     with pytest.raises(ValueError, match="deferred columns"):
         RecordList([("ck", "main", 0, "ck", 0, None, None)])
+
+
+def _set_created(reg: Registry, times: dict[str, datetime]) -> None:
+    with reg._engine.begin() as conn:
+        for cid, when in times.items():
+            conn.execute(update(m.Checkpoint).where(m.Checkpoint.id == cid).values(created=when))
+
+
+def test_ties_across_lanes_are_decided_by_time_then_id(registry: Registry) -> None:
+    # Two branches off one root and their merge, committed so that id order is not commit
+    # order; then every time made equal, so that rows of different lanes at one distance tie
+    # on ``created`` and the id decides (ascending, in both directions).
+    registry.create_branch("main")
+    registry.commit("main", "r", step=0, objects={})
+    registry.create_branch("x", from_ref="r")
+    registry.create_branch("y", from_ref="r")
+    for cid in ("k1", "k2", "k3"):
+        registry.commit("x", cid, step=1, objects={})
+    for cid in ("c1", "c2"):
+        registry.commit("y", cid, step=1, objects={})
+    registry.commit("x", "z", step=2, objects={}, parents=["k3", "c2"])
+    same = datetime(2025, 1, 1, tzinfo=UTC)
+    _set_created(registry, {cid: same for cid in ("r", "k1", "k2", "k3", "c1", "c2", "z")})
+    assert registry.descendants("r").ids == ["c1", "k1", "c2", "k2", "k3", "z"]
+    assert registry.ancestors("z").ids == ["c2", "k3", "c1", "k2", "k1", "r"]
+    assert registry.ancestors("z", depth=2).ids == ["c2", "k3", "c1", "k2"]
+    assert registry.descendants("r", depth=2).ids == ["c1", "k1", "c2", "k2"]
+    # Times decide before ids: one microsecond later sorts after (down) / before (up).
+    _set_created(registry, {"c1": same + timedelta(microseconds=1)})
+    assert registry.descendants("r").ids == ["k1", "c1", "c2", "k2", "k3", "z"]
+    _set_created(registry, {"k2": same + timedelta(microseconds=2)})
+    assert registry.ancestors("z").ids == ["c2", "k3", "k2", "c1", "k1", "r"]
+    for found in (registry.descendants("r"), registry.ancestors("z")):
+        assert list(found) == [registry.get(cid) for cid in found.ids]
+
+
+def test_ancestor_ties_with_times_of_another_shape(registry: Registry) -> None:
+    # Times stored as text of another shape than the registry writes (SQLite: no fraction)
+    # still order newest first, as the database compares them.
+    if registry._dialect != "sqlite":
+        pytest.skip("stored time text is SQLite's")
+    registry.create_branch("main")
+    registry.commit("main", "r", step=0, objects={})
+    registry.create_branch("x", from_ref="r")
+    registry.commit("x", "a", step=1, objects={})
+    registry.create_branch("y", from_ref="r")
+    registry.commit("y", "b", step=1, objects={})
+    registry.commit("y", "c", step=2, objects={}, parents=["b", "a"])
+    with registry._engine.begin() as conn:
+        conn.execute(text("UPDATE checkpoint SET created = '2025-01-01 00:00:01' WHERE id = 'b'"))
+        conn.execute(
+            text("UPDATE checkpoint SET created = '2025-01-01 00:00:01.500000' WHERE id = 'a'")
+        )
+    assert registry.ancestors("c").ids == ["a", "b", "r"]  # '...01.5' > '...01' as text
+    assert registry.descendants("r").ids == ["b", "a", "c"]
