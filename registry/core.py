@@ -809,13 +809,22 @@ class Registry:
         if depth is not None and depth <= 0:
             return RecordList([], {})
         pg = self._dialect == "postgresql"
-        sql = _lane_walk_sql(up=up, bounded=depth is not None, pg=pg)
+        params: dict[str, Any] = {"ref": ref}
+        if depth is not None:
+            params["depth"] = depth
+        runs: Sequence[Any] = ()
         with self._session() as s:
-            params: dict[str, Any] = {"start": self._resolve(s, ref).id}
-            if depth is not None:
-                params["depth"] = depth
-            runs = s.connection().execute(text(sql), params).all()
-        rows = _lane_rows(runs, up=up, depth=depth, pg=pg)
+            conn = s.connection()
+            if isinstance(ref, str) and ref and not _unstorable(ref):
+                # One round trip: the statement resolves a branch, a tag or an id itself.
+                sql = _lane_walk_sql(up=up, bounded=depth is not None, pg=pg, resolve=True)
+                runs = conn.execute(text(sql), params).all()
+            if not runs:
+                # No start row: an id prefix, or not a ref at all (_resolve says which).
+                params["ref"] = self._resolve(s, ref).id
+                sql = _lane_walk_sql(up=up, bounded=depth is not None, pg=pg, resolve=False)
+                runs = conn.execute(text(sql), params).all()
+        rows = _lane_rows(runs, up=up, depth=depth)
         return RecordList(rows, {} if not rows else None, self._deferred_columns)
 
     def _deferred_columns(self, rows: Sequence[Sequence[Any]]) -> dict[str, Sequence[Any]]:
@@ -1353,92 +1362,107 @@ WITH RECURSIVE chain(id, n) AS (
     UNION ALL SELECT e.parent, w.n + 1 FROM chain w JOIN edge e ON e.child = w.id
     WHERE e.position = 0 {bound}
 )"""
-# ancestors / descendants over lanes (schema v3; see models.Checkpoint.lane). ``entry`` walks
-# the few lane links: (lane, pos, d) says that checkpoint ``lane[pos]`` is ``d`` edges from the
-# start, and so is every checkpoint of the lane past it (descendants) or before it (ancestors)
-# at ``d`` plus the positions between. The statement returns one row per entry, not one per
-# checkpoint: ``run`` is the entry's first answer row (position, distance; one step on from
-# the start itself), then its rows' narrow columns in walk order (an index range scan of
-# ``(lane, lane_pos)``) as one flat JSON array [id, step, branch, created, id, ...], the
-# parents of the lane's first checkpoint when the run holds it (the only checkpoint of a lane
-# with edge rows of its own), and the lane's previous checkpoint where the run's nearest
-# (descendants) or farthest (bounded ancestors) row has a parent that may not be a row.
-# _lane_rows merges the runs into the answer's order and keeps a checkpoint that several
-# entries reach at its nearest. Producing, sorting and fetching 10^4 rows took 25-45 ms;
-# this statement ~10 rows of one string each.
-_LANE_ENTRY = {
-    False: """
-WITH RECURSIVE entry(lane, pos, d) AS (
-    SELECT lane, lane_pos, CAST(0 AS BIGINT) FROM checkpoint WHERE id = :start
-    UNION SELECT l.child_lane, l.child_pos, e.d + l.parent_pos - e.pos + 1
-    FROM entry e {open}lane_link l {on} l.parent_lane = e.lane AND l.parent_pos >= e.pos {close_l}
+# ancestors / descendants over lanes (schema v3; see models.Checkpoint.lane). ``start`` is the
+# checkpoint a ref names (a branch's head, a tag's checkpoint, else an id), or the id given.
+# ``entry`` walks the few lane links: (lane, pos, d) says that checkpoint ``lane[pos]`` is
+# ``d`` edges from the start, and so is every checkpoint of the lane past it (descendants) or
+# before it (ancestors) at ``d`` plus the positions between (a lane's positions are 0, 1, 2,
+# ... and it is committed on one branch). Parents come from ``edge`` only for the first
+# checkpoint of a lane; any other checkpoint's one parent is the one before it in its lane.
+# Only the narrow columns that make the answer complete as a structure (records.RecordList
+# reads the others, _DEFERRED, on first access).
+#
+# The statement returns one row per entry, not one per checkpoint: ``run`` is the entry's
+# first answer row (its position and distance; one step on from the start itself), then the
+# lane's branch, the run's rows in walk order (an index range scan of ``(lane, lane_pos)``) as
+# one JSON array of three columns [ids, steps, created], the parents of the lane's first
+# checkpoint when the run holds it (the only checkpoint of a lane with edge rows of its own),
+# and the lane's previous checkpoint where the run's nearest row (descendants) or its row at
+# the depth bound (ancestors) has a parent that may not be a row. _lane_rows merges the runs
+# into the answer's order. Producing, sorting and returning the 10^4 rows of a large answer
+# one by one (and SQLAlchemy's work per row) cost more than the walk; the runs are ~10 rows.
+_LANE_START = {
+    True: """start(id) AS (
+    SELECT head FROM branch WHERE name = :ref
+    UNION ALL SELECT checkpoint FROM tag
+    WHERE name = :ref AND NOT EXISTS (SELECT 1 FROM branch WHERE name = :ref)
+    UNION ALL SELECT CAST(:ref AS TEXT) WHERE NOT EXISTS (SELECT 1 FROM branch WHERE name = :ref)
+        AND NOT EXISTS (SELECT 1 FROM tag WHERE name = :ref)
+)""",
+    False: "start(id) AS (SELECT CAST(:ref AS TEXT))",
+}
+_LANE_WALK = """
+WITH RECURSIVE {start},
+entry(lane, pos, d) AS (
+    SELECT c.lane, c.lane_pos, CAST(0 AS BIGINT) FROM start s JOIN checkpoint c ON c.id = s.id
+    UNION SELECT {link_lane}, {link_pos}, {step_d}
+    FROM entry e {open}lane_link l {on} {link_on} {close_l}
     {bound}
 ),
 run(lane, pos, d) AS (
-    SELECT lane, pos + CASE WHEN d = 0 THEN 1 ELSE 0 END, d + CASE WHEN d = 0 THEN 1 ELSE 0 END
+    SELECT lane, pos {away} CASE WHEN d = 0 THEN 1 ELSE 0 END,
+        d + CASE WHEN d = 0 THEN 1 ELSE 0 END
     FROM entry
-)""",
-    True: """
-WITH RECURSIVE entry(lane, pos, d) AS (
-    SELECT lane, lane_pos, CAST(0 AS BIGINT) FROM checkpoint WHERE id = :start
-    UNION SELECT l.parent_lane, l.parent_pos, e.d + e.pos - l.child_pos + 1
-    FROM entry e {open}lane_link l {on} l.child_lane = e.lane AND l.child_pos <= e.pos {close_l}
-    {bound}
-),
-run(lane, pos, d) AS (
-    SELECT lane, pos - CASE WHEN d = 0 THEN 1 ELSE 0 END, d + CASE WHEN d = 0 THEN 1 ELSE 0 END
-    FROM entry
-)""",
-}
-# Per direction (up=False, up=True): the far end of a link, a run's rows (and the bound on
-# them), its order, whether it holds its lane's first checkpoint (bounded or not), and which
-# row's previous checkpoint it reports (a condition on the run, that row's position - 1).
-_LANE_RUN = {
-    False: {
-        "step": "e.d + l.parent_pos - e.pos + 1",
-        "range": "c.lane_pos >= r.pos",
-        "last": "AND c.lane_pos <= r.pos + :depth - r.d",
-        "dir": "",
-        "root": ("r.pos = 0", "r.pos = 0"),
-        "pred": ("r.d = 1 AND r.pos > 0", "r.pos - 1"),
-        "pred_bounded": ("r.d = 1 AND r.pos > 0", "r.pos - 1"),
-    },
-    True: {
-        "step": "e.d + e.pos - l.child_pos + 1",
-        "range": "c.lane_pos <= r.pos",
-        "last": "AND c.lane_pos >= r.pos + r.d - :depth",
-        "dir": " DESC",
-        "root": ("r.pos >= 0", "r.pos >= 0 AND r.pos + r.d - :depth <= 0"),
-        "pred": ("1 = 0", "NULL"),
-        "pred_bounded": (
-            "r.pos + r.d - :depth BETWEEN 1 AND r.pos",
-            "r.pos + r.d - :depth - 1",
-        ),
-    },
-}
-# A run's rows as one JSON array text. ``created`` only orders ties: SQLite's stored text (what
-# ORDER BY compared), PostgreSQL's microseconds since the epoch (exact, and negatable).
-_LANE_RUN_ROWS = {
-    False: """(SELECT '[' || group_concat(x.v, ',') || ']' FROM (
-        SELECT json_quote(c.id) || ',' || json_quote(c.step) || ',' || json_quote(c.branch)
-            || ',' || json_quote(c.created) AS v
-        FROM checkpoint c WHERE c.lane = r.lane AND {range} {last}
-        ORDER BY c.lane_pos{dir}) x)""",
-    True: """(SELECT '[' || string_agg(CAST(to_json(c.id) AS TEXT) || ','
-            || CAST(c.step AS TEXT) || ',' || CAST(to_json(c.branch) AS TEXT) || ','
-            || CAST(CAST(EXTRACT(EPOCH FROM c.created) * 1000000 AS BIGINT) AS TEXT),
-            ',' ORDER BY c.lane_pos{dir}) || ']'
-        FROM checkpoint c WHERE c.lane = r.lane AND {range} {last})""",
-}
-_LANE_WALK = """{entry}
-SELECT r.lane, r.pos, r.d, {rows},
+)
+SELECT r.lane, r.pos, r.d,
+    (SELECT y.branch FROM checkpoint y WHERE y.lane = r.lane AND y.lane_pos = r.pos),
+    (SELECT {columns} FROM (
+        SELECT c.id, c.step, {created} AS created FROM checkpoint c
+        WHERE c.lane = r.lane AND {range} {last} ORDER BY c.lane_pos{dir}) x),
     CASE WHEN {root} THEN {parents} END,
     CASE WHEN {pred_if} THEN (
         SELECT x.id FROM checkpoint x WHERE x.lane = r.lane AND x.lane_pos = {pred_at}
     ) END
 FROM run r"""
-
-
+# Per direction (up=False, up=True): the link's far end and its distance, a run's rows (and
+# their depth bound), whether the run holds its lane's first checkpoint (unbounded, bounded),
+# and which row's previous checkpoint it reports (a condition on the run, that position - 1).
+_LANE_DIRECTION: dict[bool, dict[str, Any]] = {
+    False: {
+        "link_lane": "l.child_lane",
+        "link_pos": "l.child_pos",
+        "link_on": "l.parent_lane = e.lane AND l.parent_pos >= e.pos",
+        "step_d": "e.d + l.parent_pos - e.pos + 1",
+        "away": "+",
+        "range": "c.lane_pos >= r.pos",
+        "last": "AND c.lane_pos <= r.pos + :depth - r.d",
+        "dir": "",
+        "root": ("r.pos = 0", "r.pos = 0"),
+        "pred": (("r.d = 1 AND r.pos > 0", "r.pos - 1"),) * 2,
+    },
+    True: {
+        "link_lane": "l.parent_lane",
+        "link_pos": "l.parent_pos",
+        "link_on": "l.child_lane = e.lane AND l.child_pos <= e.pos",
+        "step_d": "e.d + e.pos - l.child_pos + 1",
+        "away": "-",
+        "range": "c.lane_pos <= r.pos",
+        "last": "AND c.lane_pos >= r.pos + r.d - :depth",
+        "dir": " DESC",
+        "root": ("r.pos >= 0", "r.pos >= 0 AND r.pos + r.d - :depth <= 0"),
+        "pred": (
+            ("1 = 0", "NULL"),
+            ("r.pos + r.d - :depth BETWEEN 1 AND r.pos", "r.pos + r.d - :depth - 1"),
+        ),
+    },
+}
+# A run's rows as one JSON array of columns (SQLite, PostgreSQL), aggregated in the order of
+# the subquery (an index range scan, or its sort).
+_LANE_COLUMNS = {
+    False: "'[' || json_group_array(x.id) || ',' || json_group_array(x.step) || ','"
+    " || json_group_array(x.created) || ']'",
+    True: "CAST(json_build_array(json_agg(x.id), json_agg(x.step), json_agg(x.created)) AS TEXT)",
+}
+# ``created`` only orders rows of several runs at one distance: SQLite's stored text (what
+# ORDER BY compared); PostgreSQL's UTC time as text, which orders as the time does (a shorter
+# fraction is a prefix: '...:01' < '...:01.25' < '...:01.5'), and for ancestors (newest
+# first) with every digit, so that all have one shape (see _lane_rows).
+_LANE_CREATED = {
+    (False, False): "c.created",
+    (False, True): "c.created",
+    (True, False): "CAST(c.created AT TIME ZONE 'UTC' AS TEXT)",
+    (True, True): "to_char(c.created AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
+}
 # Backend-specific parts. How ``entry`` rows reach lane rows: an index range scan per entry.
 # SQLite plans that join so; PostgreSQL is made to, with a LATERAL subquery kept apart by
 # OFFSET 0: left to itself it estimates the few entries as dozens, each matching a thousand
@@ -1494,22 +1518,29 @@ _LANE_PARENTS = {
 
 
 @functools.cache
-def _lane_walk_sql(*, up: bool, bounded: bool, pg: bool) -> str:
-    """The lineage statement (see _LANE_ENTRY) for a direction, a depth bound or none, and a
-    backend."""
-    run = _LANE_RUN[up]
-    pred_if, pred_at = run["pred_bounded" if bounded else "pred"]
+def _lane_walk_sql(*, up: bool, bounded: bool, pg: bool, resolve: bool) -> str:
+    """The lineage statement (see _LANE_WALK) for a direction, a depth bound or none, a
+    backend, and a ref to resolve (or a checkpoint id)."""
+    way = _LANE_DIRECTION[up]
+    pred_if, pred_at = way["pred"][bounded]
     return _LANE_WALK.format(
-        entry=_LANE_ENTRY[up].format(
-            bound=f"WHERE {run['step']} <= :depth" if bounded else "", **_LANE_JOIN[pg]
-        ),
-        rows=_LANE_RUN_ROWS[pg].format(
-            range=run["range"], last=run["last"] if bounded else "", dir=run["dir"]
-        ),
-        root=run["root"][bounded],
+        start=_LANE_START[resolve],
+        link_lane=way["link_lane"],
+        link_pos=way["link_pos"],
+        link_on=way["link_on"],
+        step_d=way["step_d"],
+        bound=f"WHERE {way['step_d']} <= :depth" if bounded else "",
+        away=way["away"],
+        columns=_LANE_COLUMNS[pg],
+        created=_LANE_CREATED[pg, up],
+        range=way["range"],
+        last=way["last"] if bounded else "",
+        dir=way["dir"],
+        root=way["root"][bounded],
         parents=_LANE_PARENTS[pg],
         pred_if=pred_if,
         pred_at=pred_at,
+        **_LANE_JOIN[pg],
     )
 
 
@@ -1519,59 +1550,47 @@ _SHAPE = str.maketrans("0123456789", "0000000000")
 
 
 def _lane_rows(
-    runs: Sequence[Sequence[Any]], *, up: bool, depth: int | None, pg: bool
+    runs: Sequence[Sequence[Any]], *, up: bool, depth: int | None
 ) -> list[tuple[Any, ...]]:
-    """The answer's rows (records.RecordList's: id, branch, step, lane, lane_pos, parents,
-    previous) in order, from the runs of the lane walk (see _LANE_ENTRY): nearest first, ties
-    by ``created`` (oldest first going down, newest first going up), then by id; a checkpoint
-    that several runs reach, once, at its nearest.
+    """The rows of a RecordList (id, branch, step, lane, lane_pos, parents, previous) in the
+    answer's order, from the runs of the lineage statement (see _LANE_WALK): nearest first,
+    ties by ``created`` (oldest first going down, newest first going up), then by id; a
+    checkpoint that several runs reach, once, at its nearest.
 
-    Within one run the distances are consecutive, so the runs are already sorted and the sort
-    merges them; only rows of different runs at one distance compare their times.
+    Within one run the distances are consecutive, so each run is sorted already and the sort
+    merges them; rows of different runs at one distance compare their times, then ids.
     """
     rows: list[tuple[Any, ...]] = []
-    keys: list[tuple[int, Any, str, int]] = []
+    keys: list[tuple[int, str, str, int]] = []
     lanes: set[str] = set()
     filled = 0
     shapes: set[str] = set()
-    for lane, pos, d, flat, parents, pred in runs:
-        if flat is None:
+    for lane, pos, d, branch, columns, parents, pred in runs:
+        ids, steps, times = json.loads(columns) if columns is not None else ((), (), ())
+        n = len(ids or ())
+        if not n:
             continue  # nothing past (or before) the entry, or beyond the depth bound
-        values = json.loads(flat)
-        ids = values[0::4]
-        n = len(ids)
         positions = range(pos, pos - n, -1) if up else range(pos, pos + n)
         run = list(
             zip(
-                ids,
-                values[2::4],
-                values[1::4],
-                [lane] * n,
-                positions,
-                [None] * n,
-                [None] * n,
-                strict=True,
+                ids, [branch] * n, steps, [lane] * n, positions, [None] * n, [None] * n, strict=True
             )
         )
-        if parents is not None:  # the lane's first checkpoint: first (down) or last (up) row
-            i = n - 1 if up else 0
+        if parents is not None:  # the lane's first checkpoint: row 0 going down, pos going up
+            i = pos if up else 0
             run[i] = (*run[i][:5], parents, run[i][6])
-        if pred is not None:  # the nearest row (down) or the one at the depth bound (up)
+        if pred is not None:  # the nearest row going down, the one at the depth bound going up
             i = depth - d if up and depth is not None else 0
             run[i] = (*run[i][:6], pred)
-        times = values[3::4]
-        if up:  # newest first among ties: negated times
-            if pg:
-                times = [-t for t in times]
-            else:  # texts: digits reversed, exact for texts of one shape (checked below)
-                shapes.update(map(str.translate, times, itertools.repeat(_SHAPE, n)))
-                times = list(map(str.translate, times, itertools.repeat(_COMPLEMENT, n)))
+        if up:  # newest first: digits reversed (exact for one shape, checked below)
+            shapes.update(map(str.translate, times, itertools.repeat(_SHAPE, n)))
+            times = list(map(str.translate, times, itertools.repeat(_COMPLEMENT, n)))
         start = len(rows)
         rows += run
         keys += zip(range(d, d + n), times, ids, range(start, start + n), strict=True)
         lanes.add(lane)
         filled += 1
-    if len(shapes) > 1:  # times of several shapes (not written by this registry): stable passes
+    if len(shapes) > 1:  # times of several shapes (not as this registry writes them)
         keys.sort(key=operator.itemgetter(2))
         keys.sort(key=lambda k: k[1].translate(_COMPLEMENT), reverse=True)
         keys.sort(key=operator.itemgetter(0))

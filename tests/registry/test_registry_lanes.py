@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import event, text, update
 
-from tlreg.registry import RecordList, RefNotFound, Registry
+from tlreg.registry import AmbiguousRef, EmptyBranch, RecordList, RefNotFound, Registry
 from tlreg.registry import models as m
 from tlreg.registry.migrations import lane_labels
 
@@ -294,3 +294,32 @@ def test_ancestor_ties_with_times_of_another_shape(registry: Registry) -> None:
         )
     assert registry.ancestors("c").ids == ["a", "b", "r"]  # '...01.5' > '...01' as text
     assert registry.descendants("r").ids == ["b", "a", "c"]
+
+
+def test_lineage_resolves_a_ref_as_resolve_does(
+    lanes: tuple[Registry, dict[str, tuple[str, ...]]],
+) -> None:
+    # The lineage statement resolves branches, tags and ids itself; prefixes and errors take
+    # the path of resolve. A name that is a branch and a checkpoint id is the branch.
+    reg, _ = lanes
+    reg.tag("s1", "release")
+    by_id = reg.ancestors("y1").ids
+    assert reg.ancestors("side").ids == reg.ancestors("y2").ids
+    assert reg.ancestors("release").ids == reg.ancestors("s1").ids == ["s0", "m1", "m0"]
+    reg.create_branch("y1", from_ref="m3")  # a branch named like a checkpoint: the branch wins
+    assert reg.ancestors("y1").ids == ["m2", "m1", "m0"] != by_id
+    assert reg.descendants("y1", depth=1).ids == ["m4"]
+    reg.commit("main", "ab0123456789", step=99, objects={})
+    assert reg.ancestors("ab0123").ids == reg.ancestors("ab0123456789").ids
+    assert reg.descendants("ab01", depth=3).ids == []
+    reg.commit("main", "ab0199", step=100, objects={})
+    with pytest.raises(AmbiguousRef):
+        reg.descendants("ab01")
+    reg.create_branch("empty")
+    with pytest.raises(EmptyBranch):
+        reg.ancestors("empty")
+    for missing in ("nope", "", "no\x00pe", "ab0"):
+        with pytest.raises(RefNotFound):
+            reg.descendants(missing)
+    reg.create_branch("release", from_ref="m0")  # a branch and a tag of one name: the branch
+    assert reg.descendants("release", depth=1).ids == ["m1", "y0"]
