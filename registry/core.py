@@ -1408,15 +1408,19 @@ SELECT r.lane, r.pos, r.d,
     (SELECT y.branch FROM checkpoint y WHERE y.lane = r.lane AND y.lane_pos = r.pos),
     (SELECT {columns} FROM (
         SELECT c.id, c.step, {created} AS created FROM checkpoint c
-        WHERE c.lane = r.lane AND {range} {last} ORDER BY c.lane_pos{dir}) x),
+        WHERE c.lane = r.lane AND c.lane_pos BETWEEN {low} AND {high}
+        ORDER BY c.lane_pos{dir}) x),
     CASE WHEN {root} THEN {parents} END,
     CASE WHEN {pred_if} THEN (
         SELECT x.id FROM checkpoint x WHERE x.lane = r.lane AND x.lane_pos = {pred_at}
     ) END
 FROM run r"""
-# Per direction (up=False, up=True): the link's far end and its distance, a run's rows (and
-# their depth bound), whether the run holds its lane's first checkpoint (unbounded, bounded),
-# and which row's previous checkpoint it reports (a condition on the run, that position - 1).
+# Per direction (up=False, up=True): the link's far end and its distance; a run's rows, by
+# their lowest and highest position (unbounded, bounded: BETWEEN even without a bound, which
+# PostgreSQL estimates as a few rows and reads by an index scan in order, where it chose a
+# bitmap scan and a sort for ``>=``); whether the run holds its lane's first checkpoint; and
+# which row's previous checkpoint it reports (a condition on the run, that position - 1).
+_LAST_POS = str(2**63 - 1)
 _LANE_DIRECTION: dict[bool, dict[str, Any]] = {
     False: {
         "link_lane": "l.child_lane",
@@ -1424,8 +1428,8 @@ _LANE_DIRECTION: dict[bool, dict[str, Any]] = {
         "link_on": "l.parent_lane = e.lane AND l.parent_pos >= e.pos",
         "step_d": "e.d + l.parent_pos - e.pos + 1",
         "away": "+",
-        "range": "c.lane_pos >= r.pos",
-        "last": "AND c.lane_pos <= r.pos + :depth - r.d",
+        "low": ("r.pos", "r.pos"),
+        "high": (_LAST_POS, "r.pos + :depth - r.d"),
         "dir": "",
         "root": ("r.pos = 0", "r.pos = 0"),
         "pred": (("r.d = 1 AND r.pos > 0", "r.pos - 1"),) * 2,
@@ -1436,8 +1440,8 @@ _LANE_DIRECTION: dict[bool, dict[str, Any]] = {
         "link_on": "l.child_lane = e.lane AND l.child_pos <= e.pos",
         "step_d": "e.d + e.pos - l.child_pos + 1",
         "away": "-",
-        "range": "c.lane_pos <= r.pos",
-        "last": "AND c.lane_pos >= r.pos + r.d - :depth",
+        "low": ("0", "r.pos + r.d - :depth"),
+        "high": ("r.pos", "r.pos"),
         "dir": " DESC",
         "root": ("r.pos >= 0", "r.pos >= 0 AND r.pos + r.d - :depth <= 0"),
         "pred": (
@@ -1533,8 +1537,8 @@ def _lane_walk_sql(*, up: bool, bounded: bool, pg: bool, resolve: bool) -> str:
         away=way["away"],
         columns=_LANE_COLUMNS[pg],
         created=_LANE_CREATED[pg, up],
-        range=way["range"],
-        last=way["last"] if bounded else "",
+        low=way["low"][bounded],
+        high=way["high"][bounded],
         dir=way["dir"],
         root=way["root"][bounded],
         parents=_LANE_PARENTS[pg],
