@@ -1458,14 +1458,11 @@ _LANE_COLUMNS = {
     True: "CAST(json_build_array(json_agg(x.id), json_agg(x.step), json_agg(x.created)) AS TEXT)",
 }
 # ``created`` only orders rows of several runs at one distance: SQLite's stored text (what
-# ORDER BY compared); PostgreSQL's UTC time as text, which orders as the time does (a shorter
-# fraction is a prefix: '...:01' < '...:01.25' < '...:01.5'), and for ancestors (newest
-# first) with every digit, so that all have one shape (see _lane_rows).
+# ORDER BY compared; the registry writes one shape); PostgreSQL's UTC time as text of one
+# shape, every digit written, so that texts compare as the times do (see _lane_rows).
 _LANE_CREATED = {
-    (False, False): "c.created",
-    (False, True): "c.created",
-    (True, False): "CAST(c.created AT TIME ZONE 'UTC' AS TEXT)",
-    (True, True): "to_char(c.created AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
+    False: "c.created",
+    True: "to_char(c.created AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
 }
 # Backend-specific parts. How ``entry`` rows reach lane rows: an index range scan per entry.
 # SQLite plans that join so; PostgreSQL is made to, with a LATERAL subquery kept apart by
@@ -1536,7 +1533,7 @@ def _lane_walk_sql(*, up: bool, bounded: bool, pg: bool, resolve: bool) -> str:
         bound=f"WHERE {way['step_d']} <= :depth" if bounded else "",
         away=way["away"],
         columns=_LANE_COLUMNS[pg],
-        created=_LANE_CREATED[pg, up],
+        created=_LANE_CREATED[pg],
         low=way["low"][bounded],
         high=way["high"][bounded],
         dir=way["dir"],
@@ -1561,24 +1558,24 @@ def _lane_rows(
     ties by ``created`` (oldest first going down, newest first going up), then by id; a
     checkpoint that several runs reach, once, at its nearest.
 
-    Within one run the distances are consecutive, so each run is sorted already and the sort
-    merges them; rows of different runs at one distance compare their times, then ids.
+    Sorted by index (no tuple per key): by ``created + id`` (texts of one length compare as
+    the pairs do; going up, of one shape, digits reversed), then, stably, by distance.
     """
     rows: list[tuple[Any, ...]] = []
-    keys: list[tuple[int, str, str, int]] = []
+    ids: list[str] = []
+    times: list[str] = []
+    distances: list[int] = []
     lanes: set[str] = set()
     filled = 0
-    shapes: set[str] = set()
     for lane, pos, d, branch, columns, parents, pred in runs:
-        ids, steps, times = json.loads(columns) if columns is not None else ((), (), ())
-        n = len(ids or ())
+        run_ids, steps, run_times = json.loads(columns) if columns is not None else ((), (), ())
+        n = len(run_ids or ())
         if not n:
             continue  # nothing past (or before) the entry, or beyond the depth bound
         positions = range(pos, pos - n, -1) if up else range(pos, pos + n)
+        nones = [None] * n
         run = list(
-            zip(
-                ids, [branch] * n, steps, [lane] * n, positions, [None] * n, [None] * n, strict=True
-            )
+            zip(run_ids, [branch] * n, steps, [lane] * n, positions, nones, nones, strict=True)
         )
         if parents is not None:  # the lane's first checkpoint: row 0 going down, pos going up
             i = pos if up else 0
@@ -1586,21 +1583,25 @@ def _lane_rows(
         if pred is not None:  # the nearest row going down, the one at the depth bound going up
             i = depth - d if up and depth is not None else 0
             run[i] = (*run[i][:6], pred)
-        if up:  # newest first: digits reversed (exact for one shape, checked below)
-            shapes.update(map(str.translate, times, itertools.repeat(_SHAPE, n)))
-            times = list(map(str.translate, times, itertools.repeat(_COMPLEMENT, n)))
-        start = len(rows)
         rows += run
-        keys += zip(range(d, d + n), times, ids, range(start, start + n), strict=True)
+        ids += run_ids
+        times += run_times
+        distances += range(d, d + n)
         lanes.add(lane)
         filled += 1
-    if len(shapes) > 1:  # times of several shapes (not as this registry writes them)
-        keys.sort(key=operator.itemgetter(2))
-        keys.sort(key=lambda k: k[1].translate(_COMPLEMENT), reverse=True)
-        keys.sort(key=operator.itemgetter(0))
-    else:
-        keys.sort()
-    ordered = list(map(rows.__getitem__, map(operator.itemgetter(3), keys)))
+    order = list(range(len(rows)))
+    if filled > 1:
+        uniform = len(set(map(len, times))) == 1
+        if up and uniform:
+            uniform = len(set(map(str.translate, times, itertools.repeat(_SHAPE)))) == 1
+            times = list(map(str.translate, times, itertools.repeat(_COMPLEMENT)))
+        if uniform:
+            order.sort(key=list(map(operator.add, times, ids)).__getitem__)
+        else:  # times of several shapes (not as this registry writes them): by id, then time
+            order.sort(key=ids.__getitem__)
+            order.sort(key=times.__getitem__, reverse=up)
+        order.sort(key=distances.__getitem__)
+    ordered = list(map(rows.__getitem__, order))
     if len(lanes) < filled:
         # Several runs in one lane (several links into it, or a bounded walk) may reach one
         # checkpoint more than once: keep its first, nearest, occurrence.
