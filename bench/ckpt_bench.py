@@ -8,10 +8,13 @@ Run: ``.venv/bin/python bench/ckpt_bench.py [--size GiB] [--reps N] [--dir DIR] 
    throughput as a fraction of ``dd bs=4M conv=fsync`` to the same directory (measured here),
    the peak extra RSS during the saves (sampled every 2 ms, children included) and the
    restore time next to ``torch.load(weights_only=True)``, cold (the method's files dropped
-   from the page cache first) and warm (the same load again). Medians of ``--reps`` saves, with
+   from the page cache first) and warm (every file of the method read into the page cache
+   first). Medians of ``--reps`` saves, with
    min-max. Before every save one element of every tensor changes, so nothing dedups.
-2. **Training loop**: a CPU MLP with ``Adam(fused=True)``, a checkpoint every ``k`` steps;
-   the per-step slowdown against the same loop without checkpoints.
+2. **Training loop**: a CPU MLP with ``Adam(fused=True)``, a checkpoint every ``k`` steps
+   (``--every``, default 10); the per-step slowdown against the same loop without
+   checkpoints, plain and checkpointing phases in turn (``--t2-rounds``), each checkpointing
+   phase against the plain phases around it.
 2b. **Thread vs process writer** (``--writer-rounds``, default 6; ``--only-t2b`` runs just
    this): both ``AsyncCheckpointer`` writers in one process, interleaved round by round;
    per round, plain steps and then the steps right after a save, paired, so that load from
@@ -53,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _cache import evict
+from _cache import cache, evict
 
 from tlreg.ckpt import AsyncCheckpointer
 
@@ -487,9 +490,12 @@ def run_t1(method_name: str, size: float, reps: int, root: Path) -> dict[str, An
         restores: list[float] = []
         warm: list[float] = []
         for _ in range(max(1, min(reps, 2))):
-            # cold: from the disk; then warm: the same files again, now in the page cache
+            # cold: from the disk; then warm: the same files again, read into the page cache
+            # first (tlreg's direct reads leave nothing there, torch.load's do)
             evict(method.root)
             for times in (restores, warm):
+                if times is warm:
+                    cache(method.root)
                 start = time.perf_counter()
                 restored = method.restore(state)
                 touch(restored)  # a lazy (mmap) load must really read the bytes too
@@ -513,10 +519,14 @@ def run_t1(method_name: str, size: float, reps: int, root: Path) -> dict[str, An
 # -- table 2: training loop ---------------------------------------------------------------
 
 
-def run_t2(method_name: str, size: float, steps: int, every: int, batch: int, root: Path) -> dict:
-    """``steps`` steps without checkpoints, ``steps`` with one every ``every`` steps, then
-    ``steps`` without again: the slowdown is against the mean of the two plain runs, taken
-    minutes apart at most, so load from other processes on the machine mostly cancels."""
+def run_t2(
+    method_name: str, size: float, steps: int, every: int, batch: int, rounds: int, root: Path
+) -> dict:
+    """Phases of ``steps`` steps, plain and checkpointing (one save every ``every`` steps, the
+    last waited for inside the phase) in turn: P C P C ... P, ``rounds`` checkpointing phases.
+    Each checkpointing phase is paired with the mean of the plain phases on either side of
+    it, taken seconds apart, so load from other processes on the machine mostly cancels; the
+    slowdown is the median over rounds of (checkpointing / plain - 1)."""
     model, opt = make_training(size, seed=1)
     state = state_of(model, opt)
     x = torch.randn(batch, WIDTH)
@@ -542,12 +552,18 @@ def run_t2(method_name: str, size: float, steps: int, every: int, batch: int, ro
             wait()
         return (time.perf_counter() - start) / steps, stalls
 
+    plain: list[float] = []
+    during: list[float] = []
+    stalls: list[float] = []
     try:
         for _ in range(2):  # warm-up: allocator, threads
             step()
-        before, _ = loop(False)
-        with_ckpt, stalls = loop(True)
-        after, _ = loop(False)
+        plain.append(loop(False)[0])
+        for _ in range(rounds):
+            step_s, round_stalls = loop(True)
+            during.append(step_s)
+            stalls += round_stalls
+            plain.append(loop(False)[0])
     finally:
         method.close()
         shutil.rmtree(method.root, ignore_errors=True)
@@ -556,8 +572,8 @@ def run_t2(method_name: str, size: float, steps: int, every: int, batch: int, ro
         "bytes": state_bytes(state),
         "steps": steps,
         "checkpoints": len(stalls),
-        "base_s": [before, after],
-        "step_s": with_ckpt,
+        "plain_s": plain,
+        "step_s": during,
         "stall": stalls,
     }
 
@@ -722,7 +738,7 @@ def worker(args: list[Any]) -> Any:
         if kind == "t1":
             return run_t1(rest[0], rest[1], rest[2], root)
         if kind == "t2":
-            return run_t2(rest[0], rest[1], rest[2], rest[3], rest[4], root)
+            return run_t2(rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], root)
         if kind == "t3":
             return run_t3(rest[0], root)
         if kind == "t2b":
@@ -802,9 +818,15 @@ def ratios1(rows: list[dict], copy_s: float, dd: float) -> list[str]:
     return out
 
 
+def t2_slowdowns(r: dict) -> list[float]:
+    """Per round: the checkpointing phase against the mean of the plain phases around it."""
+    plain = r["plain_s"]
+    return [d / ((plain[i] + plain[i + 1]) / 2) - 1 for i, d in enumerate(r["step_s"])]
+
+
 def table2(rows: list[dict]) -> list[str]:
     out = [
-        "| method | step s, no checkpoints | step s, checkpointing | slowdown "
+        "| method | step s, no checkpoints | step s, checkpointing | slowdown, median (min-max) "
         "| checkpoints | stall per checkpoint s |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -812,10 +834,11 @@ def table2(rows: list[dict]) -> list[str]:
         if "error" in r:
             out.append(f"| {r['method']} | failed: {r['error']} | | | | |")
             continue
-        base = statistics.mean(r["base_s"])
+        ratios = t2_slowdowns(r)
         out.append(
-            f"| {r['method']} | {base:.3f} ({r['base_s'][0]:.3f}, {r['base_s'][1]:.3f}) "
-            f"| {r['step_s']:.3f} | {r['step_s'] / base - 1:+.1%} "
+            f"| {r['method']} | {spread(r['plain_s'], fmt='{:.3f}')} "
+            f"| {spread(r['step_s'], fmt='{:.3f}')} "
+            f"| {med(ratios):+.1%} ({min(ratios):+.1%} to {max(ratios):+.1%}) "
             f"| {r['checkpoints']} | {spread(r['stall'], fmt='{:.3f}')} |"
         )
     return out
@@ -851,7 +874,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="saves per method in table 1")
     parser.add_argument("--train-size", type=float, default=0.75, help="table 2 state, GiB")
     parser.add_argument("--steps", type=int, default=20, help="table 2 steps per phase")
-    parser.add_argument("--every", type=int, default=5, help="table 2 checkpoint interval")
+    parser.add_argument("--every", type=int, default=10, help="table 2 checkpoint interval")
+    parser.add_argument(
+        "--t2-rounds", type=int, default=2, help="table 2 checkpointing phases per method"
+    )
     parser.add_argument("--step-s", type=float, default=0.7, help="table 2 target step time")
     parser.add_argument("--frozen-size", type=float, default=0.5, help="table 3 state, GiB")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
@@ -887,6 +913,7 @@ def main() -> None:
         return
     if args.quick:
         args.size, args.reps, args.train_size, args.steps, args.every = 0.1, 1, 0.05, 6, 2
+        args.t2_rounds = 1
         args.step_s, args.frozen_size = 0.15, 0.05
     isolated = not args.quick
     root = Path(tempfile.mkdtemp(prefix="tlreg-bench-", dir=args.dir))
@@ -931,7 +958,16 @@ def main() -> None:
             for name in t2_methods:
                 print(f"table 2: {name} ...", file=sys.stderr, flush=True)
                 row = call(
-                    ["t2", name, args.train_size, args.steps, args.every, batch, str(root)],
+                    [
+                        "t2",
+                        name,
+                        args.train_size,
+                        args.steps,
+                        args.every,
+                        batch,
+                        args.t2_rounds,
+                        str(root),
+                    ],
                     isolated,
                 )
                 t2.append(row | {"method": name})
@@ -940,8 +976,9 @@ def main() -> None:
             lines = [
                 f"## 2. Training loop: MLP {layers_for(args.train_size)}x{WIDTH}², "
                 f"Adam(fused=True), {t2_bytes / GiB:.2f} GiB state, batch {batch}, "
-                f"{args.steps} steps with a checkpoint every {args.every} "
-                f"(the last one waited for) between two runs of {args.steps} steps without",
+                f"phases of {args.steps} steps, plain and with a checkpoint every "
+                f"{args.every} (the last one waited for) in turn, {args.t2_rounds} "
+                "checkpointing phases each paired with the plain phases around it",
                 "",
                 *table2(t2),
                 "",
