@@ -1458,11 +1458,11 @@ _LANE_COLUMNS = {
     True: "CAST(json_build_array(json_agg(x.id), json_agg(x.step), json_agg(x.created)) AS TEXT)",
 }
 # ``created`` only orders rows of several runs at one distance: SQLite's stored text (what
-# ORDER BY compared; the registry writes one shape); PostgreSQL's UTC time as text of one
-# shape, every digit written, so that texts compare as the times do (see _lane_rows).
+# ORDER BY compared; the registry writes one shape), PostgreSQL's microseconds since the
+# epoch (exact; to_char's text of one shape cost 3 ms more per 10^4 rows). See _lane_rows.
 _LANE_CREATED = {
     False: "c.created",
-    True: "to_char(c.created AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
+    True: "CAST(EXTRACT(EPOCH FROM c.created) * 1000000 AS BIGINT)",
 }
 # Backend-specific parts. How ``entry`` rows reach lane rows: an index range scan per entry.
 # SQLite plans that join so; PostgreSQL is made to, with a LATERAL subquery kept apart by
@@ -1558,12 +1558,13 @@ def _lane_rows(
     ties by ``created`` (oldest first going down, newest first going up), then by id; a
     checkpoint that several runs reach, once, at its nearest.
 
-    Sorted by index (no tuple per key): by ``created + id`` (texts of one length compare as
-    the pairs do; going up, of one shape, digits reversed), then, stably, by distance.
+    Times as numbers (PostgreSQL) sort as (distance, time, id) keys; texts (SQLite) by index,
+    without a tuple per row: by ``created + id`` (texts of one length compare as the pairs
+    do; going up, of one shape, digits reversed), then, stably, by distance.
     """
     rows: list[tuple[Any, ...]] = []
     ids: list[str] = []
-    times: list[str] = []
+    times: list[Any] = []
     distances: list[int] = []
     lanes: set[str] = set()
     filled = 0
@@ -1590,7 +1591,12 @@ def _lane_rows(
         lanes.add(lane)
         filled += 1
     order = list(range(len(rows)))
-    if filled > 1:
+    if filled > 1 and isinstance(times[0], int):  # PostgreSQL: negate for newest first
+        signed = map(operator.neg, times) if up else times
+        keys = list(zip(distances, signed, ids, order, strict=True))
+        keys.sort()
+        order = list(map(operator.itemgetter(3), keys))
+    elif filled > 1:
         uniform = len(set(map(len, times))) == 1
         if up and uniform:
             uniform = len(set(map(str.translate, times, itertools.repeat(_SHAPE)))) == 1
