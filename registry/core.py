@@ -1600,8 +1600,9 @@ def _lane_rows(
         uniform = len(set(map(len, times))) == 1
         if up and uniform:
             uniform = len(set(map(str.translate, times, itertools.repeat(_SHAPE)))) == 1
-            times = list(map(str.translate, times, itertools.repeat(_COMPLEMENT)))
         if uniform:
+            if up:
+                times = list(map(str.translate, times, itertools.repeat(_COMPLEMENT)))
             order.sort(key=list(map(operator.add, times, ids)).__getitem__)
         else:  # times of several shapes (not as this registry writes them): by id, then time
             order.sort(key=ids.__getitem__)

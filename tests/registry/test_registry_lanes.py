@@ -294,6 +294,16 @@ def test_ancestor_ties_with_times_of_another_shape(registry: Registry) -> None:
         )
     assert registry.ancestors("c").ids == ["a", "b", "r"]  # '...01.5' > '...01' as text
     assert registry.descendants("r").ids == ["b", "a", "c"]
+    # One length, two shapes: the text decides where it first differs (a digit here).
+    with registry._engine.begin() as conn:
+        conn.execute(
+            text("UPDATE checkpoint SET created = '2025-01-01 00:00:02.00000Z' WHERE id = 'b'")
+        )
+        conn.execute(
+            text("UPDATE checkpoint SET created = '2025-01-01 00:00:01.000000' WHERE id = 'a'")
+        )
+    assert registry.ancestors("c").ids == ["b", "a", "r"]
+    assert registry.descendants("r").ids == ["a", "b", "c"]
 
 
 def test_lineage_resolves_a_ref_as_resolve_does(
