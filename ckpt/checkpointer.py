@@ -112,6 +112,25 @@ _DIRECT_READ_BYTES = 1 << 20  # tensors this large are read straight into their 
 _T = TypeVar("_T")
 
 
+def _fits(dest: torch.Tensor, entry: TensorEntry) -> bool:
+    """Whether ``load(into=...)`` can read ``entry`` straight into ``dest``'s memory."""
+    return (
+        dest.device.type == "cpu"
+        and dest.layout == torch.strided
+        and dest.is_contiguous()
+        and not dest.is_conj()
+        and not dest.is_neg()
+        and DTYPES.get(entry.dtype) == dest.dtype
+        and tuple(dest.shape) == tuple(entry.shape)
+    )
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous CPU tensor as a flat uint8 tensor sharing its memory."""
+    flat = tensor.detach().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
 def _blake3(data: memoryview | bytes) -> str:
     threads = blake3.blake3.AUTO if len(data) >= _MT_HASH_BYTES else 1
     return blake3.blake3(data, max_threads=threads).hexdigest()
@@ -1255,6 +1274,7 @@ class AsyncCheckpointer:
         *,
         prefix: str | None = None,
         shards: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+        into: Mapping[str, Any] | None = None,
     ) -> dict[Any, Any]:
         """Read checkpoint ``manifest_id`` back: the saved state, tensors bit-exact on the CPU.
 
@@ -1270,6 +1290,16 @@ class AsyncCheckpointer:
         sharded when saved or not: each becomes a :class:`~tlreg.ckpt.Shard` holding that
         block, assembled from whichever saved blocks overlap it, so N ranks' checkpoint
         restores on M ranks. Only the saved blocks that overlap it are read.
+
+        ``into`` loads in place, as ``torch.distributed.checkpoint.load`` does: a state with
+        the result's nesting (``{"model": model.state_dict(), ...}``; with ``prefix``, the
+        nesting above it too). Each saved tensor whose counterpart in ``into`` (same path) is
+        a contiguous CPU tensor of the same dtype and shape is read straight into that tensor,
+        which the result then holds; no new memory is allocated for it (on a fresh VM,
+        allocating and faulting in new memory was over half of a restore's time). Other
+        tensors, and shards, load into new tensors. The filled tensors' version counters
+        are bumped, so a later save copies them again. If the load raises, the tensors of
+        ``into`` may hold part of the checkpoint: load again, from this or another one.
         """
         if self._closed:
             raise CheckpointError(f"{self!r} is closed; create a new AsyncCheckpointer to load")
@@ -1282,6 +1312,7 @@ class AsyncCheckpointer:
                 f"manifest {manifest_id} in {self.store.url} has no entry for tensor "
                 f"{missing[0]!r} that its tree references; the manifest is damaged"
             )
+        destinations = flatten_state(into)[1] if into is not None else {}
         targets: dict[str, Box] = {}
         for path, (offsets, shape) in (shards or {}).items():
             if path not in paths:
@@ -1293,11 +1324,15 @@ class AsyncCheckpointer:
             check_box(box, manifest.tensors[path].shape, path)
             targets[path] = box
         reads: dict[str, TensorEntry] = {}
+        in_place: dict[str, torch.Tensor] = {}
         assemble: dict[str, tuple[Box, list[tuple[str, ShardEntry]]]] = {}
         for path in paths:
             entry = manifest.tensors[path]
             if not entry.shards and path not in targets:
                 reads[path] = entry
+                dest = destinations.get(path)
+                if isinstance(dest, torch.Tensor) and _fits(dest, entry):
+                    in_place[path] = dest
                 continue
             want = targets.get(path, ((0,) * len(entry.shape), entry.shape))
             pieces = []
@@ -1308,11 +1343,16 @@ class AsyncCheckpointer:
                     reads[key] = shard.piece(entry.dtype)
                     pieces.append((key, shard))
             assemble[path] = (want, pieces)
-        raw = self._read_raw(manifest, reads)
-        tensors: dict[str, torch.Tensor | Shard] = {}
+        raw = self._read_raw(manifest, reads, {path: _byte_view(t) for path, t in in_place.items()})
+        for dest in in_place.values():
+            if not dest.is_inference():  # (those keep no version counter)
+                torch.autograd.graph.increment_version(dest)
+        tensors: dict[str, torch.Tensor | Shard] = dict(in_place)
         for path in paths:
             entry = manifest.tensors[path]
             dtype = dtype_from_name(entry.dtype)
+            if path in in_place:
+                continue
             if path not in assemble:
                 tensors[path] = from_bytes(raw[path], dtype, entry.shape)
                 continue
@@ -1340,10 +1380,14 @@ class AsyncCheckpointer:
         return layout
 
     def _read_raw(
-        self, manifest: Manifest, reads: Mapping[str, TensorEntry]
+        self,
+        manifest: Manifest,
+        reads: Mapping[str, TensorEntry],
+        buffers: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Read and verify the bytes of ``reads`` (name -> entry) in parallel on the I/O pool;
-        returns each as a flat uint8 tensor."""
+        returns each as a flat uint8 tensor: the one in ``buffers`` under its name if any
+        (exactly ``entry.nbytes`` long), else a new one."""
         store = self.store
         outs: dict[str, torch.Tensor] = {}
         by_object: dict[str, list[str]] = {}
@@ -1353,7 +1397,9 @@ class AsyncCheckpointer:
                     f"tensor {name!r} of checkpoint {manifest.id} has dtype {entry.dtype!r}, "
                     f"which torch {torch.__version__} lacks; upgrade torch to load it"
                 )
-            if entry.nbytes >= _DIRECT_READ_BYTES:  # read in place, with direct I/O if it can
+            if buffers is not None and name in buffers:
+                outs[name] = buffers[name]
+            elif entry.nbytes >= _DIRECT_READ_BYTES:  # read in place, with direct I/O if it can
                 outs[name] = page_aligned_empty(entry.nbytes)
             else:
                 outs[name] = torch.empty(entry.nbytes, dtype=torch.uint8)

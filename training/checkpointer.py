@@ -211,7 +211,9 @@ class Checkpointer:
         """Load the branch head (or ``checkpoint``) into ``model=``, ``optimizer=``, ...
 
         Returns the checkpoint read, or None on an empty branch. See :attr:`last_restore`
-        for whether training resumes or starts from a transferred ancestor.
+        for whether training resumes or starts from a transferred ancestor. Resuming, the
+        model's tensors are read in place (``AsyncCheckpointer.load(into=...)``): if this
+        raises, the model may hold part of the checkpoint.
         """
         self.last_restore = self._restore(checkpoint=checkpoint, reset=reset, stateful=stateful)
         return self.last_restore.checkpoint
@@ -225,9 +227,11 @@ class Checkpointer:
         record = self.registry.get(head)
         self._expected_head = self.registry.get_branch(self.branch).head
         resumed = record.branch == self.branch
-        state = self.engine.load(record.manifest, prefix=None if resumed else "model")
-        report = RestoreReport(checkpoint=record, resumed=resumed)
         model = stateful.get("model")
+        # resuming, the model's own tensors are read in place (no second copy of the model)
+        into = {"model": _unwrap(model).state_dict()} if resumed and model is not None else None
+        state = self.engine.load(record.manifest, prefix=None if resumed else "model", into=into)
+        report = RestoreReport(checkpoint=record, resumed=resumed)
         if model is not None:
             allowed = None
             if not resumed and record.signature is not None:
