@@ -65,9 +65,9 @@ def init(env: Env, as_json: bool) -> None:
                     f"registry {settings.registry_url} already records store {recorded!r}, "
                     f"not {settings.store_url!r}: pass --store {recorded}"
                 )
-            path = write_settings(settings)
             if recorded is None:
                 registry.set_meta("store_url", settings.store_url)
+            path = write_settings(settings)  # last: a failed init leaves no tlreg.toml behind
         finally:
             registry.close()
     except BaseException:

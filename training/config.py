@@ -121,7 +121,9 @@ def write_settings(settings: Settings) -> Path:
         f"registry_url = {_toml_str(without_password(settings.registry_url))}\n"
         f"store_url = {_toml_str(settings.store_url)}\n"
     )
-    path.write_text(body)
+    partial = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
+    partial.write_text(body)
+    partial.replace(path)  # atomic: a reader sees the old file or the new one, never half
     return path
 
 

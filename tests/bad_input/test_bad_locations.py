@@ -8,10 +8,13 @@ missing bucket. No secret is ever printed, and ``init`` writes nothing when it f
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tlreg.registry import Registry
 
 
 def _one_line_error(result: object, *needles: str) -> str:
@@ -94,3 +97,44 @@ def test_init_against_an_unreachable_registry_leaves_no_store_folder(
     _one_line_error(tlreg("--store", str(store), "--registry", registry, "init"), "unreachable")
     assert not (tmp_path / "new").exists()
     assert not home.exists() or list(home.iterdir()) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("registry_url", ["postgres"], indirect=True)
+def test_init_with_a_read_only_registry_role_writes_no_config_and_no_store_folder(
+    tlreg: Callable, home: Path, tmp_path: Path, registry_url: str
+) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    Registry(registry_url).close()  # the schema exists, made by its owner
+    url = make_url(registry_url)
+    schema = url.query["options"].split("=", 1)[1]
+    role = f"tlreg_ro_{uuid.uuid4().hex[:12]}"
+    dsn = f"postgresql://postgres@127.0.0.1:5432/{url.database}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        try:
+            conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+            conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+            read_only = url.set(username=role).render_as_string(hide_password=False)
+            store = tmp_path / "new" / "store"
+
+            out = _one_line_error(
+                tlreg("--store", str(store), "--registry", read_only, "init"),
+                "permission denied",
+                "permissions",
+            )
+
+            assert "store_url" not in out
+            assert not (tmp_path / "new").exists()
+            assert not home.exists() or list(home.iterdir()) == []
+            with Registry(registry_url) as registry:
+                assert registry.get_meta("store_url") is None
+        finally:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
