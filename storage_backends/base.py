@@ -44,6 +44,20 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_prefix(prefix: str) -> str:
+    """Return ``prefix`` without a trailing ``/`` if it names a folder of keys (``""`` is the
+    whole store), else raise :class:`InvalidKey`: ``list("..")`` must not walk outside."""
+    if not prefix:
+        return ""
+    folder = prefix[:-1] if prefix.endswith("/") else prefix
+    try:
+        return check_key(folder)
+    except InvalidKey:
+        raise InvalidKey(
+            f"invalid store prefix {prefix!r}: use a relative folder like 'objects/ab' or ''"
+        ) from None
+
+
 class Store(abc.ABC):
     """A place that holds immutable objects: a local directory, a bucket, any fsspec target.
 

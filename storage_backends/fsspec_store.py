@@ -12,7 +12,7 @@ import fsspec
 import fsspec.core
 from fsspec.registry import known_implementations
 
-from tlreg.storage_backends.base import Data, Store, as_parts, check_key
+from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
 from tlreg.storage_backends.errors import (
     BackendMissing,
     ObjectNotFound,
@@ -198,7 +198,7 @@ class FsspecStore(Store):
 
     # docstring inherited
     def list(self, prefix: str = "") -> Iterator[str]:
-        prefix = prefix.strip("/")
+        prefix = check_prefix(prefix)
         base = self._fs._strip_protocol(f"{self.root}/{prefix}" if prefix else self.root)
         base = base.rstrip("/")
         self._fs.invalidate_cache(base)

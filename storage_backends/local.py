@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tlreg.storage_backends.base import Data, Store, as_parts, check_key
+from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
 from tlreg.storage_backends.errors import ObjectNotFound, StoreError
 
 # writev takes at most IOV_MAX buffers and at most ~2 GiB per call on Linux.
@@ -341,6 +341,7 @@ class LocalStore(Store):
 
     # docstring inherited
     def list(self, prefix: str = "") -> Iterator[str]:
+        prefix = check_prefix(prefix)
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return

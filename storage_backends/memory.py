@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from tlreg.storage_backends.base import Data, Store, as_parts, check_key
+from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
 from tlreg.storage_backends.errors import ObjectNotFound
 
 
@@ -62,7 +62,8 @@ class MemoryStore(Store):
     def list(self, prefix: str = "") -> Iterator[str]:
         with self._lock:
             keys = list(self._objects)
-        p = prefix.rstrip("/") + "/" if prefix else ""
+        folder = check_prefix(prefix)
+        p = folder + "/" if folder else ""
         yield from (k for k in keys if k.startswith(p))
 
     # docstring inherited

@@ -28,7 +28,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.loaders import Loader, create_loader
 
-from tlreg.storage_backends.base import Data, Store, as_parts, check_key
+from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
 from tlreg.storage_backends.errors import ObjectNotFound, StoreError, StoreUnavailable
 
 MAX_ATTEMPTS_ENV = "TLREG_S3_MAX_ATTEMPTS"
@@ -564,7 +564,7 @@ class S3Store(Store):
 
     # docstring inherited
     def list(self, prefix: str = "") -> Iterator[str]:
-        folder = "/".join(p for p in (self.prefix, prefix.strip("/")) if p)
+        folder = "/".join(p for p in (self.prefix, check_prefix(prefix)) if p)
         s3prefix = f"{folder}/" if folder else ""
         strip = len(self.prefix) + 1 if self.prefix else 0
         kwargs: dict[str, Any] = {"Prefix": s3prefix}

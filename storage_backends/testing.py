@@ -270,6 +270,17 @@ class StoreTests:
                 call()
         assert list(store.list()) == []
 
+    @pytest.mark.parametrize(
+        "prefix", ["/abs", "a//b", "a/./b", "./a", ".", "..", "../up", "a/../b", "..//",
+                   "tab\there"],
+    )  # fmt: skip
+    def test_invalid_list_prefixes_raise_and_never_leave_the_store(
+        self, store: Store, prefix: str
+    ) -> None:
+        store.put("a/b", b"1")
+        with pytest.raises(InvalidKey, match="invalid store prefix"):
+            list(store.list(prefix))
+
     # -- derived operations ---------------------------------------------------------------
 
     def test_put_if_absent_is_idempotent(self, store: Store, oracle: Oracle) -> None:
