@@ -333,3 +333,33 @@ def test_lineage_resolves_a_ref_as_resolve_does(
             reg.descendants(missing)
     reg.create_branch("release", from_ref="m0")  # a branch and a tag of one name: the branch
     assert reg.descendants("release", depth=1).ids == ["m1", "y0"]
+
+
+def test_ties_with_times_on_both_sides_of_2000(registry: Registry) -> None:
+    # PostgreSQL sends times in their binary form (microseconds since 2000): earlier times
+    # are negative and still order as times.
+    registry.create_branch("main")
+    registry.commit("main", "r", step=0, objects={})
+    registry.create_branch("x", from_ref="r")
+    registry.create_branch("y", from_ref="r")
+    for cid in ("k1", "k2", "k3"):
+        registry.commit("x", cid, step=1, objects={})
+    for cid in ("c1", "c2"):
+        registry.commit("y", cid, step=1, objects={})
+    registry.commit("x", "z", step=2, objects={}, parents=["k3", "c2"])
+    same = datetime(2025, 1, 1, tzinfo=UTC)
+    _set_created(registry, {cid: same for cid in ("r", "k3", "c2", "z")})
+    _set_created(
+        registry,
+        {
+            "c1": datetime(1999, 6, 1, 12, 0, 0, 5, tzinfo=UTC),
+            "k1": datetime(2001, 6, 1, tzinfo=UTC),
+            "k2": datetime(1998, 1, 1, tzinfo=UTC),
+        },
+    )
+    assert registry.descendants("r").ids == ["c1", "k1", "k2", "c2", "k3", "z"]
+    assert registry.ancestors("z").ids == ["c2", "k3", "c1", "k2", "r", "k1"]
+    _set_created(registry, {"k2": datetime(1999, 6, 1, 12, 0, 0, 5, tzinfo=UTC)})
+    assert registry.ancestors("z").ids == ["c2", "k3", "c1", "k2", "r", "k1"]  # tie: by id
+    _set_created(registry, {"k1": datetime(1999, 6, 1, tzinfo=UTC)})
+    assert registry.descendants("r").ids == ["k1", "c1", "k2", "c2", "k3", "z"]
