@@ -599,7 +599,8 @@ def _then(future: Future[Any], fn: Callable[[Any], _T]) -> Future[_T]:
 class AsyncCheckpointer:
     """Saves nested PyTorch state to a store without blocking training, and loads it back.
 
-    ``store`` is a :class:`Store` or a URL for :func:`open_store`. With ``lazy=True``,
+    ``store`` is a :class:`Store` or a URL for :func:`open_store` (a store opened from a URL
+    is closed by :meth:`close`; one passed in is the caller's to close). With ``lazy=True``,
     ``save()`` returns before copying anything and the copy runs in the background; call
     :meth:`attach_optimizer` so that ``optimizer.step()`` waits for it, and do not mutate the
     state otherwise before ``pending.staged``. ``max_inflight_bytes`` bounds the staged bytes
@@ -648,6 +649,7 @@ class AsyncCheckpointer:
         if io_threads < 1:
             raise ValueError("io_threads must be at least 1")
         self.store: Store = open_store(store)
+        self._owns_store = not isinstance(store, Store)  # opened from a URL: closed with us
         self.lazy = lazy
         self.max_inflight_bytes = max_inflight_bytes
         self.skip_unchanged = skip_unchanged
@@ -1541,6 +1543,8 @@ class AsyncCheckpointer:
         self._stager.close()
         if self._collective is not None:
             self._collective.close()
+        if self._owns_store:
+            self.store.close()
 
 
 def _is_shard(value: torch.Tensor | Shard) -> bool:

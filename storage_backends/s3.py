@@ -300,6 +300,19 @@ class S3Store(Store):
                 client = self._sync_client
         return client
 
+    # docstring inherited
+    def close(self) -> None:
+        """Close both clients' connection pools (s3fs's aiohttp one and the synchronous
+        botocore one). A later call opens new connections, as the first one did."""
+        with self._client_lock:
+            client, self._sync_client = self._sync_client, None
+        if client is not None:
+            client.close()
+        fs, self._fs = self._fs, self._connect()
+        creator = getattr(fs, "_s3creator", None)
+        if creator is not None:
+            s3fs.S3FileSystem.close_session(fs.loop, creator)
+
     def _make_client(self) -> Any:
         options, client_kwargs, config_kwargs = self._settings()
         session = botocore.session.Session(profile=options.get("profile"))
