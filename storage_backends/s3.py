@@ -22,10 +22,18 @@ from urllib.parse import urlsplit
 
 import botocore.session
 import s3fs
+import urllib3.exceptions
 from aiobotocore.session import AioSession
 from botocore import UNSIGNED
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import ReadTimeoutError as BotoReadTimeoutError
 from botocore.loaders import Loader, create_loader
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
@@ -86,6 +94,16 @@ def _single_body(parts: list[memoryview]) -> bytes | bytearray:
         if isinstance(view.obj, bytes | bytearray) and view.nbytes == len(view.obj):
             return view.obj
     return b"".join(parts)
+
+
+# What reading a response body raises when the connection breaks after the headers.
+_BODY_ERRORS = (
+    ResponseStreamingError,
+    IncompleteReadError,
+    BotoReadTimeoutError,
+    urllib3.exceptions.HTTPError,
+    OSError,  # a reset socket; a short body (_read)
+)
 
 
 def _read(body: Any, length: int, s3key: str) -> bytes:
@@ -418,7 +436,7 @@ class S3Store(Store):
                 f"no AWS credentials found for bucket {self.bucket!r}: set AWS_ACCESS_KEY_ID "
                 "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
             ) from None
-        except (OSError, BotoCoreError, asyncio.TimeoutError) as e:
+        except (OSError, BotoCoreError, asyncio.TimeoutError, urllib3.exceptions.HTTPError) as e:
             raise self._unavailable(key, e) from e
 
     def _unavailable(self, key: str | None, error: BaseException) -> StoreUnavailable:
@@ -521,25 +539,40 @@ class S3Store(Store):
             if _error_code(e) != "InvalidRange":
                 raise
             return b""  # an empty object has no byte 0
-        with out["Body"] as body:
-            length = int(out["ContentLength"])
-            content_range = str(out.get("ContentRange") or "")
-            total = int(content_range.rpartition("/")[2]) if "/" in content_range else length
-            if total <= length:
-                return _read(body, length, s3key)
-
-            def fetch(start: int) -> bytes:
-                end = min(start + size, total)
-                part = self._sync_call("get_object", Key=s3key, Range=f"bytes={start}-{end - 1}")
-                with part["Body"] as stream:
-                    return _read(stream, end - start, s3key)
-
-            jobs: list[Callable[[], bytes]] = [
-                functools.partial(fetch, start) for start in range(length, total, size)
-            ]
-            jobs.append(functools.partial(_read, body, length, s3key))
-            ranges = _in_threads(self.max_concurrency, jobs, last_here=True)
+        length = int(out["ContentLength"])
+        content_range = str(out.get("ContentRange") or "")
+        total = int(content_range.rpartition("/")[2]) if "/" in content_range else length
+        etag = str(out.get("ETag") or "")
+        jobs: list[Callable[[], bytes]] = [
+            functools.partial(self._range, s3key, start, min(start + size, total), etag)
+            for start in range(length, total, size)
+        ]
+        jobs.append(functools.partial(self._range, s3key, 0, length, etag, out))
+        ranges = _in_threads(self.max_concurrency, jobs, last_here=True)
         return b"".join([ranges[-1], *ranges[:-1]])
+
+    def _range(
+        self, s3key: str, start: int, end: int, etag: str, response: dict[str, Any] | None = None
+    ) -> bytes:
+        """Bytes ``[start, end)`` of the object whose first response had ``etag``, read from
+        ``response`` if given. botocore retries a request that fails before its response
+        arrives; a body that breaks after it (a reset connection, a read timeout, a short
+        body) is requested again here, up to ``max_attempts`` GETs in all, of the same
+        version of the object (``If-Match``: a replaced object fails instead of mixing)."""
+        for attempt in range(1, self.max_attempts + 1):
+            if response is None:
+                match = {"IfMatch": etag} if etag else {}
+                response = self._sync_call(
+                    "get_object", Key=s3key, Range=f"bytes={start}-{end - 1}", **match
+                )
+            try:
+                with response["Body"] as body:
+                    return _read(body, end - start, s3key)
+            except _BODY_ERRORS:
+                if attempt == self.max_attempts:
+                    raise
+                response = None
+        raise AssertionError("unreachable")
 
     # docstring inherited
     def get_range(self, key: str, start: int, length: int) -> bytes:

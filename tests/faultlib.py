@@ -30,7 +30,9 @@ class TcpProxy:
     ``stop()`` closes the listening socket and resets every relayed connection, so clients see
     exactly what a stopped server gives them (refused connections, broken sockets);
     ``start()`` listens again on the same port. With ``reset_next = n`` the next ``n``
-    connections are reset as soon as they are accepted; ``accepted`` counts connections.
+    connections are reset as soon as they are accepted; with ``cut_next = n`` the next ``n``
+    connections are reset once ``cut_after`` bytes of the server's replies went through (a
+    response that breaks mid-body); ``accepted`` counts connections.
     """
 
     def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
@@ -39,6 +41,9 @@ class TcpProxy:
         self.reset_next = 0
         """Connections to reset at once (a server that crashes on them), before relaying."""
         self.accepted = 0
+        self.cut_next = 0
+        """Connections to reset mid-reply, after ``cut_after`` bytes from the server."""
+        self.cut_after = 0
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -91,14 +96,30 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            limit = None
+            if self.cut_next > 0:
+                self.cut_next -= 1
+                limit = self.cut_after
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(src: socket.socket, dst: socket.socket, limit: int | None = None) -> None:
         try:
             while data := src.recv(65536):
+                if limit is not None and len(data) >= limit:
+                    dst.sendall(data[:limit])
+                    # a reset in the middle of the reply (shutdown first, as in stop())
+                    dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    for s in (dst, src):
+                        with contextlib.suppress(OSError):
+                            s.shutdown(socket.SHUT_RDWR)
+                        with contextlib.suppress(OSError):
+                            s.close()
+                    return
                 dst.sendall(data)
+                if limit is not None:
+                    limit -= len(data)
         except OSError:
             pass
         finally:

@@ -171,3 +171,35 @@ def test_gc_sweep_aborts_multipart_uploads_abandoned_before_the_cutoff(s3_bucket
     assert store.sweep_abandoned(now + timedelta(seconds=5)) == 1
     assert store.sweep_abandoned(now + timedelta(seconds=5)) == 0
     assert list(store.list()) == ["objects/ab/cd/live"]
+
+
+def test_a_get_whose_body_breaks_mid_way_is_read_again_exactly(
+    s3_bucket_url: str, s3_server: Any, relay: TcpProxy
+) -> None:
+    data = os.urandom(3 * MIN_PART_SIZE + 5)
+    s3_server.fs.pipe_file(f"{s3_bucket_url[5:]}/big", data)  # not through the relay
+    store = S3Store(s3_bucket_url, max_attempts=3, part_size=MIN_PART_SIZE)
+    sent = _counted_sync(store, "GetObject")
+    relay.cut_after, relay.cut_next = 1 << 20, 2  # two replies reset after 1 MiB
+
+    assert store.get("big") == data
+
+    assert relay.cut_next == 0
+    assert len(sent) == 4 + 2  # four ranges, two of them requested again
+
+
+def test_bodies_that_keep_breaking_fail_after_max_attempts_with_the_usual_error(
+    s3_bucket_url: str, s3_server: Any, relay: TcpProxy
+) -> None:
+    s3_server.fs.pipe_file(f"{s3_bucket_url[5:]}/big", os.urandom(MIN_PART_SIZE + 1))
+    store = S3Store(s3_bucket_url, max_attempts=3, part_size=MIN_PART_SIZE, max_concurrency=1)
+    sent = _counted_sync(store, "GetObject")
+    relay.cut_after, relay.cut_next = 1 << 20, 1000
+
+    with pytest.raises(StoreUnavailable) as info:
+        store.get("big")
+
+    message = str(info.value)
+    assert 3 <= len(sent) <= 6  # each range at most max_attempts times
+    assert "\n" not in message and message.startswith("S3 request for object 'big' in bucket")
+    assert "TLREG_S3_MAX_ATTEMPTS" in message
