@@ -226,7 +226,20 @@ def _to_v3(conn: Connection) -> None:
     conn.execute(text("CREATE UNIQUE INDEX ix_checkpoint_lane ON checkpoint (lane, lane_pos)"))
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3}
+def _to_v4(conn: Connection) -> None:
+    """v4: on PostgreSQL the unique lane index is rebuilt with INCLUDE (id, step, created), so
+    that lineage walks read lanes by index-only scans; nothing changes on SQLite."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("DROP INDEX ix_checkpoint_lane"))
+        conn.execute(
+            text(
+                "CREATE UNIQUE INDEX ix_checkpoint_lane ON checkpoint (lane, lane_pos) "
+                "INCLUDE (id, step, created)"
+            )
+        )
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
 """``STEPS[n]`` migrates a version ``n - 1`` database to version ``n``."""
 
 assert sorted(STEPS) == list(range(2, m.SCHEMA_VERSION + 1)), "a migration step is missing"

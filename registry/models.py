@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Column, Index, String
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped with every schema change; stored in ``meta`` under ``schema_version``. Each bump comes
 with a step in :mod:`tlreg.registry.migrations` that brings the previous version here."""
 
@@ -58,8 +58,15 @@ class Checkpoint(SQLModel, table=True):
     __tablename__ = "checkpoint"
     __table_args__ = (
         Index("ix_checkpoint_branch_created", "branch", "created"),
-        Index("ix_checkpoint_lane", "lane", "lane_pos", unique=True),
-    )
+        # Schema v4: on PostgreSQL the unique lane index also carries (id, step, created),
+        # so the lineage walk reads a lane's rows by an index-only scan (the table's
+        # visibility map is set by (auto)vacuum): 10^4 rows in ~6 ms instead of ~9 at 10^5
+        # checkpoints. SQLite has no INCLUDE, and did not use a covering index measured there.
+        Index(
+            "ix_checkpoint_lane", "lane", "lane_pos", unique=True,
+            postgresql_include=["id", "step", "created"],
+        ),
+    )  # fmt: skip
     id: str = Field(primary_key=True, sa_type=ID_TYPE)
     # Plain text, not a foreign key: deleting a branch keeps its checkpoints.
     branch: str

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from tlreg.registry import Registry, SchemaVersionError, prefix_hashes
 from tlreg.registry import migrations as mig
@@ -103,7 +104,12 @@ def schema(url: str) -> dict[str, Any]:
                         for f in insp.get_foreign_keys(table)
                     ),
                     "indexes": sorted(
-                        (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                        (
+                            i["name"],
+                            tuple(i["column_names"]),
+                            bool(i["unique"]),
+                            tuple(i.get("dialect_options", {}).get("postgresql_include", ())),
+                        )
                         for i in insp.get_indexes(table)
                     ),
                 }
@@ -289,3 +295,53 @@ def test_upgrade_to_v3_labels_every_checkpoint_with_its_lane(registry_url: str) 
         assert [(r.id, r.parents) for r in reg.ancestors("f", depth=2)] == [
             ("e", ("c", "d")), ("d", ("b",)), ("c", ("b",)),
         ]  # fmt: skip
+
+
+def make_v3(url: str) -> None:
+    """A registry with data exactly as tlreg with schema version 3 left it."""
+    make_v1(url, with_data=True)
+    engine = engine_for(url)
+    try:
+        with engine.begin() as conn:
+            mig.STEPS[2](conn)
+            mig.STEPS[3](conn)
+            conn.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_v4_lets_lineage_walks_read_lanes_from_an_index_alone(
+    registry_url: str,
+) -> None:
+    make_v3(registry_url)
+    lane_indexes = {
+        name: (columns, unique, include)
+        for name, columns, unique, include in schema(registry_url)["checkpoint"]["indexes"]
+        if name.startswith("ix_checkpoint_lane")
+    }
+    assert lane_indexes == {"ix_checkpoint_lane": (("lane", "lane_pos"), True, ())}
+    with pytest.raises(SchemaVersionError, match="schema version 3, older"):
+        Registry(registry_url)
+    assert Registry.upgrade(registry_url) == (3, SCHEMA_VERSION)
+    lane_indexes = {
+        name: (columns, unique, include)
+        for name, columns, unique, include in schema(registry_url)["checkpoint"]["indexes"]
+        if name.startswith("ix_checkpoint_lane")
+    }
+    include = () if registry_url.startswith("sqlite") else ("id", "step", "created")
+    assert lane_indexes == {"ix_checkpoint_lane": (("lane", "lane_pos"), True, include)}
+    with Registry(registry_url) as reg:
+        # The lanes are still unique, and the walks read them as before.
+        reg.commit("main", "cccc0003", step=3, objects={})
+        assert [r.id for r in reg.descendants("aaaa0001")] == ["bbbb0002", "cccc0003"]
+        assert [r.id for r in reg.ancestors("main")] == ["bbbb0002", "aaaa0001"]
+        engine = engine_for(registry_url)
+        try:
+            with engine.begin() as conn:
+                with pytest.raises(IntegrityError):
+                    with conn.begin_nested():
+                        conn.execute(
+                            text("UPDATE checkpoint SET lane_pos = 0 WHERE id = 'cccc0003'")
+                        )
+        finally:
+            engine.dispose()
