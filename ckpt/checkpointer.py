@@ -1327,6 +1327,7 @@ class AsyncCheckpointer:
             targets[path] = box
         reads: dict[str, TensorEntry] = {}
         in_place: dict[str, torch.Tensor] = {}
+        filled: dict[int, str] = {}  # data_ptr -> the path filled in place
         assemble: dict[str, tuple[Box, list[tuple[str, ShardEntry]]]] = {}
         for path in paths:
             entry = manifest.tensors[path]
@@ -1334,7 +1335,10 @@ class AsyncCheckpointer:
                 reads[path] = entry
                 dest = destinations.get(path)
                 if isinstance(dest, torch.Tensor) and _fits(dest, entry):
-                    in_place[path] = dest
+                    # a tensor under two paths (tied weights) is filled once; the other path
+                    # loads apart (two reads into one memory would race)
+                    if dest.numel() == 0 or filled.setdefault(dest.data_ptr(), path) == path:
+                        in_place[path] = dest
                 continue
             want = targets.get(path, ((0,) * len(entry.shape), entry.shape))
             pieces = []

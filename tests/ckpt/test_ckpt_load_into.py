@@ -113,3 +113,14 @@ def test_a_damaged_tensor_loaded_in_place_is_refused_and_the_store_is_unchanged(
         ckpt.load(manifest_id, into=into)
 
     assert {k: store.get(k) for k in store.list("")} == keys
+
+
+def test_a_tensor_under_two_paths_is_filled_once_and_the_other_path_loads_apart(ckpt, same):
+    saved = {"embed": torch.arange(8.0), "head": torch.arange(8.0) + 100}  # untied when saved
+    manifest_id = ckpt.save(saved).result()
+    tied = torch.zeros(8)
+
+    loaded = ckpt.load(manifest_id, into={"embed": tied, "head": tied})
+
+    same(saved, loaded)
+    assert loaded["embed"] is tied and loaded["head"] is not tied
