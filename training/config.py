@@ -122,8 +122,12 @@ def write_settings(settings: Settings) -> Path:
         f"store_url = {_toml_str(settings.store_url)}\n"
     )
     partial = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
-    partial.write_text(body)
-    partial.replace(path)  # atomic: a reader sees the old file or the new one, never half
+    try:
+        partial.write_text(body)
+        partial.replace(path)  # atomic: a reader sees the old file or the new one, never half
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 

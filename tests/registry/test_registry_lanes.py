@@ -247,10 +247,8 @@ def _set_created(reg: Registry, times: dict[str, datetime]) -> None:
             conn.execute(update(m.Checkpoint).where(m.Checkpoint.id == cid).values(created=when))
 
 
-def test_ties_across_lanes_are_decided_by_time_then_id(registry: Registry) -> None:
-    # Two branches off one root and their merge, committed so that id order is not commit
-    # order; then every time made equal, so that rows of different lanes at one distance tie
-    # on ``created`` and the id decides (ascending, in both directions).
+def _two_branches_and_their_merge(registry: Registry) -> None:
+    """Root r; branch x: k1 k2 k3, branch y: c1 c2 (ids not in commit order); z merges k3, c2."""
     registry.create_branch("main")
     registry.commit("main", "r", step=0, objects={})
     registry.create_branch("x", from_ref="r")
@@ -260,6 +258,13 @@ def test_ties_across_lanes_are_decided_by_time_then_id(registry: Registry) -> No
     for cid in ("c1", "c2"):
         registry.commit("y", cid, step=1, objects={})
     registry.commit("x", "z", step=2, objects={}, parents=["k3", "c2"])
+
+
+def test_ties_across_lanes_are_decided_by_time_then_id(registry: Registry) -> None:
+    # Two branches off one root and their merge, committed so that id order is not commit
+    # order; then every time made equal, so that rows of different lanes at one distance tie
+    # on ``created`` and the id decides (ascending, in both directions).
+    _two_branches_and_their_merge(registry)
     same = datetime(2025, 1, 1, tzinfo=UTC)
     _set_created(registry, {cid: same for cid in ("r", "k1", "k2", "k3", "c1", "c2", "z")})
     assert registry.descendants("r").ids == ["c1", "k1", "c2", "k2", "k3", "z"]
@@ -338,15 +343,7 @@ def test_lineage_resolves_a_ref_as_resolve_does(
 def test_ties_with_times_on_both_sides_of_2000(registry: Registry) -> None:
     # PostgreSQL sends times in their binary form (microseconds since 2000): earlier times
     # are negative and still order as times.
-    registry.create_branch("main")
-    registry.commit("main", "r", step=0, objects={})
-    registry.create_branch("x", from_ref="r")
-    registry.create_branch("y", from_ref="r")
-    for cid in ("k1", "k2", "k3"):
-        registry.commit("x", cid, step=1, objects={})
-    for cid in ("c1", "c2"):
-        registry.commit("y", cid, step=1, objects={})
-    registry.commit("x", "z", step=2, objects={}, parents=["k3", "c2"])
+    _two_branches_and_their_merge(registry)
     same = datetime(2025, 1, 1, tzinfo=UTC)
     _set_created(registry, {cid: same for cid in ("r", "k3", "c2", "z")})
     _set_created(
