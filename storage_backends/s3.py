@@ -171,13 +171,14 @@ class S3Store(Store):
     to ``max_concurrency`` parts in flight. Either way the object appears only when the
     request completes, so puts are atomic (a failed multipart upload is aborted). A get is a
     ranged GET of ``part_size`` bytes and, for a larger object, the rest in ranged GETs of
-    ``part_size``, up to ``max_concurrency`` in flight. Listings are never cached, so
+    ``part_size``, up to ``max_concurrency`` in flight; ``get_range`` (and so ``get_into``)
+    reads its range the same way. Listings are never cached, so
     ``exists`` and ``list`` see what other processes wrote. ``options`` go to
     ``s3fs.S3FileSystem`` (e.g. ``anon=True``, ``config_kwargs``, ``profile``); credentials
     are refused there.
 
-    Small puts, ranged reads, listings, HEADs and deletes go through s3fs's event loop.
-    Gets, and puts of ``THREADED_MIN`` (4 MiB) or more, use a synchronous botocore client
+    Small puts, listings, HEADs and deletes go through s3fs's event loop. Gets, ranged
+    reads, and puts of ``THREADED_MIN`` (4 MiB) or more, use a synchronous botocore client
     from the calling thread, with the parts and ranges of large objects on a pool of
     ``max_concurrency`` threads, as boto3's transfer manager does: the per-request CPU work
     (SHA-256 payload signing over plain HTTP, body copies) then runs in parallel instead of
@@ -191,6 +192,8 @@ class S3Store(Store):
     to ``max_attempts`` requests in all (default ``$TLREG_S3_MAX_ATTEMPTS``, else 5) with
     exponential backoff and full jitter; permanent ones (refused credentials, a missing
     bucket) fail at once. Either way the error is one line naming the bucket and endpoint.
+    A read whose response body breaks after the headers (a reset connection, a read timeout,
+    a short body) requests that range again, of the same object version (``If-Match``).
     """
 
     #: a PUT (or a completed multipart upload) is durable when S3 acknowledges it
@@ -522,32 +525,37 @@ class S3Store(Store):
         with self._errors(key):
             return self._get(s3key)
 
-    def _get(self, s3key: str) -> bytes:
-        """The object: its first ``part_size`` bytes in one ranged GET, and, when that shows
-        a larger object, the rest in ranged GETs of ``part_size`` from ``max_concurrency``
-        threads (as boto3's transfer manager downloads) while the first range is read.
+    def _get(self, s3key: str, start: int = 0, stop: int | None = None) -> bytes:
+        """Bytes ``[start, stop)`` of the object (to its end if ``stop`` is None or past it;
+        ``b""`` if ``start`` is at or past the end): the first ``part_size`` of them in one
+        ranged GET and, when that shows more to read, the rest in ranged GETs of ``part_size``
+        from ``max_concurrency`` threads (as boto3's transfer manager downloads) while the
+        first range is read. Every range goes through ``_range``, so a body that breaks
+        mid-way is requested again.
 
-        Each range is read as one bytes object and the object is their join: two copies of
+        Each range is read as one bytes object and the result is their join: two copies of
         every byte (socket to range, range to result). Ranges read into one preallocated
         bytearray would be as many, since ``get`` returns bytes (``bytes(whole)``), and
         urllib3's ``readinto`` reads into a temporary anyway.
         """
         size = self.part_size
+        first_stop = start + size if stop is None else min(start + size, stop)
         try:
-            out = self._sync_call("get_object", Key=s3key, Range=f"bytes=0-{size - 1}")
+            out = self._sync_call("get_object", Key=s3key, Range=f"bytes={start}-{first_stop - 1}")
         except ClientError as e:
             if _error_code(e) != "InvalidRange":
                 raise
-            return b""  # an empty object has no byte 0
-        length = int(out["ContentLength"])
+            return b""  # start at or past the end (an empty object has no byte 0)
+        length = int(out["ContentLength"])  # fewer than asked at the end of the object
         content_range = str(out.get("ContentRange") or "")
-        total = int(content_range.rpartition("/")[2]) if "/" in content_range else length
+        total = int(content_range.rpartition("/")[2]) if "/" in content_range else start + length
+        end = total if stop is None else min(stop, total)
         etag = str(out.get("ETag") or "")
         jobs: list[Callable[[], bytes]] = [
-            functools.partial(self._range, s3key, start, min(start + size, total), etag)
-            for start in range(length, total, size)
+            functools.partial(self._range, s3key, lo, min(lo + size, end), etag)
+            for lo in range(start + length, end, size)
         ]
-        jobs.append(functools.partial(self._range, s3key, 0, length, etag, out))
+        jobs.append(functools.partial(self._range, s3key, start, start + length, etag, out))
         ranges = _in_threads(self.max_concurrency, jobs, last_here=True)
         return b"".join([ranges[-1], *ranges[:-1]])
 
@@ -581,14 +589,9 @@ class S3Store(Store):
         if length == 0:
             self.size(key)  # a missing key still raises
             return b""
-        path = f"{self.bucket}/{self._key(key)}"
+        s3key = self._key(key)
         with self._errors(key):
-            try:
-                return bytes(self._fs.cat_file(path, start=start, end=start + length))
-            except OSError as e:
-                if _error_code(e) == "InvalidRange":  # start at or past the end: no bytes
-                    return b""
-                raise
+            return self._get(s3key, start, start + length)
 
     def _head(self, key: str) -> dict[str, Any]:
         s3key = self._key(key)

@@ -188,6 +188,66 @@ def test_a_get_whose_body_breaks_mid_way_is_read_again_exactly(
     assert len(sent) == 4 + 2  # four ranges, two of them requested again
 
 
+@pytest.mark.parametrize("reader", ["get_range", "get_into"])
+@pytest.mark.parametrize(
+    ("start", "length", "ranges"),
+    [
+        (1000, 3 << 20, 1),
+        (MIN_PART_SIZE // 2, 2 * MIN_PART_SIZE, 2),
+        (3 * MIN_PART_SIZE - (2 << 20), 4 << 20, 1),
+    ],
+    ids=["within-a-part", "across-parts", "past-the-end"],
+)
+def test_a_ranged_read_whose_body_breaks_mid_way_is_read_again_exactly(
+    s3_bucket_url: str,
+    s3_server: Any,
+    relay: TcpProxy,
+    reader: str,
+    start: int,
+    length: int,
+    ranges: int,
+) -> None:
+    data = os.urandom(3 * MIN_PART_SIZE + 5)
+    s3_server.fs.pipe_file(f"{s3_bucket_url[5:]}/big", data)  # not through the relay
+    store = S3Store(s3_bucket_url, max_attempts=3, part_size=MIN_PART_SIZE)
+    sent = _counted_sync(store, "GetObject")
+    expected = data[start : start + length]
+    relay.cut_after, relay.cut_next = 1 << 20, ranges  # every range's first reply breaks
+
+    if reader == "get_range":
+        assert store.get_range("big", start, length) == expected
+    else:
+        out = bytearray(len(expected))
+        store.get_into("big", memoryview(out), start)
+        assert out == expected
+
+    assert relay.cut_next == 0
+    assert len(sent) == 2 * ranges  # each range requested again once
+
+
+@pytest.mark.parametrize("reader", ["get_range", "get_into"])
+def test_a_ranged_read_whose_body_keeps_breaking_fails_after_max_attempts_gets(
+    s3_bucket_url: str, s3_server: Any, relay: TcpProxy, reader: str
+) -> None:
+    s3_server.fs.pipe_file(f"{s3_bucket_url[5:]}/big", os.urandom(MIN_PART_SIZE))
+    store = S3Store(s3_bucket_url, max_attempts=3, part_size=MIN_PART_SIZE)
+    relay.cut_after, relay.cut_next = 1 << 20, 1000
+    before = relay.accepted
+
+    with pytest.raises(StoreUnavailable) as info:
+        if reader == "get_range":
+            store.get_range("big", 1000, 3 << 20)
+        else:
+            store.get_into("big", memoryview(bytearray(3 << 20)), 1000)
+
+    # counted at the relay, whichever client sent them: every broken body closes its
+    # connection, so each GET came on a connection of its own
+    assert relay.accepted - before == 3
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("S3 request for object 'big' in bucket")
+    assert "TLREG_S3_MAX_ATTEMPTS" in message
+
+
 def test_bodies_that_keep_breaking_fail_after_max_attempts_with_the_usual_error(
     s3_bucket_url: str, s3_server: Any, relay: TcpProxy
 ) -> None:
