@@ -3,7 +3,9 @@
 ``ray_cluster`` runs ``ray start --head --block`` on 127.0.0.1 with every port it opens chosen
 free by us, its own short temp dir (Unix socket paths must stay under ~107 bytes) and token
 authentication on, with a fresh token. It is stopped by signalling only the processes it
-started: ``ray stop`` would stop every Ray on the machine, other people's included.
+started: ``ray stop`` would stop every Ray on the machine, other people's included. Its
+processes are found by a marker in their environment, which everything the cluster spawns
+inherits, since not all of them stay below ``ray start`` in the process tree.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +36,26 @@ class RayCluster:
     address: str
     token: str
     temp_dir: Path
+    marker: str
+    """The value of :data:`MARKER` in the environment of every process of this cluster."""
 
     @property
     def headers(self) -> dict[str, str]:
         """HTTP headers that authenticate a JobSubmissionClient in this process."""
         return {"Authorization": f"Bearer {self.token}"}
 
+    def processes(self) -> list[psutil.Process]:
+        """The live processes of this cluster (see :func:`cluster_processes`)."""
+        return cluster_processes(self.marker)
+
     @property
     def client_env(self) -> dict[str, str]:
         """Environment variables for a separate process that talks to the cluster."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+
+MARKER = "TLREG_TEST_RAY_CLUSTER"
+"""Environment variable set to a fresh value for each test cluster's ``ray start``."""
 
 
 def _free_ports(n: int) -> list[int]:
@@ -69,7 +81,22 @@ def _short_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """A one-node Ray cluster with 2 CPUs and a job server, stopped after the module."""
-    temp_dir = _short_temp_dir(tmp_path_factory)
+    with running_ray_cluster(_short_temp_dir(tmp_path_factory)) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def start_ray_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[], AbstractContextManager[RayCluster]]:
+    """Starts a cluster of one's own, for tests of the cluster's own start and stop."""
+    return lambda: running_ray_cluster(_short_temp_dir(tmp_path_factory))
+
+
+@contextmanager
+def running_ray_cluster(temp_dir: Path) -> Iterator[RayCluster]:
+    """A one-node Ray cluster in ``temp_dir`` (removed afterwards); on exit every process of
+    the cluster is stopped, and it fails if one survives."""
     (
         gcs,
         object_manager,
@@ -82,6 +109,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         metrics,
     ) = _free_ports(9)
     token = secrets.token_hex(32)
+    marker = secrets.token_hex(8)
     env = {
         **os.environ,
         # The venv's python first: job entrypoints run `python -m tlreg.cli ...`.
@@ -95,6 +123,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         del env[name]
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
+    env[MARKER] = marker
     args = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2",
@@ -107,7 +136,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         "--min-worker-port=0", "--max-worker-port=0",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
-    cluster = RayCluster(address=f"http://127.0.0.1:{dashboard}", token=token, temp_dir=temp_dir)
+    cluster = RayCluster(
+        address=f"http://127.0.0.1:{dashboard}", token=token, temp_dir=temp_dir, marker=marker
+    )
     log_path = temp_dir / "ray-start.log"
     try:
         with open(log_path, "wb") as log:
@@ -118,7 +149,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
             _wait_until_accepting_jobs(cluster, proc, log_path)
             yield cluster
         finally:
-            _stop(proc)
+            _stop(proc, marker)
+        survivors = cluster_processes(marker)
+        assert not survivors, f"processes of the test Ray cluster outlived it: {survivors}"
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -140,36 +173,59 @@ def _wait_until_accepting_jobs(
         except requests.RequestException as e:
             error = e
         time.sleep(0.3)
-    _stop(proc)
+    _stop(proc, cluster.marker)
     pytest.fail(
         f"ray start did not serve jobs (exit code {proc.poll()}, last error {error!r}).\n"
         f"log tail:\n{log.read_text(errors='replace')[-4000:]}"
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def cluster_processes(marker: str) -> list[psutil.Process]:
+    """The live processes of the test cluster whose :data:`MARKER` is ``marker``: ``ray
+    start`` and whatever it, its raylet or its jobs started (they inherit the environment)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(MARKER) == marker:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue  # gone, or not ours (other users' processes cannot be read)
+    return found
+
+
+def _stop(proc: subprocess.Popen[bytes], marker: str) -> None:
     """Stop every process this `ray start` started, and nothing else.
 
-    Ray's own processes share ``proc``'s process group (start_new_session), but its workers
-    (job drivers, actors) put themselves in groups of their own: collect the whole tree
-    first, since they are re-parented once the raylet is gone. SIGTERM makes ``ray start
-    --block`` drain for up to 30 s, so survivors get SIGKILL after a short grace period.
+    The process tree below ``proc`` is not enough: a process whose parent exits first is
+    re-parented to init and leaves the tree, and Ray's do. At ``ray job stop`` the job's
+    ``sh -c`` dies before its driver; the job supervisor's watcher runs in a session of its
+    own and outlives the supervisor; and when ``ray start --block`` sees one of its
+    subprocesses die it kills the raylet and exits, leaving every worker (a Train
+    controller included) to init. So the processes are found by the cluster's marker as
+    well as by the tree. SIGTERM makes ``ray start --block`` drain for up to 30 s, so
+    survivors get SIGKILL after a short grace period; then the same again for anything
+    started meanwhile.
     """
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
+    for _ in range(5):
         try:
-            p.send_signal(signal.SIGTERM)
+            root = psutil.Process(proc.pid) if proc.poll() is None else None
+            tree = [root, *root.children(recursive=True)] if root else []
         except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=2)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    if proc.poll() is None:
-        proc.wait(timeout=5)
+            tree = []
+        targets = {p.pid: p for p in [*tree, *cluster_processes(marker)]}
+        if not targets:
+            break
+        for p in targets.values():
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(list(targets.values()), timeout=2)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        if proc.poll() is None:
+            proc.wait(timeout=5)
