@@ -4,8 +4,9 @@
 free by us, its own short temp dir (Unix socket paths must stay under ~107 bytes) and token
 authentication on, with a fresh token. It is stopped by signalling only the processes it
 started: ``ray stop`` would stop every Ray on the machine, other people's included. Its
-processes are found by a marker in their environment, which everything the cluster spawns
-inherits, since not all of them stay below ``ray start`` in the process tree.
+processes are found by their session (``ray start``'s) and by a marker in their environment,
+which everything the cluster spawns inherits: not all of them stay below ``ray start`` in the
+process tree.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class RayCluster:
     temp_dir: Path
     marker: str
     """The value of :data:`MARKER` in the environment of every process of this cluster."""
+    session: int
+    """``ray start``'s pid: the session id of the processes of this cluster that start none."""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -46,7 +49,7 @@ class RayCluster:
 
     def processes(self) -> list[psutil.Process]:
         """The live processes of this cluster (see :func:`cluster_processes`)."""
-        return cluster_processes(self.marker)
+        return cluster_processes(self.marker, self.session)
 
     @property
     def client_env(self) -> dict[str, str]:
@@ -136,21 +139,25 @@ def running_ray_cluster(temp_dir: Path) -> Iterator[RayCluster]:
         "--min-worker-port=0", "--max-worker-port=0",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
-    cluster = RayCluster(
-        address=f"http://127.0.0.1:{dashboard}", token=token, temp_dir=temp_dir, marker=marker
-    )
     log_path = temp_dir / "ray-start.log"
     try:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        cluster = RayCluster(
+            address=f"http://127.0.0.1:{dashboard}",
+            token=token,
+            temp_dir=temp_dir,
+            marker=marker,
+            session=proc.pid,
+        )
         try:
             _wait_until_accepting_jobs(cluster, proc, log_path)
             yield cluster
         finally:
-            _stop(proc, marker)
-        survivors = cluster_processes(marker)
+            _stop(proc, cluster)
+        survivors = cluster.processes()
         assert not survivors, f"processes of the test Ray cluster outlived it: {survivors}"
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -173,27 +180,32 @@ def _wait_until_accepting_jobs(
         except requests.RequestException as e:
             error = e
         time.sleep(0.3)
-    _stop(proc, cluster.marker)
+    _stop(proc, cluster)
     pytest.fail(
         f"ray start did not serve jobs (exit code {proc.poll()}, last error {error!r}).\n"
         f"log tail:\n{log.read_text(errors='replace')[-4000:]}"
     )
 
 
-def cluster_processes(marker: str) -> list[psutil.Process]:
-    """The live processes of the test cluster whose :data:`MARKER` is ``marker``: ``ray
-    start`` and whatever it, its raylet or its jobs started (they inherit the environment)."""
+def cluster_processes(marker: str, session: int) -> list[psutil.Process]:
+    """The live processes of a test cluster: ``ray start`` and whatever it, its raylet or
+    its jobs started. Those in its session (all but the job drivers and what they start,
+    which Ray puts in sessions of their own), and those with :data:`MARKER` set to
+    ``marker`` (all, unless a process title overwrote the environment, as Ray's agents'
+    does)."""
     found = []
     for p in psutil.process_iter():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(MARKER) == marker:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getsid(p.pid) == session or p.environ().get(MARKER) == marker:
                 found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError):
             continue  # gone, or not ours (other users' processes cannot be read)
     return found
 
 
-def _stop(proc: subprocess.Popen[bytes], marker: str) -> None:
+def _stop(proc: subprocess.Popen[bytes], cluster: RayCluster) -> None:
     """Stop every process this `ray start` started, and nothing else.
 
     The process tree below ``proc`` is not enough: a process whose parent exits first is
@@ -201,8 +213,8 @@ def _stop(proc: subprocess.Popen[bytes], marker: str) -> None:
     ``sh -c`` dies before its driver; the job supervisor's watcher runs in a session of its
     own and outlives the supervisor; and when ``ray start --block`` sees one of its
     subprocesses die it kills the raylet and exits, leaving every worker (a Train
-    controller included) to init. So the processes are found by the cluster's marker as
-    well as by the tree. SIGTERM makes ``ray start --block`` drain for up to 30 s, so
+    controller included) to init. So the processes are found by the cluster's session and
+    marker as well as by the tree. SIGTERM makes ``ray start --block`` drain for up to 30 s, so
     survivors get SIGKILL after a short grace period; then the same again for anything
     started meanwhile.
     """
@@ -212,7 +224,7 @@ def _stop(proc: subprocess.Popen[bytes], marker: str) -> None:
             tree = [root, *root.children(recursive=True)] if root else []
         except psutil.NoSuchProcess:
             tree = []
-        targets = {p.pid: p for p in [*tree, *cluster_processes(marker)]}
+        targets = {p.pid: p for p in [*tree, *cluster.processes()]}
         if not targets:
             break
         for p in targets.values():
