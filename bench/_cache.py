@@ -1,25 +1,32 @@
-"""Page-cache helper shared by the benchmarks."""
+"""Page-cache helpers shared by the benchmarks."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+
+def _files(root: Path) -> Iterator[str]:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            yield os.path.join(dirpath, name)
 
 
 def evict(root: Path) -> None:
     """Drop every file under ``root`` from the page cache (their pages are clean: every
     method fsyncs), so the next read hits the disk, as after a restart elsewhere."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    for path in _files(root):
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def cache(root: Path) -> None:
-    """Read every file under ``root`` through the page cache, so the next restore finds its
-    bytes there whatever the method's own reads do (tlreg's direct reads fill nothing)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb", buffering=0) as f:
-                while f.read(16 << 20):
-                    pass
+def cache(files: Path | Iterable[Path]) -> None:
+    """Read ``files`` (or every file under a folder) through the page cache, so the next
+    restore finds their bytes there whatever the method's own reads do (tlreg's direct
+    reads fill nothing)."""
+    paths = _files(files) if isinstance(files, Path) else files
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(16 << 20):
+                pass

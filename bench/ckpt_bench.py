@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -61,6 +62,8 @@ import torch
 from _cache import cache, evict
 
 from tlreg.ckpt import AsyncCheckpointer
+from tlreg.ckpt.manifest import manifest_key
+from tlreg.ckpt.objects import object_prefix
 
 GiB = 1 << 30
 WIDTH = 2048
@@ -233,21 +236,29 @@ def dd_bandwidth(directory: Path, nbytes: int) -> float:
     return count * (4 << 20) / elapsed
 
 
-def copy_time(state: Any, reps: int) -> float:
-    """Median time to copy the state once into a pre-faulted buffer (the stall's floor)."""
-    tensors = list(tensors_of(state))
-    buf = torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8)
+def prefaulted(nbytes: int) -> torch.Tensor:
+    """A buffer of ``nbytes`` whose pages are already faulted in."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
     buf.fill_(0)
-    times = []
-    for _ in range(max(3, reps)):
-        start = time.perf_counter()
-        offset = 0
-        for t in tensors:
-            n = t.numel() * t.element_size()
-            buf[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
-            offset += n
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return buf
+
+
+def copy_once(buf: torch.Tensor, tensors: list[torch.Tensor]) -> float:
+    """Seconds to copy ``tensors`` once, back to back, into ``buf`` (the stall's floor)."""
+    start = time.perf_counter()
+    offset = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        buf[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
+        offset += n
+    return time.perf_counter() - start
+
+
+def copy_time(state: Any, reps: int) -> float:
+    """Median time to copy the state once into a pre-faulted buffer."""
+    tensors = list(tensors_of(state))
+    buf = prefaulted(state_bytes(state))
+    return statistics.median([copy_once(buf, tensors) for _ in range(max(3, reps))])
 
 
 # -- the methods --------------------------------------------------------------------------
@@ -284,6 +295,19 @@ class Method:
 
     def close(self) -> None:
         pass
+
+    @classmethod
+    def reopen(cls, root: Path, last: str) -> Method:
+        """This method on a folder written by another process, its newest checkpoint ``last``
+        (as :attr:`last` was there, a path or an id)."""
+        method = cls(root)
+        method.last = last if issubclass(cls, Tlreg) else Path(last)
+        return method
+
+    def files(self) -> list[Path]:
+        """The files of the newest checkpoint (what a warm restore finds in the page cache)."""
+        last = Path(self.last)
+        return sorted(p for p in last.rglob("*") if p.is_file()) if last.is_dir() else [last]
 
     def timed_save(self, state: Any) -> SaveTiming:
         start = time.perf_counter()
@@ -438,6 +462,14 @@ class Tlreg(Method):
         with AsyncCheckpointer(self.ckpt.store) as reader:
             return reader.load(self.last)
 
+    def files(self) -> list[Path]:
+        store = self.root / "store"
+        manifest = self.ckpt.manifest(self.last)
+        out = [store / manifest_key(self.last)]
+        for digest in manifest.objects:
+            out += sorted(p for p in (store / object_prefix(digest)).rglob("*") if p.is_file())
+        return out
+
     def close(self) -> None:
         self.ckpt.close()
 
@@ -478,53 +510,105 @@ METHODS: dict[str, type[Method]] = {
 
 
 def run_t1(method_name: str, size: float, reps: int, root: Path) -> dict[str, Any]:
+    """Save the state ``reps`` times (after one warm-up save, reported apart: a training
+    loop saves many times, and the first save of several methods sets up buffers), each
+    save paired with a copy of the state into a pre-faulted buffer just before it, in this
+    process: the stall's floor, measured under the same conditions as the stall. The newest
+    checkpoint stays on disk for :func:`run_restore`."""
     model, opt = make_training(size)
     state = state_of(model, opt)
+    tensors = list(tensors_of(state))
+    buf = prefaulted(state_bytes(state))  # (before the RSS baseline: not the method's)
     gc.collect()
     method = METHODS[method_name](root / method_name.replace(" ", "_"))
     base = rss_with_children()
-    stalls, durables = [], []
+    stalls, durables, copies = [], [], []
+    first: SaveTiming | None = None
     try:
         with RssPeak() as peak:
-            for _ in range(reps):
+            for i in range(reps + 1):
                 bump(state)
+                copy = copy_once(buf, tensors)
                 timing = method.timed_save(state)
-                stalls.append(timing.stall)
-                durables.append(timing.durable)
+                if i == 0:
+                    first = timing
+                else:
+                    copies.append(copy)
+                    stalls.append(timing.stall)
+                    durables.append(timing.durable)
                 method.cleanup_before(keep=1)
-            method.close()
-        extra = peak.peak - base
-        times: dict[str, list[float]] = {}
-        loads = {"restore": lambda: method.restore(state)}
-        if isinstance(method, Tlreg):
-            loads["restore_new"] = method.restore_new
-        for _ in range(max(1, min(reps, 2))):
-            for kind, load in loads.items():
-                # cold: from the disk; then warm: the same files again, read into the page
-                # cache first (tlreg's direct reads leave nothing there, torch.load's do)
-                for warm in (False, True):
-                    evict(method.root)
-                    if warm:
-                        cache(method.root)
-                    start = time.perf_counter()
-                    restored = load()
-                    touch(restored)  # a lazy (mmap) load must really read the bytes too
-                    times.setdefault(kind + ("_warm" if warm else ""), []).append(
-                        time.perf_counter() - start
-                    )
-                    del restored
     finally:
         method.close()
-        shutil.rmtree(method.root, ignore_errors=True)
+    assert first is not None
     return {
         "method": method_name,
         "bytes": state_bytes(state),
-        "tensors": sum(1 for _ in tensors_of(state)),
+        "tensors": len(tensors),
         "stall": stalls,
         "durable": durables,
-        "extra_rss": extra,
-        **times,
+        "copy": copies,
+        "first_stall": first.stall,
+        "first_durable": first.durable,
+        "extra_rss": peak.peak - base,
+        "root": str(method.root),
+        "last": str(method.last),
     }
+
+
+RESTORES = {
+    # reader label: (the table 1 row whose checkpoint it reads, in place?)
+    "torch.load": ("torch.save", False),
+    "dcp.load (in place)": ("dcp.save", True),
+    "safetensors load_file": ("safetensors", False),
+    "tlreg load(into=state) (in place)": ("tlreg eager", True),
+    "tlreg load() (new tensors)": ("tlreg eager", False),
+}
+"""Restores timed in :func:`run_restore`: one per file format (the async and process rows
+write the same files as their synchronous row)."""
+
+
+def run_restore(
+    size: float, rounds: int, written: dict[str, list[str]], root: Path
+) -> dict[str, dict[str, list[float]]]:
+    """Time every restore of :data:`RESTORES` in this one process, interleaved: per round
+    each one cold (its files dropped from the page cache), then each one warm (the files of
+    its checkpoint read into the page cache first), the order rotated from round to round,
+    so that this VM's drifting memory and disk speed hit every method alike. ``written``
+    maps table 1 rows to the (folder, newest checkpoint) they left."""
+    model, opt = make_training(size)
+    state = state_of(model, opt)
+    methods = {name: METHODS[name].reopen(Path(r), last) for name, (r, last) in written.items()}
+    loads: list[tuple[str, Method, Callable[[], Any]]] = []
+    for label, (name, in_place) in RESTORES.items():
+        method = methods.get(name)
+        if method is None:
+            continue
+        if isinstance(method, Tlreg) and not in_place:
+            load: Callable[[], Any] = method.restore_new
+        else:  # (torch.load and load_file ignore the state)
+            load = functools.partial(method.restore, state)
+        loads.append((label, method, load))
+    files = {label: method.files() for label, method, _ in loads}
+    times: dict[str, dict[str, list[float]]] = {label: {} for label, _, _ in loads}
+    try:
+        for r in range(rounds):
+            order = loads[r % len(loads) :] + loads[: r % len(loads)]
+            for warm in (False, True):
+                for label, method, load in order:
+                    evict(method.root)
+                    if warm:
+                        cache(files[label])
+                    gc.collect()
+                    start = time.perf_counter()
+                    restored = load()
+                    touch(restored)  # a lazy (mmap) load must really read the bytes too
+                    elapsed = time.perf_counter() - start
+                    times[label].setdefault("warm" if warm else "cold", []).append(elapsed)
+                    del restored
+    finally:
+        for method in methods.values():
+            method.close()
+    return times
 
 
 # -- table 2: training loop ---------------------------------------------------------------
@@ -748,6 +832,8 @@ def worker(args: list[Any]) -> Any:
         warnings.simplefilter("ignore")
         if kind == "t1":
             return run_t1(rest[0], rest[1], rest[2], root)
+        if kind == "restore":
+            return run_restore(rest[0], rest[1], rest[2], root)
         if kind == "t2":
             return run_t2(rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], root)
         if kind == "t3":
@@ -777,26 +863,44 @@ def spread(xs: list[float], unit: float = 1.0, fmt: str = "{:.2f}") -> str:
     return f"{m} ({fmt.format(min(xs) * unit)}-{fmt.format(max(xs) * unit)})"
 
 
-def table1(rows: list[dict], dd: float, copy_s: float) -> list[str]:
+def paired(r: dict) -> list[float]:
+    """Each save's stall over the copy of the state timed just before it."""
+    return [stall / copy for stall, copy in zip(r["stall"], r["copy"], strict=True)]
+
+
+def table1(rows: list[dict], dd: float) -> list[str]:
     out = [
-        "| method | stall s | durable s | throughput / dd | peak extra RSS GiB "
-        "| restore cold s | / torch.load | restore warm s | / torch.load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | stall s | stall / copy | durable s | throughput / dd | peak extra RSS GiB "
+        "| 1st save: stall s, durable s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    ref = next((r for r in rows if r["method"] == "torch.save" and "error" not in r), None)
-    load_ref = med(ref["restore"]) if ref else float("nan")
-    warm_ref = med(ref["restore_warm"]) if ref else float("nan")
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['method']} | failed: {r['error']} | | | | | | | |")
+            out.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
             continue
         thr = r["bytes"] / med(r["durable"]) / dd
         out.append(
-            f"| {r['method']} | {spread(r['stall'], fmt='{:.3f}')} | {spread(r['durable'])} "
-            f"| {thr:.0%} | {r['extra_rss'] / GiB:.2f} | {spread(r['restore'], fmt='{:.3f}')} "
-            f"| {med(r['restore']) / load_ref:.2f}x | {spread(r['restore_warm'], fmt='{:.3f}')} "
-            f"| {med(r['restore_warm']) / warm_ref:.2f}x |"
+            f"| {r['method']} | {spread(r['stall'], fmt='{:.3f}')} "
+            f"| {spread(paired(r), fmt='{:.3f}')} | {spread(r['durable'])} "
+            f"| {thr:.0%} | {r['extra_rss'] / GiB:.2f} "
+            f"| {r['first_stall']:.3f}, {r['first_durable']:.2f} |"
         )
+    return out
+
+
+def table1b(times: dict[str, dict[str, list[float]]]) -> list[str]:
+    out = [
+        "| restore | cold s | / torch.load | warm s | / torch.load |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    ref = times.get("torch.load", {})
+    for label, t in times.items():
+        cells = []
+        for kind in ("cold", "warm"):
+            xs = t[kind]
+            base = ref.get(kind)
+            cells += [spread(xs, fmt="{:.3f}"), f"{med(xs) / med(base):.2f}x" if base else ""]
+        out.append(f"| {label} | {' | '.join(cells)} |")
     return out
 
 
@@ -807,20 +911,20 @@ def ratios1(rows: list[dict], copy_s: float, dd: float) -> list[str]:
         return ["torch.save failed: no ratios"]
     ts = med(ref["durable"])
     out = [
-        f"in-memory copy of the state (pre-faulted buffer): {copy_s:.3f} s; dd: {dd / 1e9:.2f} GB/s"
+        f"in-memory copy of the state (pre-faulted buffer), at the start: {copy_s:.3f} s; "
+        f"dd: {dd / 1e9:.2f} GB/s"
     ]
     for name, r in ok.items():
         if not name.startswith("tlreg"):
             continue
         stall = med(r["stall"])
         out.append(
-            f"{name}: stall = {stall / copy_s:.3f} x copy; torch.save durable / stall = "
-            f"{ts / stall:.0f}; durable = {med(r['durable']) / ts:.2f} x torch.save; "
-            f"extra RSS = {r['extra_rss'] / r['bytes']:.2f} x state; "
-            f"restore in place = {med(r['restore']) / med(ref['restore']):.2f} x torch.load "
-            f"cold, {med(r['restore_warm']) / med(ref['restore_warm']):.2f} x warm; into new "
-            f"tensors = {med(r['restore_new']) / med(ref['restore']):.2f} x cold, "
-            f"{med(r['restore_new_warm']) / med(ref['restore_warm']):.2f} x warm"
+            f"{name}: stall = {med(paired(r)):.3f} x the copy before it "
+            f"({stall / copy_s:.3f} x the copy at the start); torch.save durable / stall = "
+            f"{ts / stall:.0f} (at a stall of exactly one copy: {ts / med(r['copy']):.1f}); "
+            f"durable = "
+            f"{med(r['durable']) / ts:.2f} x torch.save; "
+            f"extra RSS = {r['extra_rss'] / r['bytes']:.2f} x state"
         )
     for name, r in ok.items():
         if not name.startswith("tlreg") and name != "torch.save":
@@ -885,6 +989,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=float, default=1.5, help="table 1 state in GiB")
     parser.add_argument("--reps", type=int, default=3, help="saves per method in table 1")
+    parser.add_argument(
+        "--restore-rounds", type=int, default=3, help="table 1b rounds of every restore"
+    )
     parser.add_argument("--train-size", type=float, default=0.75, help="table 2 state, GiB")
     parser.add_argument("--steps", type=int, default=20, help="table 2 steps per phase")
     parser.add_argument("--every", type=int, default=10, help="table 2 checkpoint interval")
@@ -926,12 +1033,12 @@ def main() -> None:
         return
     if args.quick:
         args.size, args.reps, args.train_size, args.steps, args.every = 0.1, 1, 0.05, 6, 2
-        args.t2_rounds = 1
+        args.t2_rounds = args.restore_rounds = 1
         args.step_s, args.frozen_size = 0.15, 0.05
     isolated = not args.quick
     root = Path(tempfile.mkdtemp(prefix="tlreg-bench-", dir=args.dir))
     free = shutil.disk_usage(root).free
-    need = (args.size * (args.reps + 2) + args.train_size * 3) * GiB
+    need = (args.size * (args.reps + 6) + args.train_size * 3) * GiB
     if free < need:
         sys.exit(f"{root}: {free / GiB:.1f} GiB free, the benchmark needs ~{need / GiB:.0f}")
     results: dict[str, Any] = {"machine": machine(), "dir": str(root)}
@@ -948,19 +1055,41 @@ def main() -> None:
             results |= {"dd": dd, "copy_s": copy_s}
 
             t1 = []
+            sources = {name for name, _ in RESTORES.values()}
             for name in t1_methods:
                 print(f"table 1: {name} ...", file=sys.stderr, flush=True)
                 row = call(["t1", name, args.size, args.reps, str(root)], isolated)
                 t1.append(row | {"method": name})
+                if name not in sources and "root" in row:
+                    shutil.rmtree(row["root"], ignore_errors=True)
             results["t1"] = t1
+            written = {
+                r["method"]: [r["root"], r["last"]]
+                for r in t1
+                if "error" not in r and r["method"] in sources
+            }
+            print("table 1b: restores ...", file=sys.stderr, flush=True)
+            restores = call(
+                ["restore", args.size, args.restore_rounds, written, str(root)], isolated
+            )
+            results["restore"] = restores
+            for folder, _ in written.values():
+                shutil.rmtree(folder, ignore_errors=True)
             lines = [
-                f"## 1. Save and restore: {nbytes / GiB:.2f} GiB state "
+                f"## 1. Save: {nbytes / GiB:.2f} GiB state "
                 f"(MLP {layers_for(args.size)}x{WIDTH}² + Adam), median (min-max) of "
-                f"{args.reps}; dd bs=4M conv=fsync: {dd / 1e9:.2f} GB/s",
+                f"{args.reps} saves after a warm-up save; each save paired with a copy of the "
+                f"state timed just before it; dd bs=4M conv=fsync: {dd / 1e9:.2f} GB/s",
                 "",
-                *table1(t1, dd, copy_s),
+                *table1(t1, dd),
                 "",
                 *ratios1(t1, copy_s, dd),
+                "",
+                f"## 1b. Restore: the same checkpoints, every restore in one process, "
+                f"interleaved, median (min-max) of {args.restore_rounds} rounds "
+                f"({machine()} now)",
+                "",
+                *([f"failed: {restores['error']}"] if "error" in restores else table1b(restores)),
                 "",
             ]
             print("\n".join(lines), flush=True)
