@@ -270,8 +270,8 @@ class S3Store(Store):
         # One retry policy, botocore's "standard" mode: transient errors (5xx, throttling,
         # connection refused/reset, timeouts) are retried up to max_attempts in all, after
         # min(2**attempt, 20) s * random() (exponential backoff, full jitter); permanent ones
-        # (403, NoSuchBucket, ...) fail at once. s3fs's own retry loop is off (retries=1),
-        # or the two would multiply.
+        # (403, NoSuchBucket, ...) fail at once. s3fs's own retry loop is off (one round,
+        # set in _connect), or the two would multiply: 5 rounds of max_attempts each.
         config_kwargs.setdefault(
             "retries", {"mode": "standard", "total_max_attempts": self.max_attempts}
         )
@@ -290,8 +290,8 @@ class S3Store(Store):
         # stores), but with the process-wide model loader: that halves client creation time.
         session = AioSession(profile=options.pop("profile", None))
         session.register_component("data_loader", _botocore_loader())
-        options.setdefault("retries", 1)
-        return s3fs.S3FileSystem(
+        retries = options.pop("retries", 1)
+        fs = s3fs.S3FileSystem(
             endpoint_url=self.endpoint_url,
             client_kwargs=client_kwargs,
             config_kwargs=config_kwargs,
@@ -303,6 +303,9 @@ class S3Store(Store):
             use_listings_cache=False,
             **options,
         )
+        # (a class attribute: S3FileSystem(retries=...) is stored as an option and ignored)
+        fs.retries = retries
+        return fs
 
     def _client(self) -> Any:
         """The synchronous botocore client of the large transfers, made on first use.

@@ -263,3 +263,27 @@ def test_bodies_that_keep_breaking_fail_after_max_attempts_with_the_usual_error(
     assert 3 <= len(sent) <= 6  # each range at most max_attempts times
     assert "\n" not in message and message.startswith("S3 request for object 'big' in bucket")
     assert "TLREG_S3_MAX_ATTEMPTS" in message
+
+
+@pytest.mark.parametrize(
+    "operation, call",
+    [
+        ("HeadObject", lambda store: store.exists("k")),
+        ("ListObjectsV2", lambda store: list(store.list())),
+        ("PutObject", lambda store: store.put("k", b"payload")),
+    ],
+)
+def test_requests_on_the_s3fs_client_are_sent_max_attempts_times_not_more(
+    s3_bucket_url: str, relay: TcpProxy, operation: str, call: Any
+) -> None:
+    # replies that break mid-way are retried by botocore; s3fs's own retry loop (5 rounds by
+    # default) must not multiply its attempts
+    store = S3Store(s3_bucket_url, max_attempts=3)
+    sent = _counted(store, operation)
+    relay.cut_after, relay.cut_next = 1, 1000
+
+    with pytest.raises(StoreUnavailable) as info:
+        call(store)
+
+    assert len(sent) == 3
+    assert "\n" not in str(info.value) and "TLREG_S3_MAX_ATTEMPTS" in str(info.value)
