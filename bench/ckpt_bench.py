@@ -3,16 +3,21 @@
 Run: ``.venv/bin/python bench/ckpt_bench.py [--size GiB] [--reps N] [--dir DIR] [--quick]``
 (``make bench``). Prints three Markdown tables and the ratios against torch.save:
 
-1. **Save and restore** of an MLP's model + Adam state (``--size`` GiB, default 1.5): the
-   stall (time the calling thread is blocked), time until the bytes are durable (fsynced),
-   throughput as a fraction of ``dd bs=4M conv=fsync`` to the same directory (measured here),
-   the peak extra RSS during the saves (sampled every 2 ms, children included) and the
-   restore time next to ``torch.load(weights_only=True)``, cold (the method's files dropped
-   from the page cache first) and warm (every file of the method read into the page cache
-   first). DCP and tlreg restore in place into the existing state (``dcp.load``,
-   ``load(into=state)``); tlreg's load into new tensors, as torch.load's, is in the ratios
-   below the table. Medians of ``--reps`` saves, with min-max. Before every save one element
-   of every tensor changes, so nothing dedups.
+1. **Save** of an MLP's model + Adam state (``--size`` GiB, default 1.5): the stall (time
+   the calling thread is blocked), the stall over a copy of the state into a pre-faulted
+   buffer timed just before each save in the same process (the stall's floor), time until
+   the bytes are durable (fsynced), throughput as a fraction of ``dd bs=4M conv=fsync`` to
+   the same directory (measured here), and the peak extra RSS during the saves (sampled every
+   2 ms, children included). Medians of ``--reps`` saves, with min-max, after one warm-up
+   save reported apart (a training loop saves many times; several methods set up buffers
+   on the first). Before every save one element of every tensor changes, so nothing dedups.
+1b. **Restore** of the checkpoints table 1 left, one per file format, every restore in one
+   process, interleaved (``--restore-rounds``, default 3, the order rotated each round):
+   ``torch.load(weights_only=True)``, ``dcp.load`` and tlreg's ``load(into=state)`` in
+   place, safetensors' ``load_file`` and tlreg's ``load()`` into new tensors; cold (the
+   files dropped from the page cache first) and warm (the checkpoint's files read into the
+   page cache first), each after touching and freeing twice the state's size of memory
+   (see :func:`prime`).
 2. **Training loop**: a CPU MLP with ``Adam(fused=True)``, a checkpoint every ``k`` steps
    (``--every``, default 10); the per-step slowdown against the same loop without
    checkpoints, plain and checkpointing phases in turn (``--t2-rounds``), each checkpointing
@@ -241,6 +246,15 @@ def prefaulted(nbytes: int) -> torch.Tensor:
     buf = torch.empty(nbytes, dtype=torch.uint8)
     buf.fill_(0)
     return buf
+
+
+def prime(nbytes: int) -> None:
+    """Touch ``nbytes`` of new memory and free it. On this VM a page of memory costs a page
+    fault in the host too (several µs) unless it was used recently: whichever restore
+    followed one that freed its tensors got cheap pages, the next one (after the page cache
+    had taken them) paid. Priming before every restore gives each the same, recently used
+    pages, as a machine's memory is outside a VM."""
+    prefaulted(nbytes)
 
 
 def copy_once(buf: torch.Tensor, tensors: list[torch.Tensor]) -> float:
@@ -573,7 +587,8 @@ def run_restore(
     """Time every restore of :data:`RESTORES` in this one process, interleaved: per round
     each one cold (its files dropped from the page cache), then each one warm (the files of
     its checkpoint read into the page cache first), the order rotated from round to round,
-    so that this VM's drifting memory and disk speed hit every method alike. ``written``
+    so that this VM's drifting memory and disk speed hit every method alike; each restore
+    after :func:`prime` (twice the state: new tensors and page cache). ``written``
     maps table 1 rows to the (folder, newest checkpoint) they left."""
     model, opt = make_training(size)
     state = state_of(model, opt)
@@ -589,6 +604,7 @@ def run_restore(
             load = functools.partial(method.restore, state)
         loads.append((label, method, load))
     files = {label: method.files() for label, method, _ in loads}
+    nbytes = state_bytes(state)
     times: dict[str, dict[str, list[float]]] = {label: {} for label, _, _ in loads}
     try:
         for r in range(rounds):
@@ -599,6 +615,7 @@ def run_restore(
                     if warm:
                         cache(files[label])
                     gc.collect()
+                    prime(2 * nbytes)
                     start = time.perf_counter()
                     restored = load()
                     touch(restored)  # a lazy (mmap) load must really read the bytes too
