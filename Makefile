@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy storage_backends ckpt registry training cli
+	$(VENV)/bin/mypy bench
 
 test: lint
 	$(VENV)/bin/pytest

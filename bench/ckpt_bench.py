@@ -422,9 +422,9 @@ class DcpAsync(DcpSave):
             no_dist=not self.process,
             async_checkpointer_type=kind,
         )
-        future = getattr(future, "upload_completion", future)
-        self._pending = future
-        return lambda: future.result()
+        waiter: Any = getattr(future, "upload_completion", future)  # (a response, newer torch)
+        self._pending = waiter
+        return lambda: waiter.result()
 
     def close(self) -> None:
         if self._pending is not None:
@@ -724,7 +724,7 @@ def run_writers(size: float, steps: int, rounds: int, batch: int, root: Path) ->
     state = state_of(model, opt)
     x = torch.randn(batch, WIDTH)
     writers = ("thread", "process")
-    ckpts = {w: AsyncCheckpointer(str(root / f"t2b-{w}"), writer=w) for w in writers}  # type: ignore[arg-type]
+    ckpts = {w: AsyncCheckpointer(str(root / f"t2b-{w}"), writer=w) for w in writers}
 
     def step() -> None:
         opt.zero_grad(set_to_none=False)
@@ -737,7 +737,9 @@ def run_writers(size: float, steps: int, rounds: int, batch: int, root: Path) ->
             step()
         return (time.perf_counter() - start) / n
 
-    rows = {w: {"plain": [], "during": [], "stall": [], "durable": [], "late": 0} for w in writers}
+    rows: dict[str, dict[str, Any]] = {
+        w: {"plain": [], "during": [], "stall": [], "durable": [], "late": 0} for w in writers
+    }
     try:
         for w in writers:  # warm-up: arenas, the writer process
             ckpts[w].save(state).result()
@@ -984,7 +986,7 @@ def table3(rows: list[dict]) -> list[str]:
         "| vs torch.save | 2nd durable s |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    ref = next((r for r in rows if r["method"] == "torch.save"), None)
+    ref = next(r for r in rows if r["method"] == "torch.save")
     for r in rows:
         out.append(
             f"| {r['method']} | {r['bytes'] / GiB:.2f} | {r['head_bytes'] / 2**20:.2f} "

@@ -62,7 +62,7 @@ def _raw_local_put(root: Path, key: str, data: bytes | memoryview) -> None:
 
 
 def _run_pair(
-    runs: dict[str, list[float]], rep: int, threads: int, pair: dict[str, list[Callable[[], Any]]]
+    runs: dict[str, list[float]], rep: int, threads: int, pair: dict[str, list[Callable[..., Any]]]
 ) -> None:
     """Time both sides of one comparison, tlreg first on even repetitions, raw first on odd
     ones, so neither side always meets the warmer cache."""
