@@ -315,7 +315,7 @@ class Method:
         """This method on a folder written by another process, its newest checkpoint ``last``
         (as :attr:`last` was there, a path or an id)."""
         method = cls(root)
-        method.last = last if issubclass(cls, Tlreg) else Path(last)
+        method.last = Path(last)
         return method
 
     def files(self) -> list[Path]:
@@ -475,6 +475,12 @@ class Tlreg(Method):
         """Into new tensors, as torch.load does."""
         with AsyncCheckpointer(self.ckpt.store) as reader:
             return reader.load(self.last)
+
+    @classmethod
+    def reopen(cls, root: Path, last: str) -> Method:
+        method = super().reopen(root, last)
+        method.last = last  # a manifest id, not a path
+        return method
 
     def files(self) -> list[Path]:
         store = self.root / "store"
@@ -941,8 +947,7 @@ def ratios1(rows: list[dict], copy_s: float, dd: float) -> list[str]:
             f"{name}: stall = {med(paired(r)):.3f} x the copy before it "
             f"({stall / copy_s:.3f} x the copy at the start); torch.save durable / stall = "
             f"{ts / stall:.0f} (at a stall of exactly one copy: {ts / med(r['copy']):.1f}); "
-            f"durable = "
-            f"{med(r['durable']) / ts:.2f} x torch.save; "
+            f"durable = {med(r['durable']) / ts:.2f} x torch.save; "
             f"extra RSS = {r['extra_rss'] / r['bytes']:.2f} x state"
         )
     for name, r in ok.items():
