@@ -1,12 +1,13 @@
 """End-to-end harness: the real ``tlreg`` command, in-process for quick commands, in a
-subprocess for ``train`` (which starts its own local Ray, as it does for a user)."""
+subprocess for ``train`` (which starts its own local Ray, as it does for a user, or joins the
+cluster that ``RAY_ADDRESS`` in the shell's environment names)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,15 @@ from tlreg.cli.main import cli
 
 
 class Shell:
-    """A user's shell: ``TLREG_*`` settings for one throw-away home."""
+    """A user's shell: ``TLREG_*`` settings for one throw-away home, and ``env`` on top."""
 
-    def __init__(self, tmp_path: Path, registry_url: str, store_url: str | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        registry_url: str,
+        store_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.home = tmp_path / "home"
         self.store_url = store_url or str(self.home / "store")
         self.env = {
@@ -28,6 +35,7 @@ class Shell:
             "TLREG_STORE_URL": self.store_url,
             # Otherwise every ray.train.report waits ~2 s for the controller's poll.
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+            **(env or {}),
         }
 
     def tlreg(self, *args: str) -> str:

@@ -22,11 +22,11 @@ pytestmark = pytest.mark.slow
 
 def test_best_for_branch_trains_a_new_architecture_with_the_matching_layers_frozen(
     tmp_path: Path,
-    make_shell: Callable[..., Any],
+    make_cluster_shell: Callable[..., Any],
 ) -> None:
     registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
     store_url = str(tmp_path / "store")
-    shell = make_shell(registry_url, store_url)
+    shell = make_cluster_shell(registry_url, store_url)
     shell.tlreg("init")
     registry = Registry(registry_url)
     registry.create_branch("lower", task="tlreg.training.examples.digits:lower")

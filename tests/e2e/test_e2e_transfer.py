@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
-    tmp_path: Path, make_shell: Callable[..., Any], registry_url: str
+    tmp_path: Path, make_cluster_shell: Callable[..., Any], registry_url: str
 ) -> None:
-    shell = make_shell(registry_url)
+    shell = make_cluster_shell(registry_url)
     tlreg = shell.tlreg
 
     weights = tmp_path / "ancestor.safetensors"
