@@ -21,7 +21,7 @@ __all__ = ["make_cluster_shell", "make_shell", "shared_ray_cluster"]
 @pytest.fixture(scope="package")
 def shared_ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """A one-node Ray cluster on 127.0.0.1 (2 CPUs: one per Train worker of ``--workers 2``;
-    the Train controller asks for none), stopped after the last e2e test that uses it."""
+    the Train controller asks for none), stopped after the last test in tests/e2e."""
     with running_ray_cluster(short_temp_dir(tmp_path_factory)) as cluster:
         yield cluster
 
