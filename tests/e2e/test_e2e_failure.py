@@ -1,11 +1,15 @@
-"""A worker killed mid-training: Ray Train restarts the group, which resumes from the last
-committed checkpoint; nothing committed is lost, repeated or damaged."""
+"""Training on its own local Ray, interrupted: a worker killed mid-training (Ray Train restarts
+the group, which resumes from the last committed checkpoint; nothing committed is lost,
+repeated or damaged), and the whole ``tlreg train`` stopped by SIGTERM (what a batch
+scheduler sends at its time limit: the run is marked stopped and no Ray process survives)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,47 +37,54 @@ def _train_workers(root: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def test_killed_worker_resumes_from_last_commit_without_losing_or_repeating_steps(
-    tmp_path: Path,
-    make_shell: Callable[..., Any],
-) -> None:
-    registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
-    shell = make_shell(registry_url)
+def _train(shell: Any, steps: int, *more: str) -> subprocess.Popen[str]:
+    """``tlreg train base`` on 2 workers, a checkpoint every 20 steps, in its own process
+    (which starts its own local Ray)."""
+    args = ["--workers", "2", "--steps", str(steps), "--checkpoint-every", "20", *more]
+    return shell.popen("train", "base", *args, "--json")
+
+
+def _first_commit(
+    proc: subprocess.Popen[str], registry: Registry
+) -> tuple[int, list[psutil.Process]]:
+    """Wait until ``proc``'s training has committed a checkpoint and both its workers run:
+    the committed step and the workers."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        committed = registry.get_branch("base").head
+        workers = _train_workers(psutil.Process(proc.pid))
+        if committed is not None and len(workers) == 2:
+            return registry.get(committed).step, workers
+    raise AssertionError("training ended, or made no commit, before it could be interrupted")
+
+
+@pytest.fixture
+def base_shell(tmp_path: Path, make_shell: Callable[..., Any]) -> Any:
+    """A shell whose SQLite registry has branch ``base`` for the digits task."""
+    shell = make_shell(f"sqlite:///{tmp_path / 'registry.db'}")
     shell.tlreg("init")
     shell.tlreg("branch", "base", "--task", "tlreg.training.examples.digits:lower")
+    return shell
+
+
+def test_killed_worker_resumes_from_last_commit_without_losing_or_repeating_steps(
+    base_shell: Any,
+) -> None:
+    shell = base_shell
     # The worker is killed as soon as the step-20 commit exists (~step 20-25 of 100): ~8 s of
     # training still to go at ~10 steps/s, and four commits after the one it resumes from.
     steps = 100
-    proc = shell.popen(
-        "train",
-        "base",
-        "--workers",
-        "2",
-        "--steps",
-        str(steps),
-        "--checkpoint-every",
-        "20",
-        "--max-failures",
-        "2",
-        "--json",
-    )
-    registry = Registry(registry_url)
-    killed = None
+    proc = _train(shell, steps, "--max-failures", "2")
+    registry = Registry(shell.env["TLREG_REGISTRY_URL"])
     try:
-        deadline = time.monotonic() + 240
-        while killed is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-            committed = registry.get_branch("base").head
-            workers = _train_workers(psutil.Process(proc.pid))
-            if committed is not None and len(workers) == 2:
-                killed = (registry.get(committed).step, workers[-1].pid)
-                os.kill(workers[-1].pid, signal.SIGKILL)
-        assert killed is not None, "training ended before a worker could be killed"
+        killed_step, workers = _first_commit(proc, registry)
+        os.kill(workers[-1].pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
         summary = json.loads(out)
 
-        assert killed[0] < steps
+        assert killed_step < steps
         assert summary["resumed_from"] is not None  # the restarted group resumed
         log = registry.log("base")
         step_numbers = [r.step for r in reversed(log)]
@@ -89,4 +100,45 @@ def test_killed_worker_resumes_from_last_commit_without_losing_or_repeating_step
     finally:
         if proc.poll() is None:
             proc.kill()
+        registry.close()
+
+
+def test_sigterm_stops_the_run_keeps_its_commits_and_leaves_no_ray_process(
+    base_shell: Any,
+) -> None:
+    shell = base_shell
+    proc = _train(shell, 5000)
+    registry = Registry(shell.env["TLREG_REGISTRY_URL"])
+    ray_processes: list[psutil.Process] = []
+    try:
+        _first_commit(proc, registry)
+        # everything its Ray runs (GCS, raylet, workers, ...), found while still in its tree
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)
+        assert {"gcs_server", "raylet"} <= {p.name() for p in ray_processes}
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            "Error: training branch 'base' was stopped by SIGTERM (run 1); "
+            "its last committed checkpoint is the head of 'base'"
+        )
+        _, alive = psutil.wait_procs(ray_processes, timeout=30)
+        assert alive == [], [" ".join(p.cmdline()[:3]) for p in alive]
+
+        [run] = registry.runs("base")
+        assert (run.status, run.error) == ("stopped", "stopped by signal 15")
+        log = registry.log("base")
+        step_numbers = [r.step for r in reversed(log)]
+        assert step_numbers == list(range(20, 20 * len(log) + 1, 20))
+        assert step_numbers[-1] < 5000
+        store = open_store(shell.store_url)
+        for record in log:
+            report = verify(store, record.manifest)
+            assert report.ok, report.problems
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in ray_processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
         registry.close()
