@@ -7,8 +7,9 @@ Run: ``.venv/bin/python bench/ckpt_bench.py [--size GiB] [--reps N] [--dir DIR] 
    the calling thread is blocked), the stall over a copy of the state into a pre-faulted
    buffer timed just before each save in the same process (the stall's floor), time until
    the bytes are durable (fsynced), throughput as a fraction of ``dd bs=4M conv=fsync`` to
-   the same directory (measured here), and the peak extra RSS during the saves (sampled every
-   2 ms, children included). Medians of ``--reps`` saves, with min-max, after one warm-up
+   the same directory (measured here), and the peak extra memory in use during the saves
+   (``MemTotal - MemAvailable``, sampled every 2 ms: children and shared memory included,
+   each page once). Medians of ``--reps`` saves, with min-max, after one warm-up
    save reported apart (a training loop saves many times; several methods set up buffers
    on the first). Before every save one element of every tensor changes, so nothing dedups.
 1b. **Restore** of the checkpoints table 1 left, one per file format, every restore in one
@@ -35,7 +36,7 @@ include ``tlreg eager (process writer)`` and ``tlreg lazy (process writer)``); `
 skips table 3.
 
 Every method of tables 1 and 2 runs in a fresh Python process (same seed, so the same state):
-the RSS it reports is its own and no method inherits another's buffers. A cold restore
+the memory it adds is its own and no method inherits another's buffers. A cold restore
 reads the disk: ``posix_fadvise(DONTNEED)`` drops the method's (fsynced, so clean) files
 from the page cache first, as on a node that did not write them; tlreg's direct-I/O writes
 leave nothing there anyway. ``--quick`` (a ~0.1 GiB
@@ -46,7 +47,6 @@ test, not a measurement.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -174,48 +174,42 @@ def flat_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 # -- measurement helpers ------------------------------------------------------------------
 
 
-def _rss(pid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def memory_in_use() -> int:
+    """Bytes of this machine's memory in use: ``MemTotal - MemAvailable`` of /proc/meminfo.
+
+    Every page counts once, whichever processes map it, and page cache does not count (the
+    kernel can take it back). Summing the RSS of a process and its children did not measure
+    the memory a save costs: the shared staging buffer of a writer process counted in both
+    processes, and a child sampled between ``fork`` and ``exec`` reported its parent's whole
+    RSS (tlreg's process writer: 2.05 x the state, or 4.23 x when a sample fell in that
+    window, in the fourth run of 2026-12-07)."""
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return (int(fields["MemTotal"].split()[0]) - int(fields["MemAvailable"].split()[0])) * 1024
 
 
-def rss_with_children() -> int:
-    """RSS of this process and its direct children (DCP's process mode writes in one)."""
-    total = _rss("self")
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as f:
-                total += sum(_rss(pid) for pid in f.read().split())
-    return total
-
-
-class RssPeak:
-    """Samples RSS every ``interval`` seconds in a thread; ``peak`` is the maximum seen."""
+class MemoryPeak:
+    """Samples :func:`memory_in_use` every ``interval`` seconds in a thread; ``peak`` is the
+    maximum seen."""
 
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
-        self.peak = rss_with_children()
+        self.peak = memory_in_use()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_with_children())
+            self.peak = max(self.peak, memory_in_use())
 
-    def __enter__(self) -> RssPeak:
+    def __enter__(self) -> MemoryPeak:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_with_children())
+        self.peak = max(self.peak, memory_in_use())
 
 
 def fsync_path(path: Path) -> None:
@@ -572,14 +566,14 @@ def run_t1(method_name: str, size: float, reps: int, root: Path) -> dict[str, An
     model, opt = make_training(size)
     state = state_of(model, opt)
     tensors = list(tensors_of(state))
-    buf = prefaulted(state_bytes(state))  # (before the RSS baseline: not the method's)
+    buf = prefaulted(state_bytes(state))  # (before the memory baseline: not the method's)
     gc.collect()
     method = METHODS[method_name](root / method_name.replace(" ", "_"))
-    base = rss_with_children()
+    base = memory_in_use()
     stalls, durables, copies = [], [], []
     first: SaveTiming | None = None
     try:
-        with RssPeak() as peak:
+        with MemoryPeak() as peak:
             for i in range(reps + 1):
                 bump(state)
                 copy = copy_once(buf, tensors)
@@ -603,7 +597,7 @@ def run_t1(method_name: str, size: float, reps: int, root: Path) -> dict[str, An
         "copy": copies,
         "first_stall": first.stall,
         "first_durable": first.durable,
-        "extra_rss": peak.peak - base,
+        "extra_memory": peak.peak - base,
         "root": str(method.root),
         "last": str(method.last),
     }
@@ -932,7 +926,7 @@ def paired(r: dict) -> list[float]:
 
 def table1(rows: list[dict], dd: float) -> list[str]:
     out = [
-        "| method | stall s | stall / copy | durable s | throughput / dd | peak extra RSS GiB "
+        "| method | stall s | stall / copy | durable s | throughput / dd | peak extra memory GiB "
         "| 1st save: stall s, durable s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -944,7 +938,7 @@ def table1(rows: list[dict], dd: float) -> list[str]:
         out.append(
             f"| {r['method']} | {spread(r['stall'], fmt='{:.3f}')} "
             f"| {spread(paired(r), fmt='{:.3f}')} | {spread(r['durable'])} "
-            f"| {thr:.0%} | {r['extra_rss'] / GiB:.2f} "
+            f"| {thr:.0%} | {r['extra_memory'] / GiB:.2f} "
             f"| {r['first_stall']:.3f}, {r['first_durable']:.2f} |"
         )
     return out
@@ -987,7 +981,7 @@ def ratios1(rows: list[dict], copy_s: float, dd: float) -> list[str]:
             f"({stall / copy_s:.3f} x the copy at the start); torch.save durable / stall = "
             f"{ts / stall:.0f} (at a stall of exactly one copy: {ts / med(r['copy']):.1f}); "
             f"durable = {med(r['durable']) / ts:.2f} x torch.save; "
-            f"extra RSS = {r['extra_rss'] / r['bytes']:.2f} x state"
+            f"extra memory = {r['extra_memory'] / r['bytes']:.2f} x state"
         )
     for name, r in ok.items():
         if not name.startswith("tlreg") and name != "torch.save":
