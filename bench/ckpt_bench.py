@@ -7,9 +7,9 @@ Run: ``.venv/bin/python bench/ckpt_bench.py [--size GiB] [--reps N] [--dir DIR] 
    the calling thread is blocked), the stall over a copy of the state into a pre-faulted
    buffer timed just before each save in the same process (the stall's floor), time until
    the bytes are durable (fsynced), throughput as a fraction of ``dd bs=4M conv=fsync`` to
-   the same directory (measured here), and the peak extra memory in use during the saves
-   (``MemTotal - MemAvailable``, sampled every 2 ms: children and shared memory included,
-   each page once). Medians of ``--reps`` saves, with min-max, after one warm-up
+   the same directory (measured here), and the peak extra memory held during the saves
+   (``AnonPages + Shmem``, sampled every 2 ms: children and shared memory included, each
+   page once). Medians of ``--reps`` saves, with min-max, after one warm-up
    save reported apart (a training loop saves many times; several methods set up buffers
    on the first). Before every save one element of every tensor changes, so nothing dedups.
 1b. **Restore** of the checkpoints table 1 left, one per file format, every restore in one
@@ -175,17 +175,22 @@ def flat_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def memory_in_use() -> int:
-    """Bytes of this machine's memory in use: ``MemTotal - MemAvailable`` of /proc/meminfo.
+    """Bytes of this machine's memory that processes hold: ``AnonPages + Shmem`` of
+    /proc/meminfo (private and shared anonymous memory; not the page cache, not the kernel's).
 
-    Every page counts once, whichever processes map it, and page cache does not count (the
-    kernel can take it back). Summing the RSS of a process and its children did not measure
-    the memory a save costs: the shared staging buffer of a writer process counted in both
-    processes, and a child sampled between ``fork`` and ``exec`` reported its parent's whole
-    RSS (tlreg's process writer: 2.05 x the state, or 4.23 x when a sample fell in that
-    window, in the fourth run of 2026-12-07)."""
+    Every page counts once, whichever processes map it. Summing the RSS of a process and its
+    children did not measure the memory a save costs: the staging buffer a writer process
+    shares with the trainer counted in both processes, and a child sampled between ``fork``
+    and ``exec`` reported its parent's whole RSS (tlreg's process writer: 2.05 x the state,
+    or 4.23 x when a sample fell in that window, in the fourth run of 2026-12-07).
+    ``MemTotal - MemAvailable`` (tried in the fifth run) counts the kernel's own memory too:
+    torch.save, which holds no buffer, showed 0.47 GiB."""
+    fields: dict[str, int] = {}
     with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return (int(fields["MemTotal"].split()[0]) - int(fields["MemAvailable"].split()[0])) * 1024
+        for line in f:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) * 1024
+    return fields["AnonPages"] + fields["Shmem"]
 
 
 class MemoryPeak:
