@@ -7,8 +7,10 @@ nothing but their message.
 
 from __future__ import annotations
 
+from tlreg.storage_backends.errors import TlregError
 
-class CheckpointError(Exception):
+
+class CheckpointError(TlregError):
     """Base class for every error of :mod:`tlreg.ckpt`."""
 
 

@@ -7,8 +7,10 @@ object and the next step.
 
 from __future__ import annotations
 
+from tlreg.storage_backends.errors import TlregError
 
-class RegistryError(Exception):
+
+class RegistryError(TlregError):
     """Base class for every registry error."""
 
 

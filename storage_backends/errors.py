@@ -4,7 +4,15 @@
 from __future__ import annotations
 
 
-class StoreError(Exception):
+class TlregError(Exception):
+    """The root of every tlreg error: ``except TlregError`` catches what any package raises.
+
+    It lives here, in the package every other one sits on (DESIGN.md §2's arrows end here);
+    ``tlreg.ckpt``, ``tlreg.registry`` and ``tlreg.training`` derive their own base from it.
+    """
+
+
+class StoreError(TlregError):
     """Base class for every storage error; the message names the object and the next step."""
 
 

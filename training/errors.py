@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from tlreg.storage_backends.errors import TlregError
 
-class TrainingError(Exception):
+
+class TrainingError(TlregError):
     """Base class; the message names the object and the next step."""
 
 
