@@ -3,6 +3,21 @@
 SQLite is the embedded default (``sqlite:///path.db``); PostgreSQL serves clusters
 (``postgresql+psycopg://user@host/db``). Lineage, no tensors: the checkpoints' bytes live in the
 store, and the registry row is the commit.
+
+Rooms:
+
+- ``core``: the ``Registry`` class, composed of the rooms below; opening, schema, meta, runs.
+- ``engine``: engine creation (SQLite WAL, network-filesystem check, PostgreSQL), the session
+  scope, and "database unreachable or locked" as RegistryUnavailable.
+- ``refs``: branches, tags, and resolving a ref (branch, tag, id, id prefix) to a checkpoint.
+- ``commit``: the commit transaction: compare-and-swap of the head, object refs, lanes, layer
+  prefixes.
+- ``lineage``: log, ancestors/descendants, children, edges, common and best ancestor.
+- ``lineage_sql``: the recursive statements the lineage walks run, per backend.
+- ``gc``: garbage collection's planning, apply and forget, and the GC lock.
+- ``records``: the frozen records returned (CheckpointRecord, RecordList, Branch, ...).
+- ``models`` / ``migrations``: the tables, and upgrading older schemas.
+- ``names``: which branch and tag names are valid. ``errors``: the exceptions.
 """
 
 from tlreg.registry.core import (

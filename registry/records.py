@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from .errors import RefNotFound
 
@@ -44,6 +44,25 @@ def decode_metrics(stored: Mapping[str, Any] | None) -> dict[str, float]:
 
 def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else encode_metrics({"v": value})["v"]
+
+
+R = TypeVar("R")
+
+
+def from_row(cls: type[R], row: object, **given: Any) -> R:
+    """A ``cls`` record from a table row: each field not ``given`` is the row's attribute of
+    that name."""
+    names = (f.name for f in fields(cls))  # type: ignore[arg-type]  # cls is a dataclass
+    return cls(**{name: getattr(row, name) for name in names if name not in given}, **given)
+
+
+def _plain_json(record: Any) -> dict[str, Any]:
+    """A record's fields in order as a JSON-safe dict, datetimes as ISO-8601."""
+    out = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        out[f.name] = value.isoformat() if isinstance(value, datetime) else value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,12 +299,7 @@ class Edge:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict."""
-        return {
-            "child": self.child,
-            "parent": self.parent,
-            "kind": self.kind,
-            "position": self.position,
-        }
+        return _plain_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,13 +314,7 @@ class Branch:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (``created`` as ISO-8601)."""
-        return {
-            "name": self.name,
-            "head": self.head,
-            "base": self.base,
-            "task": self.task,
-            "created": self.created.isoformat(),
-        }
+        return _plain_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,11 +327,7 @@ class Tag:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (``created`` as ISO-8601)."""
-        return {
-            "name": self.name,
-            "checkpoint": self.checkpoint,
-            "created": self.created.isoformat(),
-        }
+        return _plain_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,16 +346,7 @@ class Run:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (datetimes as ISO-8601)."""
-        return {
-            "id": self.id,
-            "branch": self.branch,
-            "config": self.config,
-            "status": self.status,
-            "error": self.error,
-            "ray_job_id": self.ray_job_id,
-            "created": self.created.isoformat(),
-            "finished": self.finished.isoformat() if self.finished is not None else None,
-        }
+        return _plain_json(self)
 
 
 @dataclass(frozen=True, slots=True)

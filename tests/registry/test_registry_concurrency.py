@@ -22,7 +22,7 @@ from tlreg.registry import (
     UnsafeFilesystem,
     retry_on_head_moved,
 )
-from tlreg.registry import core as registry_core
+from tlreg.registry import engine as registry_engine
 
 THREADS = 8
 COMMITS_PER_THREAD = 5
@@ -223,7 +223,7 @@ def test_sqlite_on_a_network_filesystem_is_refused_unless_forced(
         f"server:/export {tmp_path / 'net'} {fs_type} rw 0 0\n"
         f"tmpfs {tmp_path / 'net' / 'local'} tmpfs rw 0 0\n"
     )
-    monkeypatch.setattr(registry_core, "MOUNTS", mounts)
+    monkeypatch.setattr(registry_engine, "MOUNTS", mounts)
     url = f"sqlite:///{tmp_path / 'net' / 'registry.db'}"
     with pytest.raises(UnsafeFilesystem) as e:
         Registry(url)
