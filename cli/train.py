@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -14,29 +15,44 @@ from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env, s
 from tlreg.training import TrainConfig
 from tlreg.training import train as run_training
 from tlreg.training.errors import ConfigError
+from tlreg.training.events import Checkpointed, Evaluated, ProgressListener, Restored
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def config_option(name: str, help: str, **attrs: Any) -> Callable[[F], F]:
+    """``--NAME`` for the :class:`TrainConfig` field ``name``: its default, and so its type,
+    come from the field (TrainConfig is the one place they are written)."""
+    default = _DEFAULTS[name]
+    flag = "--" + name.replace("_", "-")
+    if isinstance(default, bool):
+        attrs.update(is_flag=True, default=default)
+    elif isinstance(default, tuple):
+        attrs.update(multiple=True, default=default)
+    else:
+        attrs.update(default=default, show_default=True)
+    return click.option(flag, help=help, **attrs)
 
 
 @click.command()
 @click.argument("branch")
 @click.option("--task", help="MODULE:ATTR of the task (default: the branch's task).")
-@click.option("--workers", default=2, show_default=True, help="Ray Train workers (DDP ranks).")
-@click.option("--steps", default=200, show_default=True, help="Train until this branch step.")
-@click.option("--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps.")
-@click.option("--eval-every", default=10, show_default=True, help="Evaluate every N steps.")
-@click.option(
-    "--freeze", multiple=True, metavar="GLOB", help="Freeze matching parameters (repeatable)."
+@config_option("workers", "Ray Train workers (DDP ranks).")
+@config_option("steps", "Train until this branch step.")
+@config_option("checkpoint_every", "Checkpoint every N steps.")
+@config_option("eval_every", "Evaluate every N steps.")
+@config_option("freeze", "Freeze matching parameters (repeatable).", metavar="GLOB")
+@config_option("lr", "Adam learning rate.")
+@config_option(
+    "backbone_lr_mult", "Learning-rate multiplier for everything but the task's head (fine-tuning)."
 )
-@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option(
-    "--backbone-lr-mult",
-    default=1.0,
-    show_default=True,
-    help="Learning-rate multiplier for everything but the task's head (fine-tuning).",
-)
-@click.option("--batch-size", default=32, show_default=True, help="Examples per worker per step.")
-@click.option("--seed", default=0, show_default=True, help="Seed for initialisation and batches.")
-@click.option("--lazy", is_flag=True, help="Lazy checkpoint staging (overlaps the next step).")
-@click.option("--max-failures", default=0, show_default=True, help="Worker-group restarts allowed.")
+@config_option("batch_size", "Examples per worker per step.")
+@config_option("seed", "Seed for initialisation and batches.")
+@config_option("lazy", "Lazy checkpoint staging (overlaps the next step).")
+@config_option("max_failures", "Worker-group restarts allowed.")
 @json_option
 @pass_env
 def train(
@@ -98,14 +114,14 @@ def train(
         f"step {summary.start_step} -> {summary.final_step} in {summary.wall_s:.1f} s"
     )
     if summary.checkpoints:
-        new = sum(c["new_bytes"] for c in summary.checkpoints)
+        new = sum(c.new_bytes for c in summary.checkpoints)
         click.echo(
             f"  {len(summary.checkpoints)} checkpoints, "
-            f"head {short(summary.checkpoints[-1]['id'])}, "
+            f"head {short(summary.checkpoints[-1].id)}, "
             f"{fmt_bytes(new)} new bytes"
         )
     for failed in summary.checkpoint_errors:
-        click.echo(f"  checkpoint at step {failed['step']} failed: {failed['error']}", err=True)
+        click.echo(f"  checkpoint at step {failed.step} failed: {failed.error}", err=True)
 
 
 @contextmanager
@@ -122,7 +138,7 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-class _Progress:
+class _Progress(ProgressListener):
     """One live line on a terminal, one line per event otherwise."""
 
     def __init__(self, *, err: bool) -> None:
@@ -131,31 +147,34 @@ class _Progress:
         self.last_ckpt: str | None = None
         self.stall_ms = 0.0
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        if kind == "restore":
-            if event["checkpoint"] is None:
-                self.echo("starting from scratch (empty branch)")
-            elif event["resumed"]:
-                self.echo(f"resuming from {short(event['checkpoint'])} at step {event['step']}")
-            else:
-                self.echo(
-                    f"transferring from {short(event['checkpoint'])}: "
-                    f"{len(event['transferred'])} tensors loaded, "
-                    f"{len(event['skipped'])} re-initialised, {len(event['frozen'])} frozen"
-                )
-        elif kind == "checkpoint":
-            self.last_ckpt, self.stall_ms = event["id"], event["stall_ms"]
-        elif kind == "eval":
-            line = (
-                f"step {event['step']:>5}  loss {event['loss']:.4f}  "
-                f"{event['metric_name']} {event['metric']:.4f}  "
-                f"ckpt {short(self.last_ckpt)}  stall {self.stall_ms:.1f} ms"
+    # docstring inherited
+    def restored(self, event: Restored) -> None:
+        if event.checkpoint is None:
+            self.echo("starting from scratch (empty branch)")
+        elif event.resumed:
+            self.echo(f"resuming from {short(event.checkpoint)} at step {event.step}")
+        else:
+            self.echo(
+                f"transferring from {short(event.checkpoint)}: "
+                f"{len(event.transferred)} tensors loaded, "
+                f"{len(event.skipped)} re-initialised, {len(event.frozen)} frozen"
             )
-            if self.tty:
-                self.echo("\r" + line, nl=False)
-            else:
-                self.echo(line)
+
+    # docstring inherited
+    def checkpointed(self, event: Checkpointed) -> None:
+        self.last_ckpt, self.stall_ms = event.id, event.stall_ms
+
+    # docstring inherited
+    def evaluated(self, event: Evaluated) -> None:
+        line = (
+            f"step {event.step:>5}  loss {event.loss:.4f}  "
+            f"{event.metric_name} {event.metric:.4f}  "
+            f"ckpt {short(self.last_ckpt)}  stall {self.stall_ms:.1f} ms"
+        )
+        if self.tty:
+            self.echo("\r" + line, nl=False)
+        else:
+            self.echo(line)
 
     def echo(self, message: str, nl: bool = True) -> None:
         click.echo(message, nl=nl, err=self.err)

@@ -1,6 +1,6 @@
-"""Where the registry and the store live.
+"""Where the registry and the store live, and what one training run does.
 
-Precedence, highest first: explicit arguments (CLI flags), environment (``TLREG_HOME``,
+Settings precedence, highest first: explicit arguments (CLI flags), environment (``TLREG_HOME``,
 ``TLREG_REGISTRY_URL``, ``TLREG_STORE_URL``), ``$TLREG_HOME/tlreg.toml``, then the embedded
 defaults: a SQLite registry and a store directory inside ``TLREG_HOME`` (``~/.tlreg``).
 Credentials never go here: stores read them from the environment or the provider's config.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import tomllib
 from sqlalchemy.engine import make_url
@@ -95,15 +96,30 @@ def load_settings(
     return Settings(home=home_path, registry_url=registry, store_url=store)
 
 
-def without_password(url: str) -> str:
-    """``url`` with any password removed (not masked): what may be written down or shown.
-    Database passwords come from the environment (``PGPASSWORD``) or ``~/.pgpass``."""
+def without_password(url: str, *, mask: bool = False) -> str:
+    """``url`` with its password removed, or with ``mask`` replaced by ``***``: what may be
+    written down, shown or sent. A URL that holds no password is returned unchanged.
+
+    The URL is read as SQLAlchemy reads it (the registry connects with that reading, so the
+    password found is the one it would send), or, when SQLAlchemy cannot read it, as
+    :func:`urllib.parse.urlsplit` does. Passwords belong in the environment (``PGPASSWORD``,
+    ``~/.pgpass``, the object store provider's variables and config files).
+    """
+    hidden = "***" if mask else None
     try:
         parsed = make_url(url)
     except ArgumentError:
-        return url
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        login, _, host = parts.netloc.rpartition("@")
+        user = login.partition(":")[0]
+        login = user if hidden is None else f"{user}:{hidden}"
+        return urlunsplit(parts._replace(netloc=f"{login}@{host}"))
     if parsed.password is None:
         return url
+    if mask:
+        return parsed.render_as_string(hide_password=True)
     return parsed._replace(password=None).render_as_string(hide_password=False)
 
 
@@ -133,3 +149,59 @@ def write_settings(settings: Settings) -> Path:
 
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """One training run of one branch; everything a worker needs, JSON-serialisable.
+
+    Its defaults are ``tlreg train``'s: the command's options take them from here.
+    """
+
+    branch: str
+    """Registry branch to restore from and commit to."""
+    task: str
+    """``MODULE:ATTR`` naming a :class:`~tlreg.training.task.Task`."""
+    registry_url: str
+    """Registry every worker commits to (rank 0) and reads from."""
+    store_url: str
+    """Object store every worker reads from and writes to."""
+    workers: int = 2
+    """Ray Train workers (DDP ranks, gloo on CPU)."""
+    steps: int = 200
+    """Train until this branch step (a resumed run continues from its last checkpoint)."""
+    checkpoint_every: int = 50
+    """Checkpoint every N steps, and at the last step."""
+    eval_every: int = 10
+    """Evaluate the validation metric every N steps (rank 0)."""
+    freeze: tuple[str, ...] = ()
+    """Globs of parameter names that do not train (feature extraction)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    backbone_lr_mult: float = 1.0
+    """Learning-rate multiplier for the backbone: every trainable parameter outside the
+    task's ``reset`` globs (full fine-tuning with a gentler backbone, e.g. 0.1)."""
+    batch_size: int = 32
+    """Examples per rank per step."""
+    seed: int = 0
+    """Seed for model initialisation and batch order."""
+    lazy: bool = False
+    """Lazy checkpoint staging (the copy overlaps the next forward/backward)."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may do; each resumes from the last commit."""
+
+    def __post_init__(self) -> None:
+        # Each rule is checked here once so that workers never start with a bad config.
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be >= 1, got {self.eval_every}")
+        if self.backbone_lr_mult < 0:
+            raise ConfigError(f"--backbone-lr-mult must be >= 0, got {self.backbone_lr_mult}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.freeze = tuple(self.freeze)

@@ -2,7 +2,7 @@
 
 ``tlreg submit`` and ``ray job submit -- tlreg train ...`` start the same entry point. Either
 way the driver finds its submission id in the job config that Ray's job supervisor hands
-every job driver (:func:`current_submission_id`), and :func:`~tlreg.training.loop.train`
+every job driver (:func:`current_submission_id`), and :func:`~tlreg.training.driver.train`
 records it on the registry's Run row.
 
 What travels with a submitted job: the registry and store locations (``TLREG_REGISTRY_URL``,
@@ -26,14 +26,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from tlreg.training.config import without_password
 from tlreg.training.errors import TrainingError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-    from tlreg.training.loop import TrainConfig
+    from tlreg.training.config import TrainConfig
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 """Ray's job server (the dashboard) on a local head node."""
@@ -127,36 +128,23 @@ def train_entrypoint(config: TrainConfig) -> str:
 def job_env(config: TrainConfig, home: str | os.PathLike[str]) -> tuple[dict[str, str], list[str]]:
     """The runtime_env ``env_vars`` of a job training ``config``, and the names of the
     credentials left out of them."""
-    from sqlalchemy.engine import URL, make_url
-
     dropped: list[str] = []
-    registry = make_url(config.registry_url)
-    if registry.password is not None:
+    registry_url = without_password(config.registry_url)
+    if registry_url != config.registry_url:
         dropped.append("registry password")
-        # URL.set(password=None) keeps the password: build the URL again without it.
-        registry = URL.create(
-            registry.drivername,
-            username=registry.username,
-            host=registry.host,
-            port=registry.port,
-            database=registry.database,
-            query=registry.query,
-        )
-    store_url = config.store_url
-    parts = urlsplit(store_url)
-    if "://" not in store_url:
+    if "://" not in config.store_url:
         # A relative store path would resolve against the job's working directory.
-        store_url = str(Path(store_url).expanduser().absolute())
-    elif parts.password is not None:
-        dropped.append("store password")
-        host = parts.netloc.rsplit("@", 1)[1]
-        user = f"{parts.username}@" if parts.username else ""
-        store_url = urlunsplit(parts._replace(netloc=user + host))
+        store_url = str(Path(config.store_url).expanduser().absolute())
+    else:
+        store_url = without_password(config.store_url)
+        if store_url != config.store_url:
+            dropped.append("store password")
     env = {
         "TLREG_HOME": str(Path(home).expanduser().absolute()),
-        "TLREG_REGISTRY_URL": registry.render_as_string(hide_password=False),
+        "TLREG_REGISTRY_URL": registry_url,
         "TLREG_STORE_URL": store_url,
-        # Without this every ray.train.report waits ~2 s for Ray Train's controller poll.
+        # Without it every ray.train.report waits for Ray Train's controller poll (see
+        # docs/performance.md, "Ray Train's report interval").
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
         ),

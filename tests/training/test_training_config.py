@@ -74,7 +74,8 @@ def test_bad_task_specs_are_explained(spec: str, message: str) -> None:
 
 
 def test_run_config_never_records_the_database_password() -> None:
-    from tlreg.training.loop import TrainConfig, recorded_config
+    from tlreg.training import TrainConfig
+    from tlreg.training.driver import recorded_config
 
     config = TrainConfig(
         branch="b",
@@ -90,8 +91,9 @@ def test_run_config_never_records_the_database_password() -> None:
 
 
 def test_backbone_learning_rate_multiplier_applies_to_everything_but_the_head() -> None:
+    from tlreg.training import TrainConfig
     from tlreg.training.examples.digits import upper
-    from tlreg.training.loop import TrainConfig, param_groups
+    from tlreg.training.freeze import param_groups
 
     model = upper.build_model(0)
     model.features[1].weight.requires_grad_(False)
@@ -119,7 +121,7 @@ def test_backbone_learning_rate_multiplier_applies_to_everything_but_the_head() 
 
 
 def test_a_failed_run_is_summarised_by_the_workers_root_cause() -> None:
-    from tlreg.training.loop import root_cause
+    from tlreg.training.driver import root_cause
 
     wrapped = RuntimeError(
         "Training failed due to worker errors:\n"
@@ -130,3 +132,21 @@ def test_a_failed_run_is_summarised_by_the_workers_root_cause() -> None:
         "tlreg.training.errors.ConfigError: --freeze ['*'] froze every parameter"
     )
     assert root_cause(ValueError("plain")) == "ValueError: plain"
+
+
+@pytest.mark.parametrize(
+    ("url", "removed", "masked"),
+    [
+        ("postgresql+psycopg://u:s3cr3t@db/reg", "postgresql+psycopg://u@db/reg",
+         "postgresql+psycopg://u:***@db/reg"),
+        ("s3://AK:s3cr3t@bucket/prefix", "s3://AK@bucket/prefix", "s3://AK:***@bucket/prefix"),
+        ("my-fs://u:s3cr3t@host/p", "my-fs://u@host/p", "my-fs://u:***@host/p"),
+        ("sqlite:////tmp/r.db", "sqlite:////tmp/r.db", "sqlite:////tmp/r.db"),
+        ("/data/store", "/data/store", "/data/store"),
+    ],
+)  # fmt: skip
+def test_one_helper_removes_or_masks_a_urls_password(url: str, removed: str, masked: str) -> None:
+    from tlreg.training.config import without_password
+
+    assert without_password(url) == removed
+    assert without_password(url, mask=True) == masked
