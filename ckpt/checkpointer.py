@@ -42,12 +42,12 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import blake3
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from tlreg.ckpt.dtypes import DTYPES, dtype_from_name, dtype_name, from_bytes, tensor_nbytes
 from tlreg.ckpt.errors import CheckpointError, CorruptCheckpoint, UnsupportedFormat
+from tlreg.ckpt.hashing import hash_bytes, hash_parts
 from tlreg.ckpt.manifest import (
     Manifest,
     ShardEntry,
@@ -60,11 +60,12 @@ from tlreg.ckpt.manifest import (
     write_manifest,
 )
 from tlreg.ckpt.objects import (
+    LayoutCache,
     ObjectLayout,
-    chunk_key,
-    meta_key,
-    read_layout,
-    split_chunks,
+    ObjectReader,
+    is_stored,
+    write_marker,
+    write_unless_stored,
     zero_pad,
 )
 from tlreg.ckpt.shards import (
@@ -81,7 +82,7 @@ from tlreg.ckpt.shards import (
 from tlreg.ckpt.staging import Event, Stager, align, page_aligned_empty, place
 from tlreg.ckpt.tree import flatten_state, select_subtree, tensor_refs, unflatten_state
 from tlreg.ckpt.writer import ProcessWriter, SharedArenas, check_store
-from tlreg.storage_backends import ObjectNotFound, Store, open_store
+from tlreg.storage_backends import Store, open_store
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -106,7 +107,6 @@ DEFAULT_WRITER: Literal["thread", "process"] = "thread"
 
 _HASH_BATCH_BYTES = 4 << 20  # small tensors are hashed in batches to amortise task overhead
 _HASH_BATCH_COUNT = 512
-_MT_HASH_BYTES = 4 << 20  # from here on blake3 hashes with several threads
 _DIRECT_READ_BYTES = 1 << 20  # tensors this large are read straight into their own memory
 
 _T = TypeVar("_T")
@@ -129,11 +129,6 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     """The bytes of a contiguous CPU tensor as a flat uint8 tensor sharing its memory."""
     flat = tensor.detach().reshape(-1)
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-
-
-def _blake3(data: memoryview | bytes) -> str:
-    threads = blake3.blake3.AUTO if len(data) >= _MT_HASH_BYTES else 1
-    return blake3.blake3(data, max_threads=threads).hexdigest()
 
 
 @dataclass(slots=True)
@@ -475,40 +470,38 @@ class _LocalOps(_Ops):
 
     # docstring inherited
     def hash(self, spans: list[_Span]) -> Future[list[str]]:
-        return self._tasks.submit(lambda: [_blake3(self._part(s)) for s in spans])
+        return self._tasks.submit(lambda: [hash_bytes(self._part(s)) for s in spans])
 
-    def _write(self, digest: str, spans: list[_Span], nbytes: int) -> ObjectLayout | None:
-        if self._store.exists(meta_key(digest)):
-            return None  # by an earlier save or another process
-        layout = ObjectLayout.plan(nbytes)
+    def _write(self, name: str, spans: list[_Span], nbytes: int) -> ObjectLayout | None:
         parts = [self._part(s) for s in spans]
-        for i, chunk in enumerate(split_chunks(parts, layout)):
-            self._tasks.submit(self._store.put, chunk_key(digest, i), chunk)
-        return layout
+        return write_unless_stored(
+            self._store,
+            name,
+            parts,
+            nbytes,
+            lambda key, chunk: self._tasks.submit(self._store.put, key, chunk),
+        )
 
     # docstring inherited
     def write_object(
-        self, digest: str, spans: list[_Span], nbytes: int
+        self, name: str, spans: list[_Span], nbytes: int
     ) -> Future[tuple[str, ObjectLayout | None]]:
-        return self._tasks.submit(lambda: (digest, self._write(digest, spans, nbytes)))
+        return self._tasks.submit(lambda: (name, self._write(name, spans, nbytes)))
 
     # docstring inherited
     def write_pack(
         self, spans: list[_Span], nbytes: int
     ) -> Future[tuple[str, ObjectLayout | None]]:
         def run() -> tuple[str, ObjectLayout | None]:
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            for s in spans:
-                hasher.update(self._part(s))
-            digest = hasher.hexdigest()
-            return digest, self._write(digest, spans, nbytes)
+            name = hash_parts(self._part(s) for s in spans)
+            return name, self._write(name, spans, nbytes)
 
         return self._tasks.submit(run)
 
     # docstring inherited
     def write_meta(self, finals: Mapping[str, ObjectLayout]) -> None:
-        for digest, layout in finals.items():
-            self._tasks.submit(self._store.put, meta_key(digest), layout.zarr_json())
+        for name, layout in finals.items():
+            self._tasks.submit(write_marker, self._store, name, layout)
         self._tasks.wait()
 
     # docstring inherited
@@ -681,7 +674,7 @@ class AsyncCheckpointer:
         self._index_lock = threading.Lock()
         self._frozen: dict[str, tuple[_Signature, _Stored]] = {}
         self._frozen_lock = threading.Lock()
-        self._layouts: dict[str, ObjectLayout] = {}
+        self._layouts = LayoutCache()
         self._manifests: dict[str, Manifest] = {}
         self._closed = False
 
@@ -1060,7 +1053,7 @@ class AsyncCheckpointer:
     def _exists(self, digest: str, checked: dict[str, bool]) -> bool:
         ok = checked.get(digest)
         if ok is None:
-            ok = checked[digest] = self.store.exists(meta_key(digest))
+            ok = checked[digest] = is_stored(self.store, digest)
         return ok
 
     def _reread(self, item: _Item) -> torch.Tensor:
@@ -1166,7 +1159,7 @@ class AsyncCheckpointer:
         """
         collective = self._collective
         assert collective is not None and job.layout is not None
-        layout = blake3.blake3(json.dumps(job.layout, separators=(",", ":")).encode()).hexdigest()
+        layout = hash_bytes(json.dumps(job.layout, separators=(",", ":")).encode())
         if error is None and part is not None:
             part.layout = layout
             payload = part.to_bytes()
@@ -1379,12 +1372,6 @@ class AsyncCheckpointer:
             raise CorruptCheckpoint(f"manifest {manifest_id} in {self.store.url} holds no dict")
         return state
 
-    def _layout(self, digest: str) -> ObjectLayout:
-        layout = self._layouts.get(digest)
-        if layout is None:
-            layout = self._layouts[digest] = read_layout(self.store, digest)
-        return layout
-
     def _read_raw(
         self,
         manifest: Manifest,
@@ -1394,7 +1381,7 @@ class AsyncCheckpointer:
         """Read and verify the bytes of ``reads`` (name -> entry) in parallel on the I/O pool;
         returns each as a flat uint8 tensor: the one in ``buffers`` under its name if any
         (exactly ``entry.nbytes`` long), else a new one."""
-        store = self.store
+        reader = ObjectReader(self.store, manifest.id, self._layouts)
         outs: dict[str, torch.Tensor] = {}
         by_object: dict[str, list[str]] = {}
         for name, entry in reads.items():
@@ -1412,82 +1399,58 @@ class AsyncCheckpointer:
             if entry.nbytes:
                 by_object.setdefault(entry.object, []).append(name)
 
-        def damaged(name: str, why: str, more: int = 0) -> CorruptCheckpoint:
-            entry = reads[name]
-            also = f" and {more} more" if more else ""
-            return CorruptCheckpoint(
-                f"tensor {name!r}{also} of checkpoint {manifest.id} is damaged: object "
-                f"{entry.object} in {store.url} {why}; run verify() and restore the object "
-                "from a copy"
-            )
-
-        def read_object(digest: str, members: list[str]) -> None:
-            try:
-                layout = self._layout(digest)
-            except ObjectNotFound:
-                raise damaged(members[0], "is missing", len(members) - 1) from None
-            except UnsupportedFormat as e:
-                raise damaged(members[0], f"has an unexpected zarr.json ({e})") from None
+        def read_object(name: str, members: list[str]) -> None:
+            more = f" and {len(members) - 1} more" if len(members) > 1 else ""
+            layout = reader.layout(name, f"tensor {members[0]!r}{more}")
             # small tensors: one ranged read per chunk they touch, then copies out of it
             by_chunk: dict[int, list[tuple[str, int, int, int]]] = {}
             for path in members:
                 entry = reads[path]
-                if entry.offset + entry.nbytes > layout.nbytes:
-                    raise damaged(path, f"is {layout.nbytes} bytes, too short for the tensor")
-                out = outs[path].numpy().data
+                reader.layout(name, f"tensor {path!r}", entry.offset, entry.nbytes)
                 if entry.nbytes >= _DIRECT_READ_BYTES:
-                    tasks.submit(read_direct, path, digest, layout, entry.offset, out)
+                    tasks.submit(read_direct, path)
                     continue
                 done = 0
                 for index, offset, n in layout.pieces(entry.offset, entry.nbytes):
                     by_chunk.setdefault(index, []).append((path, offset, n, done))
                     done += n
             for index, pieces in by_chunk.items():
-                tasks.submit(read_pieces, digest, index, pieces)
+                tasks.submit(read_pieces, name, index, pieces)
 
-        def read_direct(
-            path: str, digest: str, layout: ObjectLayout, start: int, out: memoryview
-        ) -> None:
-            done = 0
-            try:
-                for index, offset, n in layout.pieces(start, len(out)):
-                    store.get_into(chunk_key(digest, index), out[done : done + n], offset)
-                    done += n
-            except ObjectNotFound:
-                raise damaged(path, "lacks a chunk") from None
-            except EOFError:
-                raise damaged(path, "is truncated") from None
+        def read_direct(path: str) -> None:
+            entry = reads[path]
+            out = outs[path].numpy().data
+            reader.read_into(entry.object, entry.offset, out, f"tensor {path!r}")
             # hashed while the other reads go on (a damaged one is reported below, in order)
-            verified[path] = _blake3(out) == reads[path].hash
+            verified[path] = hash_bytes(out) == entry.hash
 
-        def read_pieces(digest: str, index: int, pieces: list[tuple[str, int, int, int]]) -> None:
+        def read_pieces(name: str, index: int, pieces: list[tuple[str, int, int, int]]) -> None:
             lo = min(offset for _, offset, _, _ in pieces)
             hi = max(offset + n for _, offset, n, _ in pieces)
-            try:
-                data = store.get_range(chunk_key(digest, index), lo, hi - lo)
-            except ObjectNotFound:
-                raise damaged(pieces[0][0], "lacks a chunk") from None
-            if len(data) != hi - lo:
-                raise damaged(pieces[0][0], "is truncated")
-            src = memoryview(data)
+            src = memoryview(
+                reader.read_chunk(name, index, lo, hi - lo, f"tensor {pieces[0][0]!r}")
+            )
             for path, offset, n, at in pieces:
                 outs[path].numpy().data[at : at + n] = src[offset - lo : offset - lo + n]
 
         verified: dict[str, bool] = {}  # large tensors, hashed by the task that read them
         tasks = _Tasks(self._io_pool)
-        for digest, members in by_object.items():
-            tasks.submit(read_object, digest, members)
+        for name, members in by_object.items():
+            tasks.submit(read_object, name, members)
         tasks.wait()
 
         def check(path: str) -> bool:
-            return _blake3(outs[path].numpy().data) == reads[path].hash
+            return hash_bytes(outs[path].numpy().data) == reads[path].hash
 
         checks = {name: self._io_pool.submit(check, name) for name in reads if name not in verified}
         # the first damaged tensor in the state's order is the one reported
         for name in reads:
             ok = verified[name] if name in verified else checks[name].result()
             if not ok:
-                raise damaged(name, "does not match the tensor's hash")
+                entry = reads[name]
+                raise reader.damaged(
+                    f"tensor {name!r}", entry.object, "does not match the tensor's hash"
+                )
         return outs
 
     # -- lifecycle ----------------------------------------------------------------------

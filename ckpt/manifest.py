@@ -47,9 +47,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import blake3
-
 from tlreg.ckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
+from tlreg.ckpt.hashing import hash_bytes
 from tlreg.storage_backends import ObjectNotFound, Store
 
 FORMAT = "tlreg.manifest"
@@ -123,7 +122,7 @@ class ShardEntry:
 def shards_digest(shards: Iterable[ShardEntry]) -> str:
     """The ``hash`` of a sharded tensor: BLAKE3 of its ``[[offsets, shape, hash], ...]``."""
     doc = [[list(s.offsets), list(s.shape), s.hash] for s in shards]
-    return blake3.blake3(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
+    return hash_bytes(json.dumps(doc, separators=(",", ":")).encode())
 
 
 @dataclass(frozen=True)
@@ -243,7 +242,7 @@ class Manifest:
     def to_bytes(self) -> bytes:
         """The manifest file's content (UTF-8 JSON, standard: no NaN literals, checksummed)."""
         doc = self.to_json()
-        return _dumps({**doc, "checksum": blake3.blake3(_dumps(doc)).hexdigest()})
+        return _dumps({**doc, "checksum": hash_bytes(_dumps(doc))})
 
     @classmethod
     def from_json(
@@ -335,7 +334,7 @@ def _intact(doc: Mapping[str, Any], raw: bytes) -> bool:
     checksum = doc.get("checksum")
     body = {k: v for k, v in doc.items() if k != "checksum"}
     try:
-        return blake3.blake3(_dumps(body)).hexdigest() == checksum and _dumps(doc) == raw
+        return hash_bytes(_dumps(body)) == checksum and _dumps(doc) == raw
     except ValueError:  # NaN or Infinity literals: never written by tlreg
         return False
 

@@ -5,7 +5,14 @@ the BLAKE3 hash of its bytes: ``zarr.json`` plus chunk files ``c/0``, ``c/1``, .
 chunk key encoding, uncompressed ``bytes`` codec), so ``zarr.open_array`` reads any object.
 
 The engine writes the chunk files itself, from the staged buffers, and writes ``zarr.json``
-last: its existence marks a complete object, and it is what dedup checks. Zarr v3 expects
+last: its existence marks a complete object, and it is what dedup checks.
+
+This module is the one object I/O layer: writing an object unless it is stored
+(:func:`write_unless_stored`, then :func:`write_marker`), reading a byte range into a buffer
+(:class:`ObjectReader`, with its :class:`LayoutCache`), reading whole chunks
+(:func:`iter_chunks`), and the one "damaged object" error (:meth:`ObjectReader.damaged`).
+The engine (:mod:`~tlreg.ckpt.persist`, :mod:`~tlreg.ckpt.restore`), the writer process,
+the zarr view and :func:`~tlreg.ckpt.verify` all go through it. Zarr v3 expects
 every chunk at full chunk size, the final one included (zarr-python refuses a short one), so
 the chunk size is chosen per object as ``ceil(nbytes / k)`` for the smallest ``k`` that keeps
 chunks under the target: the zero padding of the last chunk is then below ``k`` bytes.
@@ -14,12 +21,14 @@ chunks under the target: the zero padding of the last chunk is then below ``k`` 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tlreg.ckpt.errors import UnsupportedFormat
-from tlreg.storage_backends import Store
+from tlreg.ckpt.errors import CorruptCheckpoint, UnsupportedFormat
+from tlreg.storage_backends import ObjectNotFound, Store
 
 OBJECTS = "objects"
 CHUNK_BYTES = 16 << 20
@@ -157,14 +166,129 @@ def read_layout(store: Store, digest: str) -> ObjectLayout:
     return ObjectLayout.from_zarr_json(store.get(meta_key(digest)), name=f"object {digest}")
 
 
-def read_range(
-    store: Store, digest: str, layout: ObjectLayout, start: int, out: memoryview
-) -> None:
-    """Fill ``out`` with the object's bytes from ``start``."""
-    done = 0
-    for index, offset, n in layout.pieces(start, len(out)):
-        store.get_into(chunk_key(digest, index), out[done : done + n], offset)
-        done += n
+def is_stored(store: Store, digest: str) -> bool:
+    """Whether object ``digest`` is complete in ``store`` (its ``zarr.json`` exists)."""
+    return store.exists(meta_key(digest))
+
+
+def write_unless_stored(
+    store: Store,
+    digest: str,
+    parts: Sequence[memoryview],
+    nbytes: int,
+    put: Callable[[str, list[memoryview]], Any] | None = None,
+) -> ObjectLayout | None:
+    """Write the chunks of object ``digest`` (``parts`` back to back, ``nbytes`` in all)
+    unless it is already stored; its layout, or None when it was stored.
+
+    The object-sized :meth:`Store.put_if_absent`: one existence check on ``zarr.json``, then
+    the chunks (by ``put(key, buffers)``, default ``store.put``; a caller passes its thread
+    pool's submit to write them in parallel). Content-addressed, so a concurrent writer of
+    the same object writes the same bytes. The object is complete only once
+    :func:`write_marker` has written its ``zarr.json``, after every chunk is durable.
+    """
+    if is_stored(store, digest):
+        return None  # by an earlier save or another process
+    layout = ObjectLayout.plan(nbytes)
+    write = put or store.put
+    for i, chunk in enumerate(split_chunks(parts, layout)):
+        write(chunk_key(digest, i), chunk)
+    return layout
+
+
+def write_marker(store: Store, digest: str, layout: ObjectLayout) -> None:
+    """Write the ``zarr.json`` that marks object ``digest`` complete (its chunks are durable)."""
+    store.put(meta_key(digest), layout.zarr_json())
+
+
+def iter_chunks(store: Store, digest: str, layout: ObjectLayout) -> Iterator[memoryview]:
+    """Each chunk file of the object, whole and in order (``ObjectNotFound`` for a lost one)."""
+    for index in range(layout.nchunks):
+        yield memoryview(store.get(chunk_key(digest, index)))
+
+
+class LayoutCache:
+    """Layouts of objects already read (objects are immutable): the most recent ``size``."""
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self._size = size
+        self._layouts: OrderedDict[str, ObjectLayout] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return LayoutCache, (self._size,)  # pickles empty (it is only a cache)
+
+    def get(self, store: Store, digest: str) -> ObjectLayout:
+        """The layout of object ``digest``, read once (raises like :func:`read_layout`)."""
+        with self._lock:
+            layout = self._layouts.get(digest)
+            if layout is not None:
+                self._layouts.move_to_end(digest)
+                return layout
+        layout = read_layout(store, digest)
+        with self._lock:
+            self._layouts[digest] = layout
+            if len(self._layouts) > self._size:
+                self._layouts.popitem(last=False)
+        return layout
+
+
+class ObjectReader:
+    """Reads byte ranges of the objects of checkpoint ``checkpoint`` in ``store``.
+
+    Every failure (a missing or malformed object, a lost chunk, a short one, a range past
+    the object's end) raises :class:`CorruptCheckpoint` from :meth:`damaged`, naming what was
+    being read (``subject``, e.g. ``"tensor 'model/w'"``) and the object.
+    """
+
+    def __init__(self, store: Store, checkpoint: str, layouts: LayoutCache | None = None) -> None:
+        self.store = store
+        self.checkpoint = checkpoint
+        self._layouts = layouts if layouts is not None else LayoutCache()
+
+    def damaged(self, subject: str, digest: str, why: str) -> CorruptCheckpoint:
+        """The error for ``subject`` of this checkpoint, stored in object ``digest``: ``why``."""
+        return CorruptCheckpoint(
+            f"{subject} of checkpoint {self.checkpoint} is damaged: object {digest} in "
+            f"{self.store.url} {why}; run verify() (`tlreg verify`) and restore the object "
+            "from a copy"
+        )
+
+    def layout(self, digest: str, subject: str, start: int = 0, nbytes: int = 0) -> ObjectLayout:
+        """The object's layout, checked to hold bytes ``[start, start + nbytes)``."""
+        try:
+            layout = self._layouts.get(self.store, digest)
+        except ObjectNotFound:
+            raise self.damaged(subject, digest, "is missing") from None
+        except UnsupportedFormat as e:
+            raise self.damaged(subject, digest, f"has an unexpected zarr.json ({e})") from None
+        if start + nbytes > layout.nbytes:
+            end = start + nbytes
+            raise self.damaged(subject, digest, f"is {layout.nbytes} bytes, too short for {end}")
+        return layout
+
+    def read_into(self, digest: str, start: int, out: memoryview, subject: str) -> None:
+        """Fill ``out`` with the object's bytes from ``start`` (each chunk read into place)."""
+        layout = self.layout(digest, subject, start, len(out))
+        done = 0
+        try:
+            for index, offset, n in layout.pieces(start, len(out)):
+                self.store.get_into(chunk_key(digest, index), out[done : done + n], offset)
+                done += n
+        except ObjectNotFound:
+            raise self.damaged(subject, digest, "lacks a chunk") from None
+        except EOFError:
+            raise self.damaged(subject, digest, "is truncated") from None
+
+    def read_chunk(self, digest: str, index: int, start: int, length: int, subject: str) -> bytes:
+        """Bytes ``[start, start + length)`` of chunk ``index`` of the object."""
+        try:
+            data = self.store.get_range(chunk_key(digest, index), start, length)
+        except ObjectNotFound:
+            raise self.damaged(subject, digest, "lacks a chunk") from None
+        if len(data) != length:
+            raise self.damaged(subject, digest, "is truncated")
+        return data
 
 
 def stored_objects(store: Store) -> set[str]:

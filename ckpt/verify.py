@@ -9,11 +9,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import blake3
-
 from tlreg.ckpt.errors import UnsupportedFormat
+from tlreg.ckpt.hashing import hasher
 from tlreg.ckpt.manifest import Manifest, TensorEntry, read_manifest
-from tlreg.ckpt.objects import chunk_key, read_layout
+from tlreg.ckpt.objects import iter_chunks, read_layout
 from tlreg.storage_backends import ObjectNotFound, Store
 
 
@@ -116,22 +115,21 @@ def _check_object(
             continue  # cannot be read at all: reported as damaged below
         for index, start, n in layout.pieces(offset, nbytes):
             by_chunk.setdefault(index, []).append((span, start, n))
-    hashers = {span: blake3.blake3() for span in spans}
-    whole = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hashers = {span: hasher(span[1]) for span in spans}
+    whole = hasher(layout.nbytes)
     status, read = "ok", 0
-    for index in range(layout.nchunks):
-        try:
-            data = memoryview(store.get(chunk_key(digest, index)))
-        except ObjectNotFound:
-            # its zarr.json exists: a lost chunk, or a damaged chunk size that names too many
-            return "damaged", read, {p for p, _ in members}
-        read += len(data)
-        logical = min(layout.chunk, layout.nbytes - index * layout.chunk)
-        if len(data) != layout.chunk:
-            status = "damaged"
-        whole.update(data[:logical])
-        for span, start, n in by_chunk.get(index, []):
-            hashers[span].update(data[start : start + n])
+    try:
+        for index, data in enumerate(iter_chunks(store, digest, layout)):
+            read += len(data)
+            logical = min(layout.chunk, layout.nbytes - index * layout.chunk)
+            if len(data) != layout.chunk:
+                status = "damaged"
+            whole.update(data[:logical])
+            for span, start, n in by_chunk.get(index, []):
+                hashers[span].update(data[start : start + n])
+    except ObjectNotFound:
+        # its zarr.json exists: a lost chunk, or a damaged chunk size that names too many
+        return "damaged", read, {p for p, _ in members}
     if whole.hexdigest() != digest or layout.nbytes != manifest.objects[digest]:
         status = "damaged"
     bad = {

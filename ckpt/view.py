@@ -63,8 +63,8 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from tlreg.ckpt.dtypes import DTYPES
 from tlreg.ckpt.errors import CheckpointError, CorruptCheckpoint
 from tlreg.ckpt.manifest import Manifest, TensorEntry, read_manifest
-from tlreg.ckpt.objects import ObjectLayout, chunk_key, read_layout
-from tlreg.storage_backends import ObjectNotFound, Store, open_store
+from tlreg.ckpt.objects import ObjectReader
+from tlreg.storage_backends import Store, open_store
 
 __all__ = ["VIEW_CHUNK_BYTES", "CheckpointStore", "ReadOnlyView", "open_checkpoint"]
 
@@ -242,7 +242,7 @@ class CheckpointStore(ZarrStore):
         self.store = open_store(store)
         self.manifest: Manifest = read_manifest(self.store, manifest_id)
         self.chunk_bytes = chunk_bytes
-        self._layouts: dict[str, ObjectLayout] = {}
+        self._reader = ObjectReader(self.store, self.manifest.id)
         self._arrays: dict[str, _ArrayView] = {}
         self.omitted: dict[str, str] = {}
         self._build()
@@ -332,35 +332,9 @@ class CheckpointStore(ZarrStore):
                     return None if where is None else (view, path, *where)
         return None
 
-    def _layout(self, digest: str) -> ObjectLayout:
-        layout = self._layouts.get(digest)
-        if layout is None:
-            try:
-                layout = self._layouts[digest] = read_layout(self.store, digest)
-            except ObjectNotFound:
-                raise CorruptCheckpoint(
-                    f"object {digest} of checkpoint {self.manifest.id} is missing from "
-                    f"{self.store.url}; run `tlreg verify` to list the damaged tensors"
-                ) from None
-        return layout
-
     def _read_into(self, path: str, digest: str, start: int, out: memoryview) -> None:
         """Fill ``out`` with bytes of object ``digest`` from ``start``."""
-        layout = self._layout(digest)
-        if start + len(out) > layout.nbytes:
-            raise CorruptCheckpoint(
-                f"tensor {path} lies past the end of object {digest}; the checkpoint is damaged"
-            )
-        done = 0
-        try:
-            for index, offset, n in layout.pieces(start, len(out)):
-                self.store.get_into(chunk_key(digest, index), out[done : done + n], offset)
-                done += n
-        except (ObjectNotFound, EOFError) as e:
-            raise CorruptCheckpoint(
-                f"object {digest} of checkpoint {self.manifest.id} is missing or truncated "
-                f"({e}); run `tlreg verify` to list the damaged tensors"
-            ) from None
+        self._reader.read_into(digest, start, out, f"tensor {path!r}")
 
     def _read_chunk(self, key: str, byte_range: ByteRequest | None) -> bytearray | None:
         found = self._chunk(key)

@@ -45,10 +45,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING, Any
 
-import blake3
-
 from tlreg.ckpt.errors import WriterError
-from tlreg.ckpt.objects import ObjectLayout, chunk_key, meta_key, split_chunks, zero_pad
+from tlreg.ckpt.hashing import hash_parts
+from tlreg.ckpt.objects import ObjectLayout, write_marker, write_unless_stored, zero_pad
 from tlreg.storage_backends import MemoryStore, Store
 
 if TYPE_CHECKING:
@@ -57,7 +56,6 @@ if TYPE_CHECKING:
 SHM_DIR = "/dev/shm"
 """Where POSIX shared memory segments appear as files (Linux)."""
 
-_MT_HASH_BYTES = 4 << 20  # from here on blake3 hashes with several threads
 _ZERO_PAD_MAX = 1 << 16  # zero_pad's limit: longer zero spans are split
 
 Span = tuple[str | None, int, int]
@@ -387,14 +385,6 @@ class _Segments:
         return out
 
 
-def _digest(parts: Sequence[memoryview]) -> str:
-    total = sum(len(p) for p in parts)
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if total >= _MT_HASH_BYTES else 1)
-    for part in parts:
-        hasher.update(part)
-    return hasher.hexdigest()
-
-
 _BOOT = "import sys; from tlreg.ckpt.writer import main; main(int(sys.argv[1]))"
 
 
@@ -425,29 +415,31 @@ def serve(conn: Connection, store: Store, threads: int) -> None:
 
     def write(digest: str, parts: list[memoryview], nbytes: int) -> int | None:
         """Write an object's chunks unless it is stored; its chunk size, or None."""
-        if store.exists(meta_key(digest)):
-            return None
-        layout = ObjectLayout.plan(nbytes)
-        chunks = split_chunks(parts, layout)
-        for future in [
-            puts.submit(store.put, chunk_key(digest, i), chunk) for i, chunk in enumerate(chunks)
-        ]:
+        futures: list[Future[None]] = []
+        layout = write_unless_stored(
+            store,
+            digest,
+            parts,
+            nbytes,
+            lambda key, chunk: futures.append(puts.submit(store.put, key, chunk)),
+        )
+        for future in futures:
             future.result()
-        return layout.chunk
+        return None if layout is None else layout.chunk
 
     def handle(msg: dict[str, Any]) -> Any:
         op = msg["op"]
         if op == "hash":
-            return [_digest(segments.parts([span])) for span in msg["spans"]]
+            return [hash_parts(segments.parts([span])) for span in msg["spans"]]
         if op == "object":
             return write(msg["digest"], segments.parts(msg["spans"]), msg["nbytes"])
         if op == "pack":
             parts = segments.parts(msg["spans"])
-            digest = _digest(parts)
+            digest = hash_parts(parts)
             return [digest, write(digest, parts, msg["nbytes"])]
         if op == "meta":
             futures = [
-                puts.submit(store.put, meta_key(d), ObjectLayout(n, c).zarr_json())
+                puts.submit(write_marker, store, d, ObjectLayout(n, c))
                 for d, n, c in msg["objects"]
             ]
             for future in futures:
