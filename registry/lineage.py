@@ -38,7 +38,8 @@ from tlreg.registry.refs import branch_row, checkpoint_row, records, resolve_row
 
 
 class Lineage(Database):
-    """Reading the lineage: every call is one transaction of a few recursive statements."""
+    """Reading the lineage DAG (each call one transaction; a RecordList reads its deferred
+    fields in one more)."""
 
     def checkpoints(self) -> list[CheckpointRecord]:
         """Every checkpoint, oldest first."""

@@ -4,6 +4,7 @@ whose deferred fields are read on first access (pickling reads them first)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,8 +53,13 @@ R = TypeVar("R")
 def from_row(cls: type[R], row: object, **given: Any) -> R:
     """A ``cls`` record from a table row: each field not ``given`` is the row's attribute of
     that name."""
-    names = (f.name for f in fields(cls))  # type: ignore[arg-type]  # cls is a dataclass
+    names = _field_names(cls)  # type: ignore[arg-type]  # a class is hashable
     return cls(**{name: getattr(row, name) for name in names if name not in given}, **given)
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
 
 
 def _plain_json(record: Any) -> dict[str, Any]:
