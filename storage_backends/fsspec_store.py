@@ -13,6 +13,7 @@ import fsspec.core
 from fsspec.registry import known_implementations
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
+from tlreg.storage_backends.credentials import secret_options
 from tlreg.storage_backends.errors import (
     BackendMissing,
     ObjectNotFound,
@@ -51,28 +52,6 @@ def check_protocol(url: str) -> None:
         ) from None
 
 
-# Storage options that carry a secret (fsspec backends' own names: s3fs, gcsfs, adlfs,
-# ossfs, sftp/ftp/smb, webdav, ...). A store pickles its options (Ray ships stores to
-# workers), so none of them may be one: secrets come from the provider's environment or
-# config files, read again wherever the store is opened.
-_SECRET_OPTION_WORDS = ("secret", "password", "passwd", "token", "credential", "sas")
-_SECRET_OPTIONS = frozenset(
-    {"key", "account_key", "connection_string", "session", "private_key", "pkey", "auth"}
-)
-
-
-def secret_options(options: dict[str, Any]) -> list[str]:
-    """The names among ``options`` (and their ``client_kwargs``) that would hold a secret."""
-    names = list(options) + [f"client_kwargs.{k}" for k in options.get("client_kwargs") or {}]
-    return sorted(
-        name
-        for name in names
-        if (leaf := name.rsplit(".", 1)[-1].lower()) in _SECRET_OPTIONS
-        or leaf.startswith("aws_")
-        or any(word in leaf for word in _SECRET_OPTION_WORDS)
-    )
-
-
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
@@ -89,8 +68,9 @@ class FsspecStore(Store):
     upload of the whole object; on other filesystems it is a write to a hidden temporary
     name followed by a rename, which ``list`` never shows. Pickling keeps the URL and the
     options; the filesystem is opened again on the other side. Options that would hold a
-    credential (``key``, ``secret``, ``token``, ``password``, ``account_key``, ...) are
-    refused: they would travel with every pickled store.
+    credential (``key``, ``secret``, ``token``, ``password``, ``account_key``, ...: see
+    :mod:`~tlreg.storage_backends.credentials`) are refused: they would travel with every
+    pickled store.
     """
 
     def __init__(self, url: str, **storage_options: Any) -> None:

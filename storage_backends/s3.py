@@ -9,12 +9,10 @@ kept in the state that pickles: a store shipped to a Ray worker resolves it agai
 from __future__ import annotations
 
 import asyncio
-import bisect
 import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import Any
@@ -26,18 +24,19 @@ import urllib3.exceptions
 from aiobotocore.session import AioSession
 from botocore import UNSIGNED
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    IncompleteReadError,
-    NoCredentialsError,
-    ResponseStreamingError,
-)
-from botocore.exceptions import ReadTimeoutError as BotoReadTimeoutError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.loaders import Loader, create_loader
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
+from tlreg.storage_backends.credentials import secret_options
 from tlreg.storage_backends.errors import ObjectNotFound, StoreError, StoreUnavailable
+from tlreg.storage_backends.s3_transfer import (
+    BODY_ERRORS,
+    Parts,
+    in_threads,
+    read_body,
+    single_body,
+)
 
 MAX_ATTEMPTS_ENV = "TLREG_S3_MAX_ATTEMPTS"
 DEFAULT_MAX_ATTEMPTS = 5
@@ -49,8 +48,8 @@ MAX_PARTS = 10_000
 
 THREADED_MIN = 4 * 2**20
 """Puts from this size up are sent from the calling thread by botocore's own (synchronous)
-client; smaller ones stay on s3fs's event loop (on the SeaweedFS bench both paths put 64 KiB
-and 1 MiB objects at the same rate, bounded by the server)."""
+client; smaller ones stay on s3fs's event loop (see docs/performance.md, "S3 puts: the
+threaded path's threshold")."""
 
 # S3 error codes (botocore's ClientError) of a missing key or bucket, and of refused access
 _MISSING = frozenset({"NoSuchKey", "NotFound", "404"})
@@ -67,9 +66,6 @@ _REFUSED = frozenset(
     }
 )
 
-# Options that would put a secret into the pickled state of the store.
-_CREDENTIAL_OPTIONS = frozenset({"key", "secret", "token", "username", "password", "session"})
-
 
 @functools.cache
 def _botocore_loader() -> Loader:
@@ -85,83 +81,6 @@ def _error_code(error: BaseException) -> str | None:
             code = response.get("Error", {}).get("Code")
             return str(code) if code else None
     return None
-
-
-def _single_body(parts: list[memoryview]) -> bytes | bytearray:
-    """The body of a one-request upload; the caller's own bytes object when possible."""
-    if len(parts) == 1:
-        view = parts[0]
-        if isinstance(view.obj, bytes | bytearray) and view.nbytes == len(view.obj):
-            return view.obj
-    return b"".join(parts)
-
-
-# What reading a response body raises when the connection breaks after the headers.
-_BODY_ERRORS = (
-    ResponseStreamingError,
-    IncompleteReadError,
-    BotoReadTimeoutError,
-    urllib3.exceptions.HTTPError,
-    OSError,  # a reset socket; a short body (_read)
-)
-
-
-def _read(body: Any, length: int, s3key: str) -> bytes:
-    """A whole response body of ``length`` bytes; one that ends early is an error."""
-    data: bytes = body.read()  # botocore checks the Content-Length too
-    if len(data) != length:
-        raise OSError(f"short read of {s3key}: {len(data)} of {length} bytes")
-    return data
-
-
-def _in_threads(
-    workers: int, jobs: list[Callable[[], Any]], *, last_here: bool = False
-) -> list[Any]:
-    """Run ``jobs`` on up to ``workers`` threads (the last one in the calling thread with
-    ``last_here``) and return their results in order. On the first failure the jobs not
-    started are dropped, the running ones are waited for, and that failure is raised."""
-    here = jobs.pop() if last_here else None
-    if not jobs:
-        return [here()] if here else []
-    pool = ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="tlreg-s3")
-    try:
-        futures = [pool.submit(job) for job in jobs]
-        mine = [here()] if here else []
-        wait(futures, return_when=FIRST_EXCEPTION)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    for future in futures:
-        if not future.cancelled() and future.exception() is not None:
-            raise future.exception()  # type: ignore[misc]
-    return [f.result() for f in futures] + mine
-
-
-class _Parts:
-    """Byte ranges of several buffers laid end to end, without joining them all."""
-
-    def __init__(self, parts: list[memoryview]) -> None:
-        self.parts = [p for p in parts if p.nbytes]
-        self.starts: list[int] = []
-        offset = 0
-        for p in self.parts:
-            self.starts.append(offset)
-            offset += p.nbytes
-        self.total = offset
-
-    def slice(self, start: int, length: int) -> bytes:
-        # botocore accepts bytes or seekable files, not memoryviews, and s3fs retries a failed
-        # request with the same body: a fresh bytes copy of one part is the retry-safe choice.
-        i = bisect.bisect_right(self.starts, start) - 1
-        chunks = []
-        while length > 0:
-            view = self.parts[i]
-            lo = start - self.starts[i]
-            piece = view[lo : lo + length]
-            chunks.append(piece)
-            start += piece.nbytes
-            length -= piece.nbytes
-            i += 1
-        return b"".join(chunks)
 
 
 class S3Store(Store):
@@ -213,11 +132,10 @@ class S3Store(Store):
         split = urlsplit(url)
         if split.scheme not in ("s3", "s3a") or not split.netloc:
             raise ValueError(f"not an S3 URL: {url!r}; use s3://bucket/prefix")
-        secrets = _CREDENTIAL_OPTIONS & options.keys()
-        secrets |= {k for k in options.get("client_kwargs") or {} if k.startswith("aws_")}
+        secrets = secret_options(options)
         if secrets:
             raise ValueError(
-                f"S3 credentials cannot be store options ({', '.join(sorted(secrets))}): "
+                f"S3 credentials cannot be store options ({', '.join(secrets)}): "
                 "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment"
             )
         if part_size < MIN_PART_SIZE:
@@ -463,14 +381,14 @@ class S3Store(Store):
         total = sum(p.nbytes for p in parts)
         with self._errors(key):
             if total > self.part_size:
-                self._multipart(s3key, _Parts(parts))
+                self._multipart(s3key, Parts(parts))
             elif total >= THREADED_MIN:
                 # in this thread: several puts in flight sign and send in parallel
-                self._sync_call("put_object", Key=s3key, Body=_single_body(parts))
+                self._sync_call("put_object", Key=s3key, Body=single_body(parts))
             else:
-                self._call("put_object", Key=s3key, Body=_single_body(parts))
+                self._call("put_object", Key=s3key, Body=single_body(parts))
 
-    def _multipart(self, s3key: str, parts: _Parts) -> None:
+    def _multipart(self, s3key: str, parts: Parts) -> None:
         size = max(self.part_size, -(-parts.total // MAX_PARTS))
         upload = self._sync_call("create_multipart_upload", Key=s3key)
         upload_id = upload["UploadId"]
@@ -484,7 +402,7 @@ class S3Store(Store):
 
         try:
             starts = range(0, parts.total, size)
-            sent = _in_threads(
+            sent = in_threads(
                 self.max_concurrency,
                 [functools.partial(send, n, start) for n, start in enumerate(starts, 1)],
             )
@@ -559,7 +477,7 @@ class S3Store(Store):
             for lo in range(start + length, end, size)
         ]
         jobs.append(functools.partial(self._range, s3key, start, start + length, etag, out))
-        ranges = _in_threads(self.max_concurrency, jobs, last_here=True)
+        ranges = in_threads(self.max_concurrency, jobs, last_here=True)
         return b"".join([ranges[-1], *ranges[:-1]])
 
     def _range(
@@ -578,8 +496,8 @@ class S3Store(Store):
                 )
             try:
                 with response["Body"] as body:
-                    return _read(body, end - start, s3key)
-            except _BODY_ERRORS:
+                    return read_body(body, end - start, s3key)
+            except BODY_ERRORS:
                 if attempt == self.max_attempts:
                     raise
                 response = None
