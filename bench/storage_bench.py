@@ -24,6 +24,7 @@ import mmap
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -39,7 +40,10 @@ from botocore.config import Config
 
 from tlreg.storage_backends import LocalStore
 from tlreg.storage_backends.s3 import S3Store
-from tlreg.storage_backends.seaweed import seaweed_server
+
+# The throwaway S3 server lives beside the test suite, not in tlreg.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from s3_server import seaweed_server
 
 SIZES = [64 << 10, 1 << 20, 16 << 20, 256 << 20]
 MiB = 1 << 20

@@ -1,4 +1,4 @@
-"""``tlreg log``, ``tlreg lineage`` and ``tlreg show``: browsing what happened."""
+"""``tlreg log``, ``lineage``, ``show``, ``diff`` and ``runs``: browsing what happened."""
 
 from __future__ import annotations
 

