@@ -10,8 +10,8 @@ import click
 
 from tlreg.cli.common import Env, echo_json, json_option, pass_env
 from tlreg.cli.train import train as train_command
-from tlreg.training import TrainConfig, load_task
-from tlreg.training.errors import ConfigError
+from tlreg.cli.train import train_config
+from tlreg.training import load_task
 from tlreg.training.jobs import DEFAULT_ADDRESS, connect, failure, follow, submit_train
 
 
@@ -36,18 +36,8 @@ def submit(env: Env, branch: str, address: str, wait: bool, as_json: bool, **opt
     Example: tlreg submit upper-head --steps 200 --address http://HEAD:8265
     """
     # Refuse what would only fail on the cluster: a bad branch, task or option, a dead address.
-    b = env.registry.get_branch(branch)
-    task = options.pop("task") or b.task
-    if not task:
-        raise ConfigError(f"branch {branch!r} has no task: pass --task MODULE:ATTR")
-    load_task(task)
-    config = TrainConfig(
-        branch=branch,
-        task=task,
-        registry_url=env.settings.registry_url,
-        store_url=env.settings.store_url,
-        **options,
-    )
+    config = train_config(env, branch, options.pop("task"), options)
+    load_task(config.task)
     client = connect(address)
     job = submit_train(config, address=address, home=env.settings.home, client=client)
     for what in job.dropped:

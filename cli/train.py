@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
@@ -18,7 +18,6 @@ from tlreg.training.errors import ConfigError
 from tlreg.training.events import Checkpointed, Evaluated, ProgressListener, Restored
 
 F = TypeVar("F", bound=Callable[..., Any])
-
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -55,48 +54,12 @@ def config_option(name: str, help: str, **attrs: Any) -> Callable[[F], F]:
 @config_option("max_failures", "Worker-group restarts allowed.")
 @json_option
 @pass_env
-def train(
-    env: Env,
-    branch: str,
-    task: str | None,
-    workers: int,
-    steps: int,
-    checkpoint_every: int,
-    eval_every: int,
-    freeze: tuple[str, ...],
-    lr: float,
-    backbone_lr_mult: float,
-    batch_size: int,
-    seed: int,
-    lazy: bool,
-    max_failures: int,
-    as_json: bool,
-) -> None:
+def train(env: Env, branch: str, task: str | None, as_json: bool, **options: Any) -> None:
     """Train BRANCH from its head with N Ray workers.
 
     Example: tlreg train upper-head --steps 200 --freeze 'features.*'
     """
-    b = env.registry.get_branch(branch)
-    task = task or b.task
-    if not task:
-        raise ConfigError(f"branch {branch!r} has no task: pass --task MODULE:ATTR")
-    config = TrainConfig(
-        branch=branch,
-        task=task,
-        registry_url=env.settings.registry_url,
-        store_url=env.settings.store_url,
-        workers=workers,
-        steps=steps,
-        checkpoint_every=checkpoint_every,
-        eval_every=eval_every,
-        freeze=freeze,
-        lr=lr,
-        backbone_lr_mult=backbone_lr_mult,
-        batch_size=batch_size,
-        seed=seed,
-        lazy=lazy,
-        max_failures=max_failures,
-    )
+    config = train_config(env, branch, task, options)
     # With --json, stdout carries only the summary; progress goes to stderr.
     progress = _Progress(err=as_json)
     # Ray's own processes write notices (e.g. a worker died) to the driver's stdout; with
@@ -122,6 +85,24 @@ def train(
         )
     for failed in summary.checkpoint_errors:
         click.echo(f"  checkpoint at step {failed.step} failed: {failed.error}", err=True)
+
+
+def train_config(
+    env: Env, branch: str, task: str | None, options: Mapping[str, Any]
+) -> TrainConfig:
+    """The config of ``tlreg train BRANCH`` (and ``tlreg submit``) with these options: the
+    registry and store from the settings, the task by default the branch's own."""
+    own_task = env.registry.get_branch(branch).task  # also: the branch must exist
+    task = task or own_task
+    if not task:
+        raise ConfigError(f"branch {branch!r} has no task: pass --task MODULE:ATTR")
+    return TrainConfig(
+        branch=branch,
+        task=task,
+        registry_url=env.settings.registry_url,
+        store_url=env.settings.store_url,
+        **options,
+    )
 
 
 @contextmanager
