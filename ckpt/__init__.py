@@ -15,6 +15,25 @@ shards (:class:`Shard`, or DTensor blocks), rank 0 writes the manifest last, and
 ``pending.result()`` gives the same manifest id (or raises when any rank failed).
 ``load(id, shards={path: (offsets, shape)})`` reads back any block of a tensor, whichever ranks
 wrote it.
+
+Rooms, in the order a save walks through them:
+
+- ``checkpointer`` — :class:`AsyncCheckpointer`, the facade: a save enters here once;
+- ``plan`` — what each rank writes (write items, the save plan, frozen-skip);
+- ``staging`` — copying the tensors into reusable host arenas;
+- ``persist`` — hash → dedup → pack → write objects (thread pool or writer process);
+- ``writer`` — the writer process (hashing and object writes outside the training process);
+- ``commit`` — merge the ranks' parts and write the manifest (the collective exchange);
+- ``collective`` — the private gloo group the ranks commit over;
+- ``pending`` — :class:`PendingSave` and :class:`SaveStats`;
+- ``restore`` — the read plan of ``load``: in-place targets, shard assembly, verified reads;
+- ``objects`` — the one object I/O layer: layout, write unless stored, read into, damage;
+- ``hashing`` — BLAKE3 and its threading threshold;
+- ``tasks`` — groups of tasks on a shared thread pool;
+- ``manifest`` — the manifest format;  ``tree`` — flattening nested state;
+- ``shards`` — :class:`Shard` and block geometry;  ``dtypes`` — dtype names and bytes;
+- ``view`` — a read-only Zarr v3 view of a checkpoint;  ``verify`` — re-check every hash;
+- ``diff`` — what changed between two manifests;  ``errors`` — the error hierarchy.
 """
 
 from __future__ import annotations
@@ -23,13 +42,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tlreg.ckpt.checkpointer import (
-        PACK_BYTES,
-        SOLO_BYTES,
-        AsyncCheckpointer,
-        PendingSave,
-        SaveStats,
-    )
+    from tlreg.ckpt.checkpointer import AsyncCheckpointer
     from tlreg.ckpt.errors import (
         CheckpointError,
         CheckpointNotFound,
@@ -38,6 +51,8 @@ if TYPE_CHECKING:
         WriterError,
     )
     from tlreg.ckpt.manifest import Manifest, ShardEntry, TensorEntry, read_manifest
+    from tlreg.ckpt.pending import PendingSave, SaveStats
+    from tlreg.ckpt.persist import PACK_BYTES, SOLO_BYTES
     from tlreg.ckpt.shards import Shard
     from tlreg.ckpt.tree import flatten_state, unflatten_state
     from tlreg.ckpt.verify import VerifyReport, verify
@@ -46,11 +61,11 @@ if TYPE_CHECKING:
 # Imported on first use (PEP 562), so that the writer process, which needs only
 # tlreg.ckpt.writer, starts without importing torch and zarr.
 _EXPORTS = {
-    "PACK_BYTES": "checkpointer",
-    "SOLO_BYTES": "checkpointer",
+    "PACK_BYTES": "persist",
+    "SOLO_BYTES": "persist",
     "AsyncCheckpointer": "checkpointer",
-    "PendingSave": "checkpointer",
-    "SaveStats": "checkpointer",
+    "PendingSave": "pending",
+    "SaveStats": "pending",
     "CheckpointError": "errors",
     "CheckpointNotFound": "errors",
     "CorruptCheckpoint": "errors",

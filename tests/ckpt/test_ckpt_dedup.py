@@ -78,7 +78,7 @@ def test_loading_seeds_the_dedup_index(store, model_factory):
 
 
 def test_large_tensors_dedup_by_name_even_without_an_index(store, monkeypatch):
-    monkeypatch.setattr("tlreg.ckpt.checkpointer.SOLO_BYTES", 1024)
+    monkeypatch.setattr("tlreg.ckpt.persist.SOLO_BYTES", 1024)
     big = torch.randn(1000)
     with AsyncCheckpointer(store) as one:
         first = one.save({"w": big})

@@ -50,8 +50,8 @@ def test_multi_chunk_objects_with_a_partial_last_chunk_read_back_through_zarr(
     store, monkeypatch, same
 ):
     monkeypatch.setattr("tlreg.ckpt.objects.CHUNK_BYTES", 1000)
-    monkeypatch.setattr("tlreg.ckpt.checkpointer.SOLO_BYTES", 3000)
-    monkeypatch.setattr("tlreg.ckpt.checkpointer.PACK_BYTES", 2500)
+    monkeypatch.setattr("tlreg.ckpt.persist.SOLO_BYTES", 3000)
+    monkeypatch.setattr("tlreg.ckpt.persist.PACK_BYTES", 2500)
     state = {
         "solo": torch.arange(1201, dtype=torch.int32),  # 4804 bytes: 5 chunks of 961
         "packed": [torch.randn(501), torch.randn(77, dtype=torch.float64), torch.arange(9)],

@@ -118,7 +118,7 @@ def test_max_inflight_bytes_bounds_staged_bytes_of_uncommitted_saves(gated_store
 def test_failed_save_writes_no_manifest_and_result_reraises_the_original_error(
     tmp_path, monkeypatch, same
 ):
-    monkeypatch.setattr("tlreg.ckpt.checkpointer.PACK_BYTES", 4096)
+    monkeypatch.setattr("tlreg.ckpt.persist.PACK_BYTES", 4096)
     store = FailingStore(str(tmp_path / "faulty"), fail_at=3)
     state = {f"t{i}": torch.full((500,), float(i)) for i in range(8)}  # 4 packs of two tensors
     with AsyncCheckpointer(store) as ckpt:

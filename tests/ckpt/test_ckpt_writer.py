@@ -86,7 +86,7 @@ def test_both_writers_write_identical_manifest_entries_and_objects(tmp_path):
 def test_writer_process_failure_surfaces_from_result_and_writes_no_manifest(
     tmp_path, monkeypatch, same
 ):
-    monkeypatch.setattr("tlreg.ckpt.checkpointer.PACK_BYTES", 4096)
+    monkeypatch.setattr("tlreg.ckpt.persist.PACK_BYTES", 4096)
     store = FailingStore(str(tmp_path / "faulty"), fail_at=3)
     state = {f"t{i}": torch.full((500,), float(i)) for i in range(8)}  # 4 packs
     with AsyncCheckpointer(store, writer="process") as ckpt:

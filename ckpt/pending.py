@@ -1,0 +1,121 @@
+"""Pending saves: what ``AsyncCheckpointer.save`` returns, and what a save cost.
+
+A :class:`PendingSave` has two completion points, as in torchsnapshot and torchtitan:
+``staged`` (the caller may mutate the state again) and ``committed`` (objects and manifest
+are durable); :meth:`PendingSave.manifest` gives the manifest the commit wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tlreg.ckpt.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from tlreg.ckpt.manifest import Manifest
+
+
+@dataclass(slots=True)
+class SaveStats:
+    """What one save cost; filled in when it commits (``stall_s`` when ``save()`` returns).
+
+    With several ranks, the byte and tensor counts of the written checkpoint (``new_bytes``,
+    ``objects_written``, ``tensors_reused``, ``tensors_skipped``) are totals over all ranks,
+    the same on every rank; ``rank_new_bytes`` splits ``new_bytes`` by rank; the times,
+    ``tensors``, ``logical_bytes`` and ``bytes_copied`` are this process's own.
+    """
+
+    stall_s: float = 0.0
+    """Time ``save()`` blocked the caller: back-pressure wait, and the copies in eager mode."""
+    stage_s: float = 0.0
+    """Time spent copying tensors into the staging buffers."""
+    persist_s: float = 0.0
+    """Time from staged to committed: hashing, writing objects and the manifest."""
+    logical_bytes: int = 0
+    """Bytes of all tensors in the state given to ``save()`` (a shard counts its own bytes)."""
+    new_bytes: int = 0
+    """Object bytes this save wrote (0 for a save of an unchanged state)."""
+    objects_written: int = 0
+    """Objects this save wrote."""
+    tensors: int = 0
+    """Tensors in the state given to ``save()``."""
+    tensors_reused: int = 0
+    """Non-empty tensors that were hashed and found already stored, so not written again."""
+    tensors_skipped: int = 0
+    """Frozen tensors unchanged since the previous save: neither copied, hashed nor written."""
+    bytes_copied: int = 0
+    """Bytes this process copied into staging buffers (skipped and other ranks' tensors are
+    not copied)."""
+    rank_new_bytes: list[int] = field(default_factory=list)
+    """Object bytes written by each rank, by rank (one entry for a single process)."""
+
+
+class PendingSave:
+    """A save in progress, with its two completion points.
+
+    ``staged`` completes once the state has been copied (the caller may mutate it again);
+    ``committed`` completes with the manifest id once objects and manifest are durable, or
+    with the background error, which :meth:`result` re-raises with its original traceback.
+    With several ranks, every rank's ``committed`` completes with the same manifest id once
+    rank 0 has written the manifest, or fails on every rank when any rank failed.
+    """
+
+    def __init__(
+        self,
+        staged: Future[None],
+        committed: Future[str],
+        stats: SaveStats | None = None,
+    ) -> None:
+        self.staged = staged
+        self.committed = committed
+        self.stats = stats if stats is not None else SaveStats()
+        self._manifest: Manifest | None = None
+        self._fetch: Callable[[str], Manifest] | None = None
+
+    def result(self, timeout: float | None = None) -> str:
+        """Wait for the save to commit and return the manifest id (re-raises its error)."""
+        return self.committed.result(timeout)
+
+    def manifest(self, timeout: float | None = None) -> Manifest:
+        """Wait for the save to commit and return the manifest it wrote (re-raises its error).
+
+        The committer's own copy, held here: no store read. On a rank other than 0 of a
+        collective save, which did not write the manifest, it is read from the store once.
+        """
+        manifest_id = self.result(timeout)
+        if self._manifest is None:
+            if self._fetch is None:
+                raise CheckpointError(f"the manifest of checkpoint {manifest_id} is not held here")
+            self._manifest = self._fetch(manifest_id)
+        return self._manifest
+
+    def _finish(
+        self,
+        manifest_id: str | None,
+        error: BaseException | None,
+        manifest: Manifest | None = None,
+        fetch: Callable[[str], Manifest] | None = None,
+    ) -> None:
+        """Complete ``committed`` (with the manifest, or how to read it, set first)."""
+        if error is not None:
+            self.committed.set_exception(error)
+            return
+        assert manifest_id is not None
+        self._manifest, self._fetch = manifest, fetch
+        self.committed.set_result(manifest_id)
+
+    def done(self) -> bool:
+        """Whether the save has committed or failed."""
+        return self.committed.done()
+
+    def __repr__(self) -> str:
+        if not self.committed.done():
+            state = "staged" if self.staged.done() else "staging"
+        elif self.committed.exception() is not None:
+            state = f"failed: {self.committed.exception()!r}"
+        else:
+            state = f"committed {self.committed.result()}"
+        return f"<PendingSave {state}>"

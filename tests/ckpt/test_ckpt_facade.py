@@ -1,0 +1,77 @@
+"""The facade's contract: attaching an optimizer twice, a save's own manifest, bounded memory."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from tlreg.ckpt import AsyncCheckpointer
+from tlreg.ckpt.checkpointer import MANIFEST_CACHE
+from tlreg.ckpt.manifest import manifest_key, read_manifest
+from tlreg.ckpt.staging import Stager
+
+
+def test_attaching_an_optimizer_twice_registers_one_hook_and_step_still_waits(
+    store, model_factory, clone, same, monkeypatch
+):
+    model = model_factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.randn(4, 12)).sum().backward()
+    state = {"model": model.state_dict()}
+    before = clone(state)
+    hooks_before = len(opt._optimizer_step_pre_hooks)
+
+    release = threading.Event()
+    copying = threading.Event()
+    original_copy = Stager.copy
+
+    def held_copy(self, *args):
+        copying.set()
+        release.wait()
+        original_copy(self, *args)
+
+    monkeypatch.setattr(Stager, "copy", held_copy)
+    with AsyncCheckpointer(store, lazy=True) as ckpt:
+        ckpt.attach_optimizer(opt)
+        ckpt.attach_optimizer(opt)
+        assert len(opt._optimizer_step_pre_hooks) == hooks_before + 1
+        pending = ckpt.save(state)
+        ckpt.attach_optimizer(opt)  # what every lazy save(optimizer=...) does
+        assert len(opt._optimizer_step_pre_hooks) == hooks_before + 1
+        stepper = threading.Thread(target=opt.step)
+        stepper.start()
+        copying.wait()
+        stepper.join(timeout=0.2)
+        assert stepper.is_alive(), "optimizer.step() ran before the state was staged"
+        release.set()
+        stepper.join()
+        same(before, ckpt.load(pending.result()))
+    assert len(opt._optimizer_step_pre_hooks) == hooks_before  # close() removed it
+
+
+def test_pending_save_gives_the_manifest_it_wrote_without_reading_the_store(
+    ckpt, model_factory, monkeypatch
+):
+    pending = ckpt.save({"model": model_factory().state_dict()}, step=7)
+    pending.result()
+    reads: list[str] = []
+    original_get = type(ckpt.store).get
+    monkeypatch.setattr(
+        type(ckpt.store), "get", lambda self, key: (reads.append(key), original_get(self, key))[1]
+    )
+    manifest = pending.manifest()
+    assert reads == []
+    assert manifest.id == pending.result() and manifest.step == 7
+    assert manifest.to_bytes() == read_manifest(ckpt.store, manifest.id).to_bytes()
+    assert pending.manifest(timeout=1) is manifest
+    assert reads == [manifest_key(manifest.id)]  # only the explicit read above
+
+
+def test_the_facade_keeps_a_bounded_number_of_manifests_and_dedup_entries(ckpt):
+    first = ckpt.save({"w": torch.zeros(16)}).result()
+    for step in range(3 * MANIFEST_CACHE):
+        ckpt.save({"w": torch.full((16,), float(step + 1))}, step=step).result()
+    assert len(ckpt._manifests) <= MANIFEST_CACHE
+    assert len(ckpt._index) <= ckpt._index.KEEP_COMMITS
+    assert ckpt.manifest(first).tensors["w"].nbytes == 64  # an old one is read again
