@@ -21,7 +21,7 @@ from torch import nn
 
 from tlreg.ckpt import AsyncCheckpointer, PendingSave
 from tlreg.registry import CheckpointRecord, Registry
-from tlreg.storage_backends import Store, open_store
+from tlreg.storage_backends import Store
 from tlreg.training.config import load_settings
 from tlreg.training.errors import CheckpointMismatch
 from tlreg.training.signature import common_prefix, prefix_tensor_names, signature
@@ -98,6 +98,12 @@ class Checkpointer:
     and calls ``save`` in the same order; each rank writes a byte-balanced share of the
     state, and rank 0 writes the manifest and makes the registry commit. On other ranks
     ``committed`` means durable in the store (the same id), not yet the branch head.
+
+    With ``lazy=True`` the copy runs after ``save`` returns; an ``optimizer=`` passed to
+    ``save`` then waits for it in its next ``step()``, so the checkpoint holds the state as it
+    was at ``save``. A store given as a URL and the registry of :meth:`for_branch` are opened
+    here and closed by :meth:`close` (or the ``with`` block); objects passed in stay the
+    caller's.
     """
 
     def __init__(
@@ -112,16 +118,19 @@ class Checkpointer:
         process_group: Any = None,
     ) -> None:
         self.registry = registry
-        self.branch = registry.get_branch(branch).name
+        self._owns_registry = False
+        found = registry.get_branch(branch)
+        self.branch = found.name
+        # a URL is opened (and later closed) by the engine; a Store object stays the caller's
         self.engine = AsyncCheckpointer(
-            open_store(store),
+            store,
             lazy=lazy,
             max_inflight_bytes=max_inflight_bytes,
             process_group=process_group,
         )
         self.rank = _rank(process_group)
         self.run_id = run_id
-        self._expected_head = registry.get_branch(branch).head
+        self._expected_head = found.head
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlreg-commit")
         self._lock = threading.Lock()
         self.last_restore = RestoreReport()
@@ -138,13 +147,14 @@ class Checkpointer:
     ) -> Checkpointer:
         """A checkpointer for ``branch`` with the registry and store from tlreg's settings."""
         settings = load_settings(home=home)
-        return cls(
-            branch,
-            registry=Registry(settings.registry_url),
-            store=settings.store_url,
-            lazy=lazy,
-            **kwargs,
-        )
+        registry = Registry(settings.registry_url)
+        try:
+            ckpt = cls(branch, registry=registry, store=settings.store_url, lazy=lazy, **kwargs)
+        except BaseException:
+            registry.close()
+            raise
+        ckpt._owns_registry = True
+        return ckpt
 
     @property
     def head(self) -> CheckpointRecord | None:
@@ -164,6 +174,10 @@ class Checkpointer:
     ) -> PendingSave:
         """Checkpoint ``model=``, ``optimizer=``, ``scheduler=`` and ``extra=`` at ``step``."""
         state = state_of(stateful)
+        optimizer = stateful.get("optimizer")
+        if self.engine.lazy and optimizer is not None:
+            # its next step() waits for the copy: a lazy checkpoint holds the state at save()
+            self.engine.attach_optimizer(optimizer)
         model = stateful.get("model")
         arch = None
         if model is not None:
@@ -178,8 +192,8 @@ class Checkpointer:
 
         def commit() -> None:
             try:
+                manifest = inner.manifest()  # what the commit wrote: no second read
                 manifest_id = inner.result()
-                manifest = self.engine.manifest(manifest_id)
                 with self._lock:
                     record = self.registry.commit(
                         self.branch,
@@ -221,11 +235,12 @@ class Checkpointer:
     def _restore(
         self, *, checkpoint: str | None, reset: Sequence[str], stateful: Mapping[str, Any]
     ) -> RestoreReport:
-        head = checkpoint or self.registry.get_branch(self.branch).head
+        branch_head = self.registry.get_branch(self.branch).head  # the branch, read once
+        self._expected_head = branch_head
+        head = checkpoint or branch_head
         if head is None:
             return RestoreReport()
         record = self.registry.get(head)
-        self._expected_head = self.registry.get_branch(self.branch).head
         resumed = record.branch == self.branch
         model = stateful.get("model")
         # resuming, the model's own tensors are read in place (no second copy of the model)
@@ -266,9 +281,13 @@ class Checkpointer:
         return report
 
     def close(self) -> None:
-        """Wait for pending saves and commits, then release the engine."""
+        """Wait for pending saves and commits, then release the engine, the store it opened
+        and the registry :meth:`for_branch` opened; idempotent."""
         self.engine.close()
         self._commits.shutdown(wait=True)
+        if self._owns_registry:
+            self._owns_registry = False
+            self.registry.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -296,7 +315,17 @@ def _load_model(
                 and not matches_any(name, reset)
                 and (allowed is None or name in allowed)
             ):
-                target.copy_(source)
+                if not _same_memory(source, target):  # read in place: already there
+                    target.copy_(source)
                 report.transferred.append(name)
             else:
                 report.skipped.append(name)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+        and a.stride() == b.stride()
+        and a.shape == b.shape
+    )
