@@ -23,7 +23,7 @@ def matches_any(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-def freeze(model: nn.Module, globs: Sequence[str]) -> list[str]:
+def apply_freeze(model: nn.Module, globs: Sequence[str]) -> list[str]:
     """Stop the parameters matching ``globs`` from training (every other one trains);
     return the names of the frozen ones."""
     frozen = []

@@ -19,7 +19,7 @@ from tlreg.ckpt import PendingSave
 from tlreg.registry import Registry
 from tlreg.training.config import TrainConfig
 from tlreg.training.events import Checkpointed, CheckpointFailed, Evaluated, ProgressEvent, Restored
-from tlreg.training.freeze import freeze, param_groups
+from tlreg.training.freeze import apply_freeze, param_groups
 from tlreg.training.task import load_task
 
 Emit = Callable[[ProgressEvent], None]
@@ -46,7 +46,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     task = load_task(config.task)
     (x_train, y_train), (x_val, y_val) = task.datasets()
     model = task.build_model(config.seed)
-    frozen = freeze(model, config.freeze)
+    frozen = apply_freeze(model, config.freeze)
     optimizer = torch.optim.Adam(param_groups(model, config, task.reset))
 
     registry = Registry(config.registry_url)
