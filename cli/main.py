@@ -13,8 +13,8 @@ from tlreg.cli.common import Env, TlregGroup, echo_json, json_option, pass_env
 from tlreg.registry import Registry
 from tlreg.registry.core import FORCE_ENV
 from tlreg.storage_backends import Store
+from tlreg.storage_backends.credentials import without_password
 from tlreg.training import write_settings
-from tlreg.training.config import without_password
 
 
 @click.group(cls=TlregGroup)

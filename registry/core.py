@@ -17,7 +17,6 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy.engine import make_url
 from sqlmodel import col, select
 
 from tlreg.registry import migrations
@@ -43,6 +42,7 @@ from tlreg.registry.gc import GarbageCollection
 from tlreg.registry.lineage import Lineage
 from tlreg.registry.records import Run, from_row
 from tlreg.registry.refs import MIN_PREFIX, Refs, branch_row
+from tlreg.storage_backends.credentials import without_password
 
 __all__ = [
     "CHECKPOINT_KINDS",
@@ -128,7 +128,7 @@ class Registry(Refs, Commits, Lineage, GarbageCollection):
         return (_reopen, (self.url, self.force))
 
     def __repr__(self) -> str:
-        return f"Registry({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"Registry({without_password(self.url, mask=True)!r})"
 
     def _init_schema(self) -> None:
         with self._writer.begin() as conn:

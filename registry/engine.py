@@ -19,12 +19,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, ExceptionContext, make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
 from tlreg.registry.errors import RegistryUnavailable, UnsafeFilesystem, UnsupportedDatabase
+from tlreg.storage_backends.credentials import without_password
 
 T = TypeVar("T")
 _SCHEMA_LOCK_KEY = 0x746C726567  # "tlreg": serialises schema creation across processes
@@ -89,8 +90,8 @@ def open_engine(url: str, *, force: bool | None = None) -> Engine:
         parsed = make_url(url)
     except ArgumentError as e:
         raise UnsupportedDatabase(
-            f"cannot parse registry URL {url!r}: use sqlite:///path.db or "
-            "postgresql+psycopg://user@host/db"
+            f"cannot parse registry URL {without_password(url, mask=True)!r}: "
+            "use sqlite:///path.db or postgresql+psycopg://user@host/db"
         ) from e
     backend = parsed.get_backend_name()
     if backend == "postgresql":
@@ -101,10 +102,10 @@ def open_engine(url: str, *, force: bool | None = None) -> Engine:
         own = " ".join(own) if isinstance(own, tuple) else own
         options = f"{own} -c jit=off".strip()
         pg = create_engine(parsed, pool_pre_ping=True, connect_args={"options": options})
-        return _watch_errors(pg, parsed)
+        return _watch_errors(pg, url)
     if backend != "sqlite":
         raise UnsupportedDatabase(
-            f"registry URL {parsed.render_as_string(hide_password=True)!r} names a {backend} "
+            f"registry URL {without_password(url, mask=True)!r} names a {backend} "
             "database: use sqlite:///path.db or postgresql+psycopg://user@host/db"
         )
     database = parsed.database or ""
@@ -114,7 +115,8 @@ def open_engine(url: str, *, force: bool | None = None) -> Engine:
         busy = float(parsed.query.get("timeout", SQLITE_BUSY_TIMEOUT))  # type: ignore[arg-type]
     except ValueError:
         raise UnsupportedDatabase(
-            f"registry URL {url!r}: timeout must be a number of seconds, e.g. ?timeout=60"
+            f"registry URL {without_password(url, mask=True)!r}: "
+            "timeout must be a number of seconds, e.g. ?timeout=60"
         ) from None
     parsed = parsed.difference_update_query(["timeout"])
     if memory:
@@ -159,10 +161,10 @@ def open_engine(url: str, *, force: bool | None = None) -> Engine:
         write = conn.get_execution_options().get("tlreg_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
-    return _watch_errors(engine, parsed)
+    return _watch_errors(engine, url)
 
 
-def _watch_errors(engine: Engine, url: URL) -> Engine:
+def _watch_errors(engine: Engine, url: str) -> Engine:
     """Turn "the database is not there" into :class:`RegistryUnavailable`, one line long.
 
     A connection that cannot be made or is lost mid-way (server stopped, network cut) and a
@@ -170,7 +172,7 @@ def _watch_errors(engine: Engine, url: URL) -> Engine:
     tlreg, not bugs: they get a message naming the database (password hidden) and what to
     check. Every other database error passes through unchanged.
     """
-    shown = url.render_as_string(hide_password=True)
+    shown = without_password(url, mask=True)
 
     @event.listens_for(engine, "handle_error")
     def _unavailable(context: ExceptionContext) -> None:

@@ -25,6 +25,7 @@ from tlreg.storage_backends.errors import (
     ObjectNotFound,
     StoreError,
     StoreUnavailable,
+    TlregError,
     UnknownScheme,
 )
 from tlreg.storage_backends.local import LocalStore
@@ -41,6 +42,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "TlregError",
     "UnknownScheme",
     "open_store",
 ]

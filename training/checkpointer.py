@@ -8,7 +8,6 @@ before that transaction never becomes visible.
 
 from __future__ import annotations
 
-import fnmatch
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +23,7 @@ from tlreg.registry import CheckpointRecord, Registry
 from tlreg.storage_backends import Store
 from tlreg.training.config import load_settings
 from tlreg.training.errors import CheckpointMismatch
+from tlreg.training.freeze import matches_any
 from tlreg.training.signature import common_prefix, prefix_tensor_names, signature
 
 _STATEFUL_KEYS = ("model", "optimizer", "scheduler", "extra")
@@ -46,11 +46,6 @@ class RestoreReport:
     matched_layers: int | None = None
     """Layers whose structure matches the checkpoint's architecture signature (transfer from a
     checkpoint that recorded one); only their tensors are candidates for transfer."""
-
-
-def matches_any(name: str, globs: Sequence[str]) -> bool:
-    """Whether ``name`` matches one of the fnmatch-style ``globs``."""
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
 def state_of(stateful: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import tomllib
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
+from tlreg.storage_backends.credentials import without_password
 from tlreg.training.errors import ConfigError
 
 CONFIG_FILE = "tlreg.toml"
@@ -94,33 +92,6 @@ def load_settings(
         or str(home_path / "store")
     )
     return Settings(home=home_path, registry_url=registry, store_url=store)
-
-
-def without_password(url: str, *, mask: bool = False) -> str:
-    """``url`` with its password removed, or with ``mask`` replaced by ``***``: what may be
-    written down, shown or sent. A URL that holds no password is returned unchanged.
-
-    The URL is read as SQLAlchemy reads it (the registry connects with that reading, so the
-    password found is the one it would send), or, when SQLAlchemy cannot read it, as
-    :func:`urllib.parse.urlsplit` does. Passwords belong in the environment (``PGPASSWORD``,
-    ``~/.pgpass``, the object store provider's variables and config files).
-    """
-    hidden = "***" if mask else None
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        login, _, host = parts.netloc.rpartition("@")
-        user = login.partition(":")[0]
-        login = user if hidden is None else f"{user}:{hidden}"
-        return urlunsplit(parts._replace(netloc=f"{login}@{host}"))
-    if parsed.password is None:
-        return url
-    if mask:
-        return parsed.render_as_string(hide_password=True)
-    return parsed._replace(password=None).render_as_string(hide_password=False)
 
 
 def write_settings(settings: Settings) -> Path:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tlreg.registry import Registry
-from tlreg.training.config import TrainConfig, without_password
+from tlreg.storage_backends.credentials import without_password
+from tlreg.training.config import TrainConfig
 from tlreg.training.errors import RunFailed, RunStopped
 from tlreg.training.events import (
     Checkpointed,

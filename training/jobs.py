@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from tlreg.training.config import without_password
+from tlreg.storage_backends.credentials import without_password
 from tlreg.training.errors import TrainingError
 
 if TYPE_CHECKING:

@@ -51,3 +51,22 @@ def test_head_moved_keeps_its_fields_through_a_pickle_round_trip() -> None:
     error = HeadMoved("branch 'b' moved: retry", branch="b", expected="c1", actual="c2")
     back = pickle.loads(pickle.dumps(error))
     assert (str(back), back.branch, back.expected, back.actual) == (str(error), "b", "c1", "c2")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://u:hunter2@127.0.0.1/db",  # another database
+        "sqlite:///x.db?timeout=soon",  # a bad option (no password to hide: shown as given)
+        "://u:hunter2@127.0.0.1/db",  # not a URL SQLAlchemy can read
+        "postgres ql://u:hunter2@127.0.0.1/db",
+    ],
+)
+def test_a_refused_registry_url_is_named_without_its_password(url: str) -> None:
+    from tlreg.registry import Registry
+    from tlreg.registry.errors import UnsupportedDatabase
+
+    with pytest.raises(UnsupportedDatabase) as caught:
+        Registry(url)
+    assert "hunter2" not in str(caught.value)
+    assert "registry URL" in str(caught.value)

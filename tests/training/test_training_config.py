@@ -146,7 +146,7 @@ def test_a_failed_run_is_summarised_by_the_workers_root_cause() -> None:
     ],
 )  # fmt: skip
 def test_one_helper_removes_or_masks_a_urls_password(url: str, removed: str, masked: str) -> None:
-    from tlreg.training.config import without_password
+    from tlreg.storage_backends.credentials import without_password
 
     assert without_password(url) == removed
     assert without_password(url, mask=True) == masked
