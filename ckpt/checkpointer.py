@@ -217,6 +217,8 @@ class AsyncCheckpointer:
             world=self.world,
             frozen=self._frozen if self.skip_unchanged else None,
         )
+        # (marked here: copies on a side stream follow the work queued so far on the caller's)
+        mark = Stager.mark([item.tensor for item in plan.staged if item.tensor is not None])
         pending = PendingSave(Future(), Future(), plan.stats)
         self._reserve(plan.nbytes)
         pending.staged.set_running_or_notify_cancel()
@@ -225,8 +227,6 @@ class AsyncCheckpointer:
             self._pending = [p for p in self._pending if not p.done()]
             self._pending.append(pending)
             self._latest_staged = pending.staged
-        # (marked here: copies on a side stream follow the work queued so far on the caller's)
-        mark = Stager.mark([item.tensor for item in plan.staged if item.tensor is not None])
         staged: Future[torch.Tensor | None]
         if self.lazy:
             staged = self._stage_pool.submit(self._stage, plan, mark, pending)
@@ -366,8 +366,8 @@ class AsyncCheckpointer:
         the result's nesting (``{"model": model.state_dict(), ...}``; with ``prefix``, the
         nesting above it too). Each saved tensor whose counterpart in ``into`` (same path) is
         a contiguous CPU tensor of the same dtype and shape is read straight into that tensor,
-        which the result then holds; no new memory is allocated for it (on a fresh VM,
-        allocating and faulting in new memory was over half of a restore's time). Other
+        which the result then holds; no new memory is allocated for it (see
+        docs/performance.md, "Restore in place"). Other
         tensors, and shards, load into new tensors. The filled tensors' version counters
         are bumped, so a later save copies them again. If the load raises, the tensors of
         ``into`` may hold part of the checkpoint: load again, from this or another one.

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 import blake3
 
 MT_HASH_BYTES = 4 << 20
-"""From this many bytes on, BLAKE3 hashes with several threads (see docs/performance.md)."""
+"""From this many bytes on, BLAKE3 hashes with several threads (see docs/performance.md,
+"Hashing threads")."""
 
 
 def hasher(nbytes: int) -> blake3.blake3:

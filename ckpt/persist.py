@@ -38,7 +38,8 @@ from tlreg.ckpt.writer import ProcessWriter
 from tlreg.storage_backends import Store
 
 PACK_BYTES = 64 << 20
-"""Target size of a pack object (several chunks: one put per chunk, large sequential writes)."""
+"""Target size of a pack object (several chunks: one put per chunk, large sequential writes;
+see docs/performance.md, "Object sizes")."""
 
 SOLO_BYTES = 16 << 20
 """Tensors of at least this size get an object of their own: its name is the tensor's own

@@ -95,9 +95,7 @@ class Stager:
     """Owns the arena pool, the copy threads and the CUDA side streams of one checkpointer.
 
     Host copies run on ``threads`` copy threads, each taking a contiguous share of the
-    tensors by bytes. Measured on a 2-vCPU VM, 511 MiB: 90 ms from a worker thread but
-    300-400 ms from the main thread, where ATen's OpenMP-parallel copy contends with itself;
-    on larger machines the threads add memory bandwidth.
+    tensors by bytes (why not ATen's own parallel copy: docs/performance.md, "Staging copies").
     """
 
     def __init__(

@@ -8,11 +8,12 @@
 
 :class:`CheckpointStore` is a ``zarr.abc.store.Store`` that holds no data of its own. It
 synthesises a ``zarr.json`` document for every node from the manifest and maps each chunk key
-onto a byte range of the packed objects, which it reads with the tlreg store's
-``get_range``/``get_into``; so any zarr-python code (``zarr.open_group``, dask, xarray) can
-read a checkpoint without loading it. Nothing is written, ever: the store is read-only, so
-zarr needs ``mode="r"`` to open it (``zarr.open_group(CheckpointStore(...), mode="r")``, which
-:func:`open_checkpoint` does), and any write raises :class:`ReadOnlyView`.
+onto a byte range of the packed objects, which it reads through
+:class:`tlreg.ckpt.objects.ObjectReader`; so any zarr-python code (``zarr.open_group``, dask,
+xarray) can read a checkpoint without loading it. Nothing is written, ever: the store is
+read-only, so zarr needs ``mode="r"`` to open it
+(``zarr.open_group(CheckpointStore(...), mode="r")``, which :func:`open_checkpoint` does),
+and any write raises :class:`ReadOnlyView`.
 
 Layout
     A state path is split on ``/`` into nested groups: ``model/features.1.weight`` is the
