@@ -20,6 +20,7 @@ copies. ``load`` is :mod:`~tlreg.ckpt.restore`.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
@@ -305,12 +306,10 @@ class AsyncCheckpointer:
         if done is None:
             pending._finish(None, error)
         else:
-            pending._finish(done.manifest_id, None, done.manifest, self._read_manifest)
+            fetch = functools.partial(read_manifest, self.store)  # (other ranks: read once)
+            pending._finish(done.manifest_id, None, done.manifest, fetch)
 
     # -- load ---------------------------------------------------------------------------
-
-    def _read_manifest(self, manifest_id: str) -> Manifest:
-        return read_manifest(self.store, manifest_id)
 
     def _cache(self, manifest: Manifest) -> None:
         with self._manifests_lock:

@@ -88,7 +88,10 @@ class PendingSave:
         manifest_id = self.result(timeout)
         if self._manifest is None:
             if self._fetch is None:
-                raise CheckpointError(f"the manifest of checkpoint {manifest_id} is not held here")
+                raise CheckpointError(
+                    f"this PendingSave holds no manifest of checkpoint {manifest_id}; "
+                    "read it with AsyncCheckpointer.manifest(id)"
+                )
             self._manifest = self._fetch(manifest_id)
         return self._manifest
 

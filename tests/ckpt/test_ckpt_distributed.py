@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tlreg.ckpt import AsyncCheckpointer, CheckpointError, Shard, verify
+from tlreg.ckpt.manifest import manifest_key
 from tlreg.storage_backends import LocalStore
 
 WORLD = 2
@@ -89,6 +90,9 @@ def _rank_main(rank: int, root: str, one_rank_id: str) -> None:
             pending = ckpt.save(sharded_state(rank, WORLD), step=4)
             report["sharded"] = pending.result()
             report["sharded_new_bytes"] = pending.stats.rank_new_bytes
+            # rank 0 holds the manifest it wrote; the other ranks read it once
+            written = store.get(manifest_key(report["sharded"]))
+            report["pending_manifest"] = pending.manifest().to_bytes() == written
 
             # a DTensor sharded on dim 1 next to a replicated one: written once per block
             from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
@@ -145,6 +149,7 @@ def test_ranks_share_the_writes_and_any_layout_restores_on_any_number_of_ranks(t
     )
     reports = [json.loads((tmp_path / f"report-{r}.json").read_text()) for r in range(WORLD)]
     assert all(r.get("ok") and r.get("one_to_two") for r in reports), reports
+    assert all(r["pending_manifest"] for r in reports), reports
 
     # every rank's result() is the one committed manifest id
     replicated_id = reports[0]["replicated"]
