@@ -119,8 +119,8 @@ def import_weights(
         pass
     tensors, info = read_weights(path)
     with AsyncCheckpointer(open_store(store)) as engine:
-        manifest_id = engine.save({"model": tensors, "extra": {"import": info}}, step=0).result()
-        manifest = engine.manifest(manifest_id)
+        pending = engine.save({"model": tensors, "extra": {"import": info}}, step=0)
+        manifest_id, manifest = pending.result(), pending.manifest()
     registry.create_branch(branch, task=task)
     try:
         return registry.commit(
