@@ -60,8 +60,8 @@ class Checkpoint(SQLModel, table=True):
         Index("ix_checkpoint_branch_created", "branch", "created"),
         # Schema v4: on PostgreSQL the unique lane index also carries (id, step, created),
         # so the lineage walk reads a lane's rows by an index-only scan (the table's
-        # visibility map is set by (auto)vacuum): 10^4 rows in ~6 ms instead of ~9 at 10^5
-        # checkpoints. SQLite has no INCLUDE, and did not use a covering index measured there.
+        # visibility map is set by (auto)vacuum; see docs/performance.md, Registry). SQLite
+        # has no INCLUDE.
         Index(
             "ix_checkpoint_lane", "lane", "lane_pos", unique=True,
             postgresql_include=["id", "step", "created"],
