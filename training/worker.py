@@ -59,8 +59,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         # All ranks write a share of every checkpoint (no rank-0 straggler).
         process_group=dist.group.WORLD if world > 1 else None,
     )
-    if config.lazy:
-        ckpt.attach_optimizer(optimizer)
     # Every rank must restore the same checkpoint: rank 0 picks it, the others follow.
     head = _broadcast_str(registry.get_branch(config.branch).head if rank == 0 else None, rank)
     extra: dict[str, Any] = {}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tlreg.ckpt import AsyncCheckpointer
+from tlreg.ckpt.staging import Stager
 from tlreg.storage_backends import LocalStore, Store, open_store
 
 
@@ -110,3 +111,35 @@ def make_model(seed: int = 0) -> torch.nn.Module:
 def model_factory() -> Callable[..., torch.nn.Module]:
     """``model_factory(seed)``: a small MLP (backbone 0..1, head 3)."""
     return make_model
+
+
+class HeldCopy:
+    """Every staging copy waits for :attr:`release`: a lazy save stays unstaged until then."""
+
+    def __init__(self) -> None:
+        self.copying = threading.Event()
+        self.release = threading.Event()
+
+    def step_waiting(self, opt: torch.optim.Optimizer) -> threading.Thread:
+        """``opt.step()`` started in a thread, checked to be waiting for the held copy."""
+        stepper = threading.Thread(target=opt.step)
+        stepper.start()
+        self.copying.wait()
+        stepper.join(timeout=0.2)
+        assert stepper.is_alive(), "optimizer.step() ran before the state was staged"
+        return stepper
+
+
+@pytest.fixture
+def held_copy(monkeypatch: pytest.MonkeyPatch) -> HeldCopy:
+    """Hold back every staging copy (see :class:`HeldCopy`)."""
+    held = HeldCopy()
+    original_copy = Stager.copy
+
+    def copy(self: Stager, *args: Any) -> None:
+        held.copying.set()
+        held.release.wait()
+        original_copy(self, *args)
+
+    monkeypatch.setattr(Stager, "copy", copy)
+    return held

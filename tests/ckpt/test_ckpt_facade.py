@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from tlreg.ckpt import AsyncCheckpointer
 from tlreg.ckpt.checkpointer import MANIFEST_CACHE
 from tlreg.ckpt.manifest import manifest_key, read_manifest
-from tlreg.ckpt.staging import Stager
 
 
 def test_attaching_an_optimizer_twice_registers_one_hook_and_step_still_waits(
-    store, model_factory, clone, same, monkeypatch
+    store, model_factory, clone, same, held_copy
 ):
     model = model_factory()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -22,16 +19,6 @@ def test_attaching_an_optimizer_twice_registers_one_hook_and_step_still_waits(
     before = clone(state)
     hooks_before = len(opt._optimizer_step_pre_hooks)
 
-    release = threading.Event()
-    copying = threading.Event()
-    original_copy = Stager.copy
-
-    def held_copy(self, *args):
-        copying.set()
-        release.wait()
-        original_copy(self, *args)
-
-    monkeypatch.setattr(Stager, "copy", held_copy)
     with AsyncCheckpointer(store, lazy=True) as ckpt:
         ckpt.attach_optimizer(opt)
         ckpt.attach_optimizer(opt)
@@ -39,12 +26,8 @@ def test_attaching_an_optimizer_twice_registers_one_hook_and_step_still_waits(
         pending = ckpt.save(state)
         ckpt.attach_optimizer(opt)  # what every lazy save(optimizer=...) does
         assert len(opt._optimizer_step_pre_hooks) == hooks_before + 1
-        stepper = threading.Thread(target=opt.step)
-        stepper.start()
-        copying.wait()
-        stepper.join(timeout=0.2)
-        assert stepper.is_alive(), "optimizer.step() ran before the state was staged"
-        release.set()
+        stepper = held_copy.step_waiting(opt)
+        held_copy.release.set()
         stepper.join()
         same(before, ckpt.load(pending.result()))
     assert len(opt._optimizer_step_pre_hooks) == hooks_before  # close() removed it

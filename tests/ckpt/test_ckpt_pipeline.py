@@ -10,7 +10,7 @@ import torch
 from faulty_stores import FailingStore
 
 from tlreg.ckpt import AsyncCheckpointer, CheckpointError, PendingSave
-from tlreg.ckpt.staging import Stager, align
+from tlreg.ckpt.staging import align
 
 
 def test_eager_save_is_staged_when_it_returns_and_later_mutation_is_not_saved(
@@ -51,7 +51,7 @@ def test_lazy_save_mutation_after_staged_is_not_saved(gated_store, model_factory
 
 
 def test_lazy_save_with_attached_optimizer_steps_only_after_staging(
-    store, model_factory, clone, same, monkeypatch
+    store, model_factory, clone, same, held_copy
 ):
     model = model_factory()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -59,27 +59,13 @@ def test_lazy_save_with_attached_optimizer_steps_only_after_staging(
     state = {"model": model.state_dict()}
     before = clone(state)
 
-    release = threading.Event()
-    copying = threading.Event()
-    original_copy = Stager.copy
-
-    def held_copy(self, *args):
-        copying.set()
-        release.wait()
-        original_copy(self, *args)
-
-    monkeypatch.setattr(Stager, "copy", held_copy)
     with AsyncCheckpointer(store, lazy=True) as ckpt:
         ckpt.attach_optimizer(opt)
         pending = ckpt.save(state)  # returns at once: the copy is held back
         assert not pending.staged.done()
-        stepper = threading.Thread(target=opt.step)
-        stepper.start()
-        copying.wait()
-        stepper.join(timeout=0.2)
-        assert stepper.is_alive(), "optimizer.step() ran before the state was staged"
+        stepper = held_copy.step_waiting(opt)
         same(before, {"model": model.state_dict()})  # parameters untouched so far
-        release.set()
+        held_copy.release.set()
         stepper.join()
         same(before, ckpt.load(pending.result()))
     assert not torch.equal(model.state_dict()["0.weight"], before["model"]["0.weight"])
