@@ -288,15 +288,14 @@ class AsyncCheckpointer:
                 error = e
             try:
                 done = self._committer.commit(plan, part, error, pending.stats)
-            except BaseException as e:
-                error = e
-            else:
                 error = None
                 if part is not None:
                     self._frozen.remember(plan, part.stored)
                 self._index.committed(done.manifest, part)
                 if done.manifest is not None:
                     self._cache(done.manifest)
+            except BaseException as e:  # (the save fails: its manifest stays an orphan for gc)
+                error, done = e, None
         finally:
             if arena is not None:
                 self._stager.release(arena)

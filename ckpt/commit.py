@@ -190,6 +190,7 @@ class Committer:
             payload = json.dumps({"rank": collective.rank, "error": why}).encode()
         own_error = error
         manifest: Manifest | None = None
+        exchange_error: BaseException | None = None
         try:
             gathered = collective.gather(payload)
             if gathered is not None:  # rank 0
@@ -201,9 +202,11 @@ class Committer:
                 raw = collective.broadcast(None)
             outcome = json.loads(raw)
         except BaseException as e:  # the exchange itself failed (a rank died, a timeout)
-            raise (own_error or e) from None
+            exchange_error = e
         if own_error is not None:
-            raise own_error
+            raise own_error  # this rank's own failure first, its cause intact
+        if exchange_error is not None:
+            raise exchange_error
         if outcome["error"] is not None:
             raise CheckpointError(
                 f"checkpoint {outcome['id']} was not committed: {outcome['error']}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tlreg.ckpt import AsyncCheckpointer
@@ -58,3 +59,17 @@ def test_the_facade_keeps_a_bounded_number_of_manifests_and_dedup_entries(ckpt):
     assert len(ckpt._manifests) <= MANIFEST_CACHE
     assert len(ckpt._index) <= ckpt._index.KEEP_COMMITS
     assert ckpt.manifest(first).tensors["w"].nbytes == 64  # an old one is read again
+
+
+def test_a_failure_after_the_manifest_fails_the_save_instead_of_hanging_it(
+    ckpt, model_factory, monkeypatch
+):
+    from tlreg.ckpt.persist import DedupIndex
+
+    def broken(self, manifest, part):
+        raise RuntimeError("index update failed")
+
+    monkeypatch.setattr(DedupIndex, "committed", broken)
+    pending = ckpt.save({"model": model_factory().state_dict()}, step=1)
+    with pytest.raises(RuntimeError, match="index update failed"):
+        pending.result(timeout=30)
