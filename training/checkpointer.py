@@ -182,7 +182,8 @@ class Checkpointer:
         inner = self.engine.save(state, step=step, metadata={"branch": self.branch})
         if self.rank != 0:
             return inner  # rank 0 alone commits to the registry
-        committed: Future[str] = Future()
+        outer = PendingSave(staged=inner.staged, committed=Future(), stats=inner.stats)
+        outer.committed.set_running_or_notify_cancel()
         metrics = dict(metrics or {})
 
         def commit() -> None:
@@ -203,12 +204,12 @@ class Checkpointer:
                         signature=arch,
                     )
                     self._expected_head = record.id
-                committed.set_result(record.id)
+                outer._finish(record.id, None, manifest)
             except BaseException as e:  # surfaced through pending.result()
-                committed.set_exception(e)
+                outer._finish(None, e)
 
         self._commits.submit(commit)
-        return PendingSave(staged=inner.staged, committed=committed, stats=inner.stats)
+        return outer
 
     def restore(
         self,
@@ -231,11 +232,11 @@ class Checkpointer:
         self, *, checkpoint: str | None, reset: Sequence[str], stateful: Mapping[str, Any]
     ) -> RestoreReport:
         branch_head = self.registry.get_branch(self.branch).head  # the branch, read once
-        self._expected_head = branch_head
         head = checkpoint or branch_head
-        if head is None:
+        record = self.registry.get(head) if head is not None else None
+        self._expected_head = branch_head  # (only once the ref resolved)
+        if record is None:
             return RestoreReport()
-        record = self.registry.get(head)
         resumed = record.branch == self.branch
         model = stateful.get("model")
         # resuming, the model's own tensors are read in place (no second copy of the model)

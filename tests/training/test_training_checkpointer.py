@@ -271,3 +271,34 @@ def test_a_registry_passed_in_stays_open_after_close(registry: Registry, tmp_pat
     with Checkpointer("b", registry=registry, store=str(tmp_path / "s")) as ckpt:
         first = ckpt.save(1, model=lower.build_model(0)).result()
     assert registry.resolve("b").id == first  # still usable
+
+
+def test_a_committed_save_gives_the_manifest_it_committed(
+    registry: Registry, tmp_path: Path
+) -> None:
+    registry.create_branch("b")
+    store = str(tmp_path / "s")
+    with Checkpointer("b", registry=registry, store=store) as ckpt:
+        pending = ckpt.save(1, model=lower.build_model(0))
+        manifest = pending.manifest()
+    assert manifest.id == pending.result() == registry.resolve("b").manifest
+    assert manifest.to_json() == read_manifest(open_store(store), manifest.id).to_json()
+
+
+def test_a_restore_of_an_unknown_ref_leaves_the_expected_head_alone(
+    registry: Registry, tmp_path: Path
+) -> None:
+    from tlreg.registry import RefNotFound
+
+    registry.create_branch("b")
+    store = str(tmp_path / "s")
+    model = lower.build_model(0)
+    with (
+        Checkpointer("b", registry=registry, store=store) as mine,
+        Checkpointer("b", registry=registry, store=store) as other,
+    ):
+        other.save(1, model=model).result()  # the head moves under `mine`
+        with pytest.raises(RefNotFound):
+            mine.restore(checkpoint="no-such-ref", model=model)
+        with pytest.raises(HeadMoved):
+            mine.save(2, model=model).result()
