@@ -132,7 +132,7 @@ class S3Store(Store):
         split = urlsplit(url)
         if split.scheme not in ("s3", "s3a") or not split.netloc:
             raise ValueError(f"not an S3 URL: {url!r}; use s3://bucket/prefix")
-        secrets = secret_options(options)
+        secrets = secret_options(options, s3=True)
         if secrets:
             raise ValueError(
                 f"S3 credentials cannot be store options ({', '.join(secrets)}): "

@@ -59,3 +59,11 @@ def test_options_without_secrets_are_accepted_by_both(
 ) -> None:
     assert secret_options(options) == []
     assert _refusals(options, tmp_path) == []
+
+
+def test_a_user_name_is_a_secret_for_s3_only() -> None:
+    # s3fs reads username= as the access key id; for sftp, ftp, smb or webdav it is a login
+    assert secret_options({"username": "bob"}, s3=True) == ["username"]
+    assert secret_options({"username": "bob"}) == []
+    with pytest.raises(ValueError, match="AWS_ACCESS_KEY_ID"):
+        S3Store("s3://bucket/prefix", endpoint_url="http://127.0.0.1:9", username=PLANTED)

@@ -143,6 +143,15 @@ def test_a_failed_run_is_summarised_by_the_workers_root_cause() -> None:
         ("my-fs://u:s3cr3t@host/p", "my-fs://u@host/p", "my-fs://u:***@host/p"),
         ("sqlite:////tmp/r.db", "sqlite:////tmp/r.db", "sqlite:////tmp/r.db"),
         ("/data/store", "/data/store", "/data/store"),
+        # the rest of the URL stays as written
+        ("https://u:s3cr3t@h/a%20b%2Fc?x=1", "https://u@h/a%20b%2Fc?x=1",
+         "https://u:***@h/a%20b%2Fc?x=1"),
+        # not URLs SQLAlchemy reads (a port that is not a number): unchanged, no error
+        ("file://C:/x", "file://C:/x", "file://C:/x"),
+        ("ssh://git@github.com:org/repo", "ssh://git@github.com:org/repo",
+         "ssh://git@github.com:org/repo"),
+        # a password holding "/" is found by SQLAlchemy's reading
+        ("postgresql://u:pa/ss@h/db", "postgresql://u@h/db", "postgresql://u:***@h/db"),
     ],
 )  # fmt: skip
 def test_one_helper_removes_or_masks_a_urls_password(url: str, removed: str, masked: str) -> None:
