@@ -234,7 +234,10 @@ class DedupIndex:
     Seeded by every commit (with the manifest it wrote) and by :meth:`AsyncCheckpointer.remember`
     and ``load``. Bounded: an entry that none of the last :data:`KEEP_COMMITS` commits
     referenced (nor a seed since) is dropped, so it holds what the next save can reuse
-    (unchanged tensors are in the previous manifest) and not every hash ever saved.
+    (unchanged tensors are in the previous manifest) and not every hash ever saved. The
+    price: one checkpointer saving two different states in turn (the model often, the
+    optimizer rarely) writes the rarer one's small tensors again; tensors of
+    :data:`SOLO_BYTES` or more are objects of their own, found by name.
     """
 
     KEEP_COMMITS = 2
