@@ -58,9 +58,12 @@ def test_lazy_save_with_attached_optimizer_steps_only_after_staging(
     model(torch.randn(4, 12)).sum().backward()
     state = {"model": model.state_dict()}
     before = clone(state)
+    hooks_before = len(opt._optimizer_step_pre_hooks)
 
     with AsyncCheckpointer(store, lazy=True) as ckpt:
         ckpt.attach_optimizer(opt)
+        ckpt.attach_optimizer(opt)  # what every lazy save(optimizer=...) does: one hook
+        assert len(opt._optimizer_step_pre_hooks) == hooks_before + 1
         pending = ckpt.save(state)  # returns at once: the copy is held back
         assert not pending.staged.done()
         stepper = held_copy.step_waiting(opt)
@@ -69,6 +72,7 @@ def test_lazy_save_with_attached_optimizer_steps_only_after_staging(
         stepper.join()
         same(before, ckpt.load(pending.result()))
     assert not torch.equal(model.state_dict()["0.weight"], before["model"]["0.weight"])
+    assert len(opt._optimizer_step_pre_hooks) == hooks_before
     opt.step()  # close() removed the hook; stepping works without a checkpointer
 
 
