@@ -170,7 +170,7 @@ class Checkpointer:
         """Checkpoint ``model=``, ``optimizer=``, ``scheduler=`` and ``extra=`` at ``step``."""
         state = state_of(stateful)
         optimizer = stateful.get("optimizer")
-        if self.engine.lazy and optimizer is not None:
+        if self.engine.lazy and isinstance(optimizer, torch.optim.Optimizer):
             # its next step() waits for the copy: a lazy checkpoint holds the state at save()
             self.engine.attach_optimizer(optimizer)
         model = stateful.get("model")
