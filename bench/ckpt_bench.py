@@ -1097,6 +1097,12 @@ def main() -> None:
         args.size, args.reps, args.train_size, args.steps, args.every = 0.1, 1, 0.05, 6, 2
         args.t2_rounds = args.restore_rounds = 1
         args.step_s, args.frozen_size = 0.15, 0.05
+    if args.every < 1 or args.steps < 2 * args.every:
+        # a checkpoint is taken only where `every` more steps follow it, inside the timed loop
+        parser.error(
+            f"--steps {args.steps} --every {args.every}: table 2 checkpoints only where "
+            "--every more steps follow; use --steps of at least twice --every"
+        )
     isolated = not args.quick
     root = Path(tempfile.mkdtemp(prefix="tlreg-bench-", dir=args.dir))
     free = shutil.disk_usage(root).free
