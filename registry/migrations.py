@@ -239,7 +239,43 @@ def _to_v4(conn: Connection) -> None:
         )
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
+def _to_v5(conn: Connection) -> None:
+    """v5: evaluation curves (``metric_point``: run, metric, step, value, wall time)."""
+    md = MetaData()
+    Table("run", md, Column("id", Integer, primary_key=True))
+    Table(
+        "metric_point", md,
+        Column("run_id", Integer, ForeignKey("run.id"), primary_key=True),
+        Column("metric", _ID, primary_key=True),
+        Column("step", BigInteger, primary_key=True),
+        Column("value", Float),
+        Column("wall_time", UTCDateTime(), nullable=False),
+        Column("elapsed_s", Float),
+    )  # fmt: skip
+    md.tables["metric_point"].create(conn)
+
+
+def _to_v6(conn: Connection) -> None:
+    """v6: a branch has at most one live run (``branch_lease``: holder, heartbeat, expiry)."""
+    md = MetaData()
+    Table(
+        "branch_lease", md,
+        Column("branch", _ID, primary_key=True),
+        Column("token", AutoString, nullable=False),
+        Column("run_id", Integer),
+        Column("holder", AutoString, nullable=False),
+        Column("host", AutoString, nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("acquired", UTCDateTime(), nullable=False),
+        Column("heartbeat", UTCDateTime(), nullable=False),
+        Column("expires", UTCDateTime(), nullable=False),
+    )  # fmt: skip
+    md.create_all(conn)
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {
+    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6,
+}  # fmt: skip
 """``STEPS[n]`` migrates a version ``n - 1`` database to version ``n``."""
 
 assert sorted(STEPS) == list(range(2, m.SCHEMA_VERSION + 1)), "a migration step is missing"

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Column, Index, String
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 """Bumped with every schema change; stored in ``meta`` under ``schema_version``. Each bump comes
 with a step in :mod:`tlreg.registry.migrations` that brings the previous version here."""
 
@@ -183,10 +183,48 @@ class GcCandidate(SQLModel, table=True):
     doomed: datetime | None = Field(default=None, sa_type=UTCDateTime())
 
 
+class MetricPoint(SQLModel, table=True):
+    """One evaluation of a run (schema v5): ``metric`` was ``value`` at ``step``.
+
+    ``value`` is NULL for NaN (SQLite stores NaN as NULL; both backends keep infinities).
+    ``elapsed_s`` is the training time since the run's first step (start-up excluded), when
+    the logger knows it. A step logged twice keeps the last value.
+    """
+
+    __tablename__ = "metric_point"
+    run_id: int = Field(primary_key=True, foreign_key="run.id")
+    metric: str = Field(primary_key=True, sa_type=ID_TYPE)
+    step: int = Field(primary_key=True, sa_type=BigInteger())
+    value: float | None = None
+    wall_time: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime())
+    elapsed_s: float | None = None
+
+
+class BranchLease(SQLModel, table=True):
+    """The live run of a branch (schema v6): at most one per branch, held while it
+    heartbeats; a lease whose ``expires`` has passed may be taken over.
+
+    ``token`` identifies the holder (a run, or a Checkpointer of the Python API);
+    ``run_id``, ``holder``, ``host`` and ``pid`` are what a refused second run is told.
+    """
+
+    __tablename__ = "branch_lease"
+    # Plain text, not a foreign key: a lease names a branch as the runs do.
+    branch: str = Field(primary_key=True, sa_type=ID_TYPE)
+    token: str
+    run_id: int | None = None
+    holder: str
+    host: str
+    pid: int
+    acquired: datetime = Field(sa_type=UTCDateTime())
+    heartbeat: datetime = Field(sa_type=UTCDateTime())
+    expires: datetime = Field(sa_type=UTCDateTime())
+
+
 def tables() -> list[Any]:
     """The registry's tables (SQLModel's metadata is shared with any other table model)."""
     models: list[Any] = [
         Meta, Run, Checkpoint, Edge, Branch, Tag, Object, CheckpointObject, LayerPrefix,
-        GcCandidate, LaneLink,
+        GcCandidate, LaneLink, MetricPoint, BranchLease,
     ]  # fmt: skip
     return [model.__table__ for model in models]
