@@ -14,6 +14,7 @@ Rooms:
   prefixes.
 - ``lineage``: log, ancestors/descendants, children, edges, common and best ancestor.
 - ``lineage_sql``: the recursive statements the lineage walks run, per backend.
+- ``metrics``: evaluation curves (metric points of runs), branch series, run summaries.
 - ``gc``: garbage collection's planning, apply and forget, and the GC lock.
 - ``records``: the frozen records returned (CheckpointRecord, RecordList, Branch, ...).
 - ``models`` / ``migrations``: the tables, and upgrading older schemas.
@@ -48,6 +49,7 @@ from tlreg.registry.errors import (
     UnsafeFilesystem,
     UnsupportedDatabase,
 )
+from tlreg.registry.metrics import MetricPoint, RunSummary
 from tlreg.registry.names import validate_name
 from tlreg.registry.records import (
     Branch,
@@ -76,6 +78,7 @@ __all__ = [
     "GcPlan",
     "HeadMoved",
     "InvalidName",
+    "MetricPoint",
     "NotCollectable",
     "RecordList",
     "RefNotFound",
@@ -84,6 +87,7 @@ __all__ = [
     "RegistryUnavailable",
     "Run",
     "RunNotFound",
+    "RunSummary",
     "SchemaVersionError",
     "Tag",
     "TagExists",

@@ -3,8 +3,9 @@
 :class:`Registry` is composed of one class per room, each in its own module: the
 connection and session scope (:mod:`~tlreg.registry.engine`), branches, tags and refs
 (:mod:`~tlreg.registry.refs`), the commit transaction (:mod:`~tlreg.registry.commit`), the
-lineage walks (:mod:`~tlreg.registry.lineage`) and garbage collection
-(:mod:`~tlreg.registry.gc`). This module adds opening, the schema, meta values and runs.
+lineage walks (:mod:`~tlreg.registry.lineage`), garbage collection
+(:mod:`~tlreg.registry.gc`) and evaluation curves (:mod:`~tlreg.registry.metrics`). This
+module adds opening, the schema, meta values and runs.
 
 Every public call opens one session and one transaction; a call that raises rolls its
 transaction back, so a failed call leaves the database unchanged. Uniqueness (branch, tag and
@@ -40,6 +41,7 @@ from tlreg.registry.engine import (
 from tlreg.registry.errors import RunNotFound
 from tlreg.registry.gc import GarbageCollection
 from tlreg.registry.lineage import Lineage
+from tlreg.registry.metrics import Metrics
 from tlreg.registry.records import Run, from_row
 from tlreg.registry.refs import MIN_PREFIX, Refs, branch_row
 from tlreg.storage_backends.credentials import without_password
@@ -67,7 +69,7 @@ def _reopen(url: str, force: bool | None) -> Registry:
     return Registry(url, force=force)
 
 
-class Registry(Refs, Commits, Lineage, GarbageCollection):
+class Registry(Refs, Commits, Lineage, GarbageCollection, Metrics):
     """The lineage registry: branches, checkpoints, tags, runs and object references.
 
     ``url`` is ``sqlite:///path.db`` (the file and its parent directories are created; WAL mode)
