@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 
 from tlreg.registry import models as m
 from tlreg.registry.engine import Database
-from tlreg.registry.errors import RunNotFound
+from tlreg.registry.errors import RegistryUnavailable, RunNotFound
 from tlreg.registry.records import Run, from_row, utc
 from tlreg.registry.refs import branch_row, unstorable
 
@@ -345,3 +345,35 @@ class Metrics(Database):
                     )
                 )
             return out
+
+
+class MetricsBacklog:
+    """Points a training loop logs, kept while the registry is unreachable.
+
+    Training goes on when the database goes away (as checkpoints do); the points wait here and
+    are sent, in order, by the next :meth:`flush` that reaches it.
+    """
+
+    def __init__(self, run_id: int) -> None:
+        self.run_id = run_id
+        self._waiting: list[tuple[int, dict[str, float], datetime, float | None]] = []
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, step: int, values: Mapping[str, float], *, elapsed_s: float | None) -> None:
+        """Queue one evaluation (stamped now)."""
+        for name in values:
+            validate_metric_name(name)
+        self._waiting.append((step, dict(values), m.utcnow(), elapsed_s))
+
+    def flush(self, registry: Metrics) -> bool:
+        """Send every queued point; False (keeping the rest) when the registry is unavailable."""
+        while self._waiting:
+            step, values, when, elapsed = self._waiting[0]
+            try:
+                registry.log_metrics(self.run_id, step, values, wall_time=when, elapsed_s=elapsed)
+            except RegistryUnavailable:
+                return False
+            self._waiting.pop(0)
+        return True

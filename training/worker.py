@@ -17,6 +17,7 @@ import torch
 
 from tlreg.ckpt import PendingSave
 from tlreg.registry import Registry
+from tlreg.registry.metrics import MetricsBacklog
 from tlreg.training.config import TrainConfig
 from tlreg.training.events import Checkpointed, CheckpointFailed, Evaluated, ProgressEvent, Restored
 from tlreg.training.freeze import apply_freeze, param_groups
@@ -80,6 +81,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     )
 
     ddp_model = prepare_model(model) if world > 1 else model
+    # Rank 0 records every evaluation in the registry (the curves of 'tlreg compare/plot').
+    curve = MetricsBacklog(loop_config["run_id"])
     started = time.perf_counter()
     pending: list[tuple[int, PendingSave, float]] = []
     last_committed: str | None = record.id if record else None
@@ -102,6 +105,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             with torch.no_grad():
                 metrics[task.metric_name] = task.metric(model(x_val), y_val)
             model.train()
+            if rank == 0:
+                curve.add(step, metrics, elapsed_s=time.perf_counter() - started)
+                curve.flush(registry)  # kept for the next flush while the registry is down
             emit(
                 Evaluated(
                     step=step,
@@ -127,6 +133,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     for _step, p, _stall in pending:
         p.committed.exception()  # wait; errors are reported as events (rank 0)
     _drain(pending, emit)
+    curve.flush(registry)
     ckpt.close()
     registry.close()
     if world > 1:
