@@ -4,7 +4,8 @@
 connection and session scope (:mod:`~tlreg.registry.engine`), branches, tags and refs
 (:mod:`~tlreg.registry.refs`), the commit transaction (:mod:`~tlreg.registry.commit`), the
 lineage walks (:mod:`~tlreg.registry.lineage`), garbage collection
-(:mod:`~tlreg.registry.gc`) and evaluation curves (:mod:`~tlreg.registry.metrics`). This
+(:mod:`~tlreg.registry.gc`), evaluation curves (:mod:`~tlreg.registry.metrics`) and branch
+leases (:mod:`~tlreg.registry.leases`). This
 module adds opening, the schema, meta values and runs.
 
 Every public call opens one session and one transaction; a call that raises rolls its
@@ -40,6 +41,7 @@ from tlreg.registry.engine import (
 )
 from tlreg.registry.errors import RunNotFound
 from tlreg.registry.gc import GarbageCollection
+from tlreg.registry.leases import Leases
 from tlreg.registry.lineage import Lineage
 from tlreg.registry.metrics import Metrics
 from tlreg.registry.records import Run, from_row
@@ -69,7 +71,7 @@ def _reopen(url: str, force: bool | None) -> Registry:
     return Registry(url, force=force)
 
 
-class Registry(Refs, Commits, Lineage, GarbageCollection, Metrics):
+class Registry(Refs, Commits, Lineage, GarbageCollection, Metrics, Leases):
     """The lineage registry: branches, checkpoints, tags, runs and object references.
 
     ``url`` is ``sqlite:///path.db`` (the file and its parent directories are created; WAL mode)
