@@ -185,30 +185,34 @@ def diff(env: Env, a: str, b: str, as_json: bool) -> None:
 @json_option
 @pass_env
 def runs(env: Env, branch: str | None, as_json: bool) -> None:
-    """Training runs (all, or of BRANCH), oldest first.  Example: tlreg runs upper-head"""
-    if branch is not None:
-        env.registry.get_branch(branch)  # an unknown branch is an error, not an empty list
-    rows = env.registry.runs(branch)
+    """Training runs (all, or of BRANCH), oldest first, with duration, last step, final
+    metrics and checkpoints kept (of those committed).  Example: tlreg runs upper-head"""
+    rows = env.registry.run_summaries(branch)  # an unknown branch raises BranchNotFound
     if as_json:
         echo_json([r.to_json() for r in rows])
         return
     if not rows:
         click.echo("no runs yet: start one with 'tlreg train BRANCH'")
         return
+    header = ["RUN", "BRANCH", "STATUS", "STARTED", "DURATION", "STEPS", "FINAL", "KEPT"]
     click.echo(
         table(
             [
                 [
-                    str(r.id),
-                    r.branch,
-                    r.status,
-                    r.created.strftime("%Y-%m-%d %H:%M:%S"),
-                    r.ray_job_id or "-",
-                    (r.error or "")[:60],
+                    str(r.run.id),
+                    r.run.branch,
+                    r.run.status,
+                    r.run.created.strftime("%Y-%m-%d %H:%M:%S"),
+                    "-" if r.duration_s is None else f"{r.duration_s:.1f}s",
+                    "-" if r.steps is None else str(r.steps),
+                    fmt_metrics(r.final) or "-",
+                    f"{r.kept}/{r.checkpoints}",
+                    r.run.ray_job_id or "-",
+                    (r.run.error or "")[:60],
                 ]
                 for r in rows
             ],
-            ["RUN", "BRANCH", "STATUS", "STARTED", "RAY JOB", "ERROR"],
+            [*header, "RAY JOB", "ERROR"],
         )
     )
 
