@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -47,8 +46,28 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from tlreg.ckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
+from tlreg.ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    UnsupportedFormat,
+)
 from tlreg.ckpt.hashing import hash_bytes
+from tlreg.ckpt.tree import check_tree
+from tlreg.ckpt.validate import (
+    HASH,
+    ID,
+    MAX_DEPTH,
+    MAX_INT,
+    MAX_MANIFEST_BYTES,
+    BadField,
+    Fields,
+    check_cover,
+    check_document,
+    check_path,
+    show,
+    value_depth,
+)
 from tlreg.storage_backends import ObjectNotFound, Store
 
 FORMAT = "tlreg.manifest"
@@ -56,8 +75,9 @@ VERSION = 2
 """The newest manifest version this tlreg reads and writes."""
 MANIFESTS = "manifests"
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+_MANIFEST_KEYS = ("format", "version", "id", "step", "created", "tensors", "objects")
+_ENTRY_KEYS = ("object", "offset", "nbytes", "dtype", "shape", "hash")
+_SHARD_KEYS = ("offsets", "shape", "object", "offset", "nbytes", "hash")
 
 
 @dataclass(frozen=True)
@@ -102,21 +122,24 @@ class ShardEntry:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ShardEntry:
-        """Parse a shard; ``ValueError``/``KeyError``/``TypeError`` if malformed."""
-        shard = cls(
-            offsets=tuple(_nonneg(n) for n in data["offsets"]),
-            shape=tuple(_nonneg(n) for n in data["shape"]),
-            object=_str(data["object"]),
-            offset=_nonneg(data["offset"]),
-            nbytes=_nonneg(data["nbytes"]),
-            hash=_str(data["hash"]),
+    def from_json(cls, data: Any, field: str = "shard") -> ShardEntry:
+        """Parse a shard, each field in its grammar; :class:`BadField` naming the field."""
+        Fields.keys(data, field, _SHARD_KEYS)
+        offsets = Fields.shape(data["offsets"], f"{field}.offsets")
+        shape = Fields.shape(data["shape"], f"{field}.shape")
+        if len(offsets) != len(shape):
+            raise BadField(f"{field}.offsets", f"{len(offsets)} offsets for {len(shape)} dims")
+        digest = data["object"]
+        if digest != "":
+            Fields.string(digest, f"{field}.object", HASH)
+        return cls(
+            offsets=offsets,
+            shape=shape,
+            object=digest,
+            offset=Fields.integer(data["offset"], f"{field}.offset"),
+            nbytes=Fields.integer(data["nbytes"], f"{field}.nbytes"),
+            hash=Fields.string(data["hash"], f"{field}.hash", HASH),
         )
-        if not _HASH.match(shard.hash) or (shard.object and not _HASH.match(shard.object)):
-            raise ValueError(f"bad hash in shard {dict(data)}")
-        if len(shard.offsets) != len(shard.shape):
-            raise ValueError(f"shard offsets and shape differ in length in {dict(data)}")
-        return shard
 
 
 def shards_digest(shards: Iterable[ShardEntry]) -> str:
@@ -172,24 +195,38 @@ class TensorEntry:
         return doc
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> TensorEntry:
-        """Parse an entry; ``ValueError``/``KeyError``/``TypeError`` if malformed."""
-        entry = cls(
-            object=_str(data["object"]),
-            offset=_nonneg(data["offset"]),
-            nbytes=_nonneg(data["nbytes"]),
-            dtype=_str(data["dtype"]),
-            shape=tuple(_nonneg(n) for n in data["shape"]),
-            hash=_str(data["hash"]),
-            shards=tuple(ShardEntry.from_json(s) for s in data.get("shards", ())),
+    def from_json(cls, data: Any, field: str = "tensor") -> TensorEntry:
+        """Parse an entry, each field in its grammar and ``nbytes`` agreeing with its dtype
+        and shape (its own and each shard's); :class:`BadField` naming the field."""
+        Fields.keys(data, field, _ENTRY_KEYS, ["shards"])
+        dtype = Fields.dtype(data["dtype"], f"{field}.dtype")
+        shape = Fields.shape(data["shape"], f"{field}.shape")
+        nbytes = Fields.nbytes(data["nbytes"], f"{field}.nbytes", dtype, shape)
+        digest = data["object"]
+        if digest != "":
+            Fields.string(digest, f"{field}.object", HASH)
+        raw_shards = data.get("shards", [])
+        if type(raw_shards) is not list or (("shards" in data) and not raw_shards):
+            raise BadField(f"{field}.shards", f"expected a non-empty list, got {show(raw_shards)}")
+        shards = tuple(
+            ShardEntry.from_json(s, f"{field}.shards[{i}]") for i, s in enumerate(raw_shards)
         )
-        if not _HASH.match(entry.hash) or (entry.object and not _HASH.match(entry.object)):
-            raise ValueError(f"bad hash in {dict(data)}")
-        if entry.shards and entry.object:
-            raise ValueError(f"a sharded entry names an object of its own: {dict(data)}")
-        if any(len(s.offsets) != len(entry.shape) for s in entry.shards):
-            raise ValueError(f"shards of another rank than the tensor in {dict(data)}")
-        return entry
+        for i, shard in enumerate(shards):
+            where = f"{field}.shards[{i}]"
+            if len(shard.shape) != len(shape):
+                raise BadField(f"{where}.shape", f"{len(shard.shape)} dims for {len(shape)}")
+            Fields.nbytes(shard.nbytes, f"{where}.nbytes", dtype, shard.shape)
+        if shards and (digest or data["offset"] != 0):
+            raise BadField(f"{field}.object", "a sharded tensor names no object of its own")
+        return cls(
+            object=digest,
+            offset=Fields.integer(data["offset"], f"{field}.offset"),
+            nbytes=nbytes,
+            dtype=dtype,
+            shape=shape,
+            hash=Fields.string(data["hash"], f"{field}.hash", HASH),
+            shards=shards,
+        )
 
 
 @dataclass(frozen=True)
@@ -256,23 +293,28 @@ class Manifest:
         already parsed from a trusted place.
         """
         raw = data.encode() if isinstance(data, str) else data
+        if isinstance(raw, bytes):
+            check_document(raw, name)  # before parsing: no RecursionError, bounded memory
+        elif value_depth(data) > MAX_DEPTH:
+            raise CorruptCheckpoint(f"{name} nests deeper than {MAX_DEPTH} levels")
         try:
             if isinstance(data, str | bytes):
                 data = json.loads(data)
             if not isinstance(data, Mapping):
                 raise TypeError("not a JSON object")
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             raise CorruptCheckpoint(
-                f"{name} is not valid JSON ({e}); the file is damaged, restore it from a copy"
+                f"{name} is not valid JSON ({show(str(e))}); the file is damaged, "
+                "restore it from a copy"
             ) from None
         fmt, version = data.get("format"), data.get("version")
         if fmt != FORMAT:
             raise UnsupportedFormat(
-                f"{name} is not a tlreg manifest (format {fmt!r}): it is damaged or another tool "
-                "wrote it; restore it from a copy"
+                f"{name} is not a tlreg manifest (format {show(fmt)}): it is damaged or another "
+                "tool wrote it; restore it from a copy"
             )
         if type(version) is not int or version < 1:
-            raise CorruptCheckpoint(f"{name} has no valid version ({version!r})")
+            raise CorruptCheckpoint(f"{name} has no valid version ({show(version)})")
         if version > VERSION:
             # A flipped bit can make a version number too: only an intact file is "newer".
             if isinstance(raw, bytes) and not _intact(data, raw):
@@ -287,32 +329,69 @@ class Manifest:
         if isinstance(raw, bytes):
             _check_integrity(data, raw, name)
         try:
-            step = data["step"]
-            if step is not None and type(step) is not int:
-                raise TypeError(f"step {step!r}")
-            created = datetime.fromisoformat(_str(data["created"]))
-            if created.tzinfo is None:
-                raise ValueError("created has no timezone")
-            metadata = data.get("metadata") or {}
-            if not isinstance(metadata, dict):
-                raise TypeError("metadata is not an object")
-            tensors = {_str(p): TensorEntry.from_json(e) for p, e in data["tensors"].items()}
-            objects = {_str(h): _nonneg(n) for h, n in data["objects"].items()}
-            if not all(_HASH.match(h) for h in objects):
-                raise ValueError("bad object hash")
-            if version < 2 and any(e.shards for e in tensors.values()):
-                raise ValueError("sharded tensors in a version 1 manifest")
-            referenced = {s.object for e in tensors.values() for s in e.pieces() if s.object}
-            missing = referenced - objects.keys()
-            if missing:
-                raise ValueError(f"tensors reference unlisted objects {sorted(missing)[:3]}")
-            manifest_id = _str(data["id"])
-            if not _ID.match(manifest_id):
-                raise ValueError(f"bad id {manifest_id!r}")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CorruptCheckpoint(
-                f"{name} is malformed ({type(e).__name__}: {e}); it cannot be loaded"
-            ) from None
+            return cls._parse(data, version)
+        except BadField as e:
+            raise CorruptCheckpoint(f"{name} is malformed: {e}; it cannot be loaded") from None
+
+    @classmethod
+    def _parse(cls, data: Mapping[str, Any], version: int) -> Manifest:
+        """Every field checked on its own terms and against the others (:class:`BadField`)."""
+        Fields.keys(data, "", _MANIFEST_KEYS, ["metadata", "tree", "checksum"])
+        manifest_id = Fields.string(data["id"], "id", ID)
+        step = data["step"]
+        if step is not None:
+            Fields.integer(step, "step", -MAX_INT - 1)
+        stamp = data["created"]
+        try:
+            if type(stamp) is not str or len(stamp) > 64:
+                raise ValueError(stamp)
+            created = datetime.fromisoformat(stamp)
+        except ValueError:
+            raise BadField("created", f"expected an ISO 8601 time, got {show(stamp)}") from None
+        if created.tzinfo is None:
+            raise BadField("created", f"{stamp} has no timezone")
+        metadata = data.get("metadata")
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            raise BadField("metadata", f"expected an object, got {show(metadata)}")
+        raw_objects = data["objects"]
+        if not isinstance(raw_objects, Mapping):
+            raise BadField("objects", f"expected an object, got {show(raw_objects)}")
+        objects = {
+            Fields.string(h, f"objects[{show(h)}]", HASH): Fields.integer(
+                n, f"objects[{show(h)}]", 1
+            )
+            for h, n in raw_objects.items()
+        }
+        raw_tensors = data["tensors"]
+        if not isinstance(raw_tensors, Mapping):
+            raise BadField("tensors", f"expected an object, got {show(raw_tensors)}")
+        tensors: dict[str, TensorEntry] = {}
+        for path, doc in raw_tensors.items():
+            field = f"tensors[{show(path)}]"
+            try:
+                check_path(path)
+            except (TypeError, ValueError) as e:
+                raise BadField(field, str(e)) from None
+            entry = tensors[path] = TensorEntry.from_json(doc, field)
+            if not entry.shards:
+                Fields.location(doc, field, entry.nbytes, objects)
+                continue
+            if version < 2:
+                raise BadField(f"{field}.shards", "sharded tensors in a version 1 manifest")
+            for i, (shard, shard_doc) in enumerate(zip(entry.shards, doc["shards"], strict=True)):
+                Fields.location(shard_doc, f"{field}.shards[{i}]", shard.nbytes, objects)
+            check_cover([s.box for s in entry.shards], entry.shape, f"{field}.shards")
+            if entry.hash != shards_digest(entry.shards):
+                raise BadField(f"{field}.hash", "is not the digest of its shard list")
+        tree = data.get("tree")
+        if tree is not None and type(tree) is not dict:
+            raise BadField("tree", f"expected an object, got {show(tree)}")
+        try:
+            check_tree(tree, tensors)
+        except CorruptCheckpoint as e:
+            raise BadField("tree", str(e)) from None
         return cls(
             id=manifest_id,
             step=step,
@@ -320,7 +399,7 @@ class Manifest:
             tensors=tensors,
             objects=objects,
             metadata=metadata,
-            tree=data.get("tree"),
+            tree=tree,
             version=version,
         )
 
@@ -342,7 +421,7 @@ def _intact(doc: Mapping[str, Any], raw: bytes) -> bool:
 def _check_integrity(doc: Mapping[str, Any], raw: bytes, name: str) -> None:
     """Raise :class:`CorruptCheckpoint` unless ``raw`` is exactly the checksummed ``doc``."""
     checksum = doc.get("checksum")
-    if not isinstance(checksum, str) or not _HASH.match(checksum):
+    if not isinstance(checksum, str) or not HASH.fullmatch(checksum):
         raise CorruptCheckpoint(
             f"{name} has no valid checksum; it is damaged or was not written by tlreg"
         )
@@ -358,18 +437,6 @@ def format_version(tensors: Mapping[str, TensorEntry]) -> int:
     return 2 if any(e.shards for e in tensors.values()) else 1
 
 
-def _str(value: Any) -> str:
-    if type(value) is not str:
-        raise TypeError(f"expected a string, got {value!r}")
-    return value
-
-
-def _nonneg(value: Any) -> int:
-    if type(value) is not int or value < 0:
-        raise TypeError(f"expected a non-negative integer, got {value!r}")
-    return value
-
-
 def manifest_key(manifest_id: str) -> str:
     """The store key of a manifest."""
     return f"{MANIFESTS}/{manifest_id}.json"
@@ -380,7 +447,7 @@ def stored_manifests(store: Store) -> set[str]:
     return {
         key.removeprefix(f"{MANIFESTS}/").removesuffix(".json")
         for key in store.list(MANIFESTS)
-        if key.endswith(".json") and _ID.match(key.removeprefix(f"{MANIFESTS}/")[:-5])
+        if key.endswith(".json") and ID.fullmatch(key.removeprefix(f"{MANIFESTS}/")[:-5])
     }
 
 
@@ -390,18 +457,26 @@ def read_manifest(store: Store, manifest_id: str) -> Manifest:
     Raises :class:`CheckpointNotFound` if it does not exist, :class:`UnsupportedFormat` if a
     newer tlreg wrote it and :class:`CorruptCheckpoint` if it is malformed.
     """
-    if not isinstance(manifest_id, str) or not _ID.match(manifest_id):
+    if not isinstance(manifest_id, str) or not ID.fullmatch(manifest_id):
         raise CheckpointNotFound(
             f"{manifest_id!r} is not a checkpoint manifest id (32 hex digits); "
             "list the store's manifests/ or ask the registry for the id"
         )
+    name = f"manifest {manifest_id} in {store.url}"
+    key = manifest_key(manifest_id)
     try:
-        raw = store.get(manifest_key(manifest_id))
+        size = store.size(key)  # before reading: a huge file is refused, not allocated
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpoint(
+                f"{name} is {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may be; "
+                "it is damaged or was not written by tlreg"
+            )
+        raw = store.get(key)
     except ObjectNotFound:
         raise CheckpointNotFound(
             f"no checkpoint manifest {manifest_id} in {store.url}; check the id and the store URL"
         ) from None
-    manifest = Manifest.from_json(raw, name=f"manifest {manifest_id} in {store.url}")
+    manifest = Manifest.from_json(raw, name=name)
     if manifest.id != manifest_id:
         raise CorruptCheckpoint(
             f"manifest {manifest_id} in {store.url} claims id {manifest.id}; "
@@ -411,8 +486,17 @@ def read_manifest(store: Store, manifest_id: str) -> Manifest:
 
 
 def write_manifest(store: Store, manifest: Manifest) -> None:
-    """Write ``manifest`` (atomically, as every store put is); this is the checkpoint's commit."""
-    store.put(manifest_key(manifest.id), manifest.to_bytes())
+    """Write ``manifest`` (atomically, as every store put is); this is the checkpoint's commit.
+
+    The bytes are first read back through every check a reader makes, so that tlreg never
+    writes a manifest it would refuse (:class:`CheckpointError` naming the field).
+    """
+    raw = manifest.to_bytes()
+    try:
+        Manifest.from_json(raw, name=f"manifest {manifest.id}")
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot write checkpoint {manifest.id}: {e}") from None
+    store.put(manifest_key(manifest.id), raw)
 
 
 _id_lock = threading.Lock()

@@ -24,6 +24,7 @@ from tlreg.ckpt.shards import Box, Shard, check_box, intersect, slices, volume
 from tlreg.ckpt.staging import page_aligned_empty
 from tlreg.ckpt.tasks import Tasks
 from tlreg.ckpt.tree import flatten_state, select_subtree, tensor_refs, unflatten_state
+from tlreg.ckpt.validate import object_chunks
 from tlreg.storage_backends import Store
 
 _DIRECT_READ_BYTES = 1 << 20  # tensors this large are read straight into their own memory
@@ -138,6 +139,25 @@ class Restorer:
             raise CorruptCheckpoint(f"manifest {manifest.id} in {self.store.url} holds no dict")
         return state, list(reads.values())
 
+    def _check_sizes(self, reader: ObjectReader, reads: Mapping[str, TensorEntry]) -> None:
+        """:class:`CorruptCheckpoint` unless the chunk files of every object hold the bytes
+        ``reads`` take from it (the store's listing and sizes, on the I/O pool): a manifest
+        that lies about sizes must not make a restore allocate what no object backs."""
+        ends: dict[str, tuple[int, str]] = {}
+        for name, entry in reads.items():
+            if entry.nbytes and entry.offset + entry.nbytes > ends.get(entry.object, (0, ""))[0]:
+                ends[entry.object] = (entry.offset + entry.nbytes, name)
+        found = self._io_pool.map(lambda d: object_chunks(self.store, d), list(ends))
+        for (digest, (end, name)), chunks in zip(ends.items(), found, strict=True):
+            if isinstance(chunks, str):
+                raise reader.damaged(f"tensor {name!r}", digest, chunks)
+            if end > chunks[0] * chunks[1]:
+                raise reader.damaged(
+                    f"tensor {name!r}",
+                    digest,
+                    f"holds at most {chunks[0] * chunks[1]} bytes, too few for {end}",
+                )
+
     def _read_raw(
         self,
         manifest: Manifest,
@@ -148,6 +168,7 @@ class Restorer:
         returns each as a flat uint8 tensor: the one in ``buffers`` under its name if any
         (exactly ``entry.nbytes`` long), else a new one."""
         reader = ObjectReader(self.store, manifest.id, self._layouts)
+        self._check_sizes(reader, reads)  # before any memory is allocated for the bytes
         outs: dict[str, torch.Tensor] = {}
         by_object: dict[str, list[str]] = {}
         for name, entry in reads.items():

@@ -35,6 +35,7 @@ import torch
 from tlreg.ckpt.dtypes import dtype_name
 from tlreg.ckpt.errors import CorruptCheckpoint
 from tlreg.ckpt.shards import Shard, from_dtensor, is_dtensor
+from tlreg.ckpt.validate import MAX_DEPTH, safe_path, value_depth
 
 _TAGS = ("$tensor", "$tuple", "$dict", "$odict", "$float", "$bytes", "$size", "$dtype")
 
@@ -70,6 +71,11 @@ class _Flattener:
             if id(obj) in self._stack:
                 raise TypeError(
                     f"cannot checkpoint a cycle at {_path(parts)!r}: it contains itself"
+                )
+            if len(self._stack) >= MAX_DEPTH:
+                raise TypeError(
+                    f"cannot checkpoint the state at {_path(parts)!r}: it nests containers "
+                    f"deeper than {MAX_DEPTH} levels"
                 )
             self._stack.add(id(obj))
             try:
@@ -114,8 +120,10 @@ class _Flattener:
             dtype_name(tensor.dtype)
         except TypeError as e:
             raise TypeError(f"cannot checkpoint the tensor at {path!r}: {e}") from None
-        # Paths are display names built from str(key); a collision (int key 3 next to str key
-        # "3", or a key containing "/") gets a suffix, the tree keeps the exact reference.
+        # Paths are display names built from str(key), with control characters escaped; a
+        # collision (int key 3 next to str key "3", a key containing "/", an escape) gets a
+        # suffix, the tree keeps the exact reference.
+        path = safe_path(path)
         unique, n = path, 0
         while unique in self.tensors:
             n += 1
@@ -140,6 +148,12 @@ def flatten_state(state: Mapping[str, Any]) -> tuple[Any, dict[str, torch.Tensor
     """
     flattener = _Flattener()
     tree = flattener.encode(state, [])
+    # a manifest holds the tree one level down, and tags add levels ({"$dict": [[k, v]]})
+    if value_depth(tree) >= MAX_DEPTH:
+        raise TypeError(
+            f"cannot checkpoint a state this deeply nested: its structure takes more than "
+            f"{MAX_DEPTH - 1} levels of JSON; flatten it"
+        )
     return tree, flattener.tensors
 
 
@@ -201,6 +215,26 @@ def _tag(node: dict[str, Any], where: str) -> str | None:
             f"malformed checkpoint tree at {where or '<root>'!r}: unknown tag {dollar[0]!r}"
         )
     return dollar[0]
+
+
+class _References(dict[str, Any]):
+    """The tensors of a manifest as placeholders, for decoding a tree without its data."""
+
+    def __init__(self, paths: Mapping[str, Any]) -> None:
+        super().__init__()
+        self._paths = paths
+
+    def __missing__(self, path: Any) -> Any:
+        if type(path) is not str or path not in self._paths:
+            raise KeyError(f"{path!r} is not a tensor of the checkpoint")
+        return None
+
+
+def check_tree(tree: Any, tensors: Mapping[str, Any]) -> None:
+    """:class:`CorruptCheckpoint` unless ``tree`` decodes (every tag well formed) and each
+    tensor it references is in ``tensors``; reads no tensor."""
+    if tree is not None:
+        unflatten_state(tree, _References(tensors))
 
 
 def tensor_refs(tree: Any) -> Iterator[str]:

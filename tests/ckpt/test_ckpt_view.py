@@ -239,7 +239,9 @@ def test_a_sharded_tensor_reads_as_one_global_array_assembled_from_its_shards(st
         for k, (o, b) in blocks.items()
     )
     entry = TensorEntry("", 0, g.nbytes, "float32", (7, 9), shards_digest(shards), shards)
-    manifest = replace(saved, id=new_manifest_id(), tensors={"w": entry}, version=2)
+    manifest = replace(
+        saved, id=new_manifest_id(), tensors={"w": entry}, tree={"w": {"$tensor": "w"}}, version=2
+    )
     write_manifest(store, manifest)
 
     for chunk_bytes in (1 << 20, 20, 4):
