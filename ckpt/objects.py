@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlreg.ckpt.errors import CorruptCheckpoint, UnsupportedFormat
+from tlreg.ckpt.hashing import hash_bytes
 from tlreg.storage_backends import ObjectNotFound, Store
 
 OBJECTS = "objects"
@@ -307,3 +308,130 @@ def delete_object(store: Store, digest: str) -> None:
     store.delete(meta_key(digest))
     for key in list(store.list(object_prefix(digest))):
         store.delete(key)
+
+
+# -- relocation: where the live bytes of a repacked object went ---------------------------
+
+RELOCATIONS = "relocations"
+_RELOCATION_FORMAT = "tlreg.relocation"
+
+
+def relocation_key(digest: str) -> str:
+    """Key of the relocation record of object ``digest`` (fanned out like the objects)."""
+    return f"{RELOCATIONS}/{digest[:2]}/{digest[2:4]}/{digest}.json"
+
+
+@dataclass(frozen=True)
+class MovedRange:
+    """Bytes ``[offset, offset + nbytes)`` of a repacked object, now at ``target_offset`` of
+    object ``target``."""
+
+    offset: int
+    nbytes: int
+    target: str
+    target_offset: int
+
+
+@dataclass(frozen=True)
+class Relocation:
+    """The record a repack leaves for object ``object`` before it deletes it: where every byte
+    range that a kept checkpoint still referenced now lives.
+
+    Manifests are immutable, so a manifest written before the repack keeps naming
+    ``object``; a reader that finds the object gone follows this record (and the target's own
+    record, should the target have been repacked since). Written before the registry points
+    any checkpoint at the targets, so it exists whenever the object may be missing.
+    """
+
+    object: str
+    nbytes: int
+    ranges: tuple[MovedRange, ...]
+
+    def to_bytes(self) -> bytes:
+        """The record's file: checksummed compact JSON (like a manifest's)."""
+        doc = {
+            "format": _RELOCATION_FORMAT,
+            "version": 1,
+            "object": self.object,
+            "nbytes": self.nbytes,
+            "ranges": [[r.offset, r.nbytes, r.target, r.target_offset] for r in self.ranges],
+        }
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        doc["checksum"] = hash_bytes(body)
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, digest: str) -> Relocation:
+        """Parse a record; :class:`CorruptCheckpoint` unless it is intact and is ``digest``'s."""
+        try:
+            doc: Any = json.loads(raw)
+            body = {k: v for k, v in doc.items() if k != "checksum"}
+            intact = hash_bytes(json.dumps(body, separators=(",", ":")).encode()) == doc.get(
+                "checksum"
+            )
+            ranges = tuple(
+                MovedRange(int(o), int(n), str(t), int(to)) for o, n, t, to in doc["ranges"]
+            )
+            ok = (
+                intact
+                and doc["format"] == _RELOCATION_FORMAT
+                and doc["version"] == 1
+                and doc["object"] == digest
+            )
+            record = cls(digest, int(doc["nbytes"]), ranges)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptCheckpoint(
+                f"relocation record of object {digest} is unreadable ({e!r}); it is damaged"
+            ) from None
+        if not ok:
+            raise CorruptCheckpoint(
+                f"relocation record of object {digest} fails its checksum: it is damaged"
+            )
+        return record
+
+    def find(self, offset: int, nbytes: int) -> MovedRange | None:
+        """The moved range that holds bytes ``[offset, offset + nbytes)``, if any."""
+        for r in self.ranges:
+            if r.offset <= offset and offset + nbytes <= r.offset + r.nbytes:
+                return r
+        return None
+
+
+def write_relocation(store: Store, record: Relocation) -> None:
+    """Write ``record`` (an atomic put; rewriting the same object's record replaces it)."""
+    store.put(relocation_key(record.object), record.to_bytes())
+
+
+def read_relocation(store: Store, digest: str) -> Relocation | None:
+    """The relocation record of object ``digest``, or None when it was never repacked."""
+    try:
+        raw = store.get(relocation_key(digest))
+    except ObjectNotFound:
+        return None
+    return Relocation.from_bytes(raw, digest=digest)
+
+
+def locate(store: Store, digest: str, offset: int, nbytes: int) -> tuple[str, int] | None:
+    """Where bytes ``[offset, offset + nbytes)`` of object ``digest`` live now: ``digest``
+    itself while it is stored, else the end of its chain of relocation records; None when the
+    object is gone and no record holds the range (it was not live when it was repacked)."""
+    seen: set[str] = set()
+    while not is_stored(store, digest):
+        if digest in seen:  # a cycle can only come from damaged records
+            return None
+        seen.add(digest)
+        record = read_relocation(store, digest)
+        moved = None if record is None else record.find(offset, nbytes)
+        if moved is None:
+            return None
+        digest, offset = moved.target, moved.target_offset + (offset - moved.offset)
+    return digest, offset
+
+
+def stored_relocations(store: Store) -> set[str]:
+    """Digests of every object that has a relocation record in ``store``."""
+    return {
+        key.rsplit("/", 1)[-1].removesuffix(".json")
+        for key in store.list(RELOCATIONS)
+        if key.endswith(".json")
+    }

@@ -20,6 +20,7 @@ from tlreg.ckpt.errors import CorruptCheckpoint, UnsupportedFormat
 from tlreg.ckpt.hashing import hash_bytes
 from tlreg.ckpt.manifest import Manifest, ShardEntry, TensorEntry
 from tlreg.ckpt.objects import LayoutCache, ObjectReader
+from tlreg.ckpt.repack import follow_relocations
 from tlreg.ckpt.shards import Box, Shard, check_box, intersect, slices, volume
 from tlreg.ckpt.staging import page_aligned_empty
 from tlreg.ckpt.tasks import Tasks
@@ -139,6 +140,22 @@ class Restorer:
             raise CorruptCheckpoint(f"manifest {manifest.id} in {self.store.url} holds no dict")
         return state, list(reads.values())
 
+    def _read_raw(
+        self,
+        manifest: Manifest,
+        reads: Mapping[str, TensorEntry],
+        buffers: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`_read_once`, read again through the relocation records when an object went
+        missing (``tlreg gc`` repacked it, maybe while this read ran; see ckpt/repack.py)."""
+        try:
+            return self._read_once(manifest, reads, buffers)
+        except CorruptCheckpoint:
+            moved = follow_relocations(self.store, reads)
+            if moved is None:
+                raise
+            return self._read_once(manifest, moved, buffers)
+
     def _check_sizes(self, reader: ObjectReader, reads: Mapping[str, TensorEntry]) -> None:
         """:class:`CorruptCheckpoint` unless the chunk files of every object hold the bytes
         ``reads`` take from it (the store's listing and sizes, on the I/O pool): a manifest
@@ -158,7 +175,7 @@ class Restorer:
                     f"holds at most {chunks[0] * chunks[1]} bytes, too few for {end}",
                 )
 
-    def _read_raw(
+    def _read_once(
         self,
         manifest: Manifest,
         reads: Mapping[str, TensorEntry],

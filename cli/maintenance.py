@@ -8,6 +8,7 @@ from datetime import timedelta
 import click
 
 from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env
+from tlreg.cli.progress import progress
 from tlreg.registry import Registry
 from tlreg.training.gc import collect_garbage
 
@@ -30,6 +31,26 @@ class Duration(click.ParamType):
         return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2) or "s"])
 
 
+class Percent(click.ParamType):
+    """``5%``, ``12.5%`` or a fraction ``0.05``; returned as a fraction from 0 to 1."""
+
+    name = "percent"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a share like 5% or 0.05", param, ctx)
+        if not 0 <= share <= 1:
+            self.fail(f"{value!r} is not between 0% and 100%", param, ctx)
+        return share
+
+
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Show what would be deleted; change nothing.")
 @click.option(
@@ -44,18 +65,44 @@ class Duration(click.ParamType):
     show_default=True,
     help="Delete unregistered objects only once seen this long ago (crashed saves).",
 )
+@click.option(
+    "--max-unused",
+    type=Percent(),
+    default="5%",
+    show_default=True,
+    help="Repack an object once more than this share of its bytes is unused by kept "
+    "checkpoints (like restic prune; 100% never repacks).",
+)
 @json_option
 @pass_env
-def gc(env: Env, dry_run: bool, keep_last: int | None, grace: timedelta, as_json: bool) -> None:
+def gc(
+    env: Env,
+    dry_run: bool,
+    keep_last: int | None,
+    grace: timedelta,
+    max_unused: float,
+    as_json: bool,
+) -> None:
     """Delete stored bytes no kept checkpoint needs; lineage rows always stay.
 
-    Example: tlreg gc --keep-last 5 --dry-run
+    Objects that kept checkpoints use only a little of (a small unchanged tensor in an old
+    pack) are repacked: their used bytes are copied into new objects first.
+
+    Example: tlreg gc --keep-last 5 --max-unused 10% --dry-run
     """
+    problems: list[str] = []
     plan = collect_garbage(
-        env.registry, env.store, keep_last=keep_last, grace=grace, dry_run=dry_run
+        env.registry,
+        env.store,
+        keep_last=keep_last,
+        grace=grace,
+        dry_run=dry_run,
+        max_unused=max_unused,
+        progress=None if as_json else progress,
+        problems=problems,
     )
     if as_json:
-        echo_json({"dry_run": dry_run, **plan.to_json()})
+        echo_json({"dry_run": dry_run, **plan.to_json(), "problems": problems})
         return
     verb = "would" if dry_run else "did"
     click.echo(
@@ -63,6 +110,15 @@ def gc(env: Env, dry_run: bool, keep_last: int | None, grace: timedelta, as_json
         f"({fmt_bytes(plan.nbytes)}), {len(plan.orphan_objects)} orphan objects and "
         f"{len(plan.orphan_manifests)} orphan manifests"
     )
+    if plan.repacked:
+        old = sum(n for _, n, _ in plan.repacked)
+        live = sum(live for _, _, live in plan.repacked)
+        click.echo(
+            f"gc {verb} repack {len(plan.repacked)} mostly-unused objects: "
+            f"{fmt_bytes(live)} copied, {fmt_bytes(old - live)} freed"
+        )
+    for problem in problems:
+        click.echo(f"warning: {problem}; run tlreg verify --all", err=True)
     if plan.abandoned:
         click.echo(f"gc {verb} remove {plan.abandoned} leftovers of interrupted writes")
     if plan.waiting:

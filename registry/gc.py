@@ -6,7 +6,7 @@ The registry never touches the store; ``tlreg.training.gc`` runs the whole proto
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 from sqlalchemy import exists, or_, text
@@ -186,6 +186,75 @@ class GarbageCollection(Database):
                         s.exec(delete(m.Object).where(col(m.Object.hash).in_(chunk)))
                     s.exec(delete(cand).where(cand.kind == kind, col(cand.key).in_(chunk)))
 
+    def repack_candidates(self) -> dict[str, tuple[int, list[str]]]:
+        """Objects that may hold bytes no kept checkpoint uses: those referenced both by a
+        pruned checkpoint and by an unpruned one (a pack is written whole for the checkpoint
+        that references it, so bytes only fall out of use when a checkpoint is pruned).
+
+        ``hash -> (nbytes, ids of the unpruned checkpoints that reference it)``; objects
+        being deleted are left out. The query starts from the pruned checkpoints' references
+        (which :meth:`forget_objects` drops with their objects), so its cost follows what gc
+        could reclaim, not the size of the registry.
+        """
+        out: dict[str, tuple[int, list[str]]] = {}
+        with self._session() as s:
+            for digest, nbytes, checkpoint in s.connection().execute(text(_REPACK_CANDIDATES)):
+                out.setdefault(str(digest), (int(nbytes), []))[1].append(str(checkpoint))
+        return out
+
+    def relocate(self, moves: Iterable[tuple[str, Iterable[str], Mapping[str, int]]]) -> list[str]:
+        """Point kept checkpoints at the objects a repack copied their bytes to.
+
+        Each move is ``(old object, the checkpoints whose manifests the repack read, new
+        objects hash -> nbytes)``. In one transaction under the GC lock, every unpruned
+        checkpoint that references the old object gets references to the new ones instead,
+        and the old object is then unreferenced (the next :meth:`gc_plan` deletes it). A move
+        is skipped, changing nothing, when an unpruned checkpoint the repack did not read
+        references the old object (a save committed meanwhile may use bytes the repack did
+        not copy) or when a new object is being deleted. Returns the old objects moved.
+        """
+        moved: list[str] = []
+        cand = m.GcCandidate
+        with self._session(write=True) as s:
+            gc_lock(s, shared=False)
+            conn = s.connection()
+            for old, read, targets in moves:
+                users = {
+                    str(c)
+                    for (c,) in conn.execute(
+                        select(m.CheckpointObject.checkpoint)
+                        .join(m.Checkpoint, col(m.Checkpoint.id) == m.CheckpointObject.checkpoint)
+                        .where(m.CheckpointObject.object == old, col(m.Checkpoint.pruned).is_(None))
+                    )
+                }
+                new = sorted(targets)
+                doomed = s.exec(
+                    select(cand.key).where(
+                        cand.kind == "object", col(cand.key).in_(new), col(cand.doomed).is_not(None)
+                    )
+                ).first()
+                if not users or not users <= set(read) or doomed is not None or old in targets:
+                    continue
+                now = m.utcnow()
+                conn.execute(
+                    self._insert(m.Object)
+                    .values([{"hash": h, "nbytes": targets[h], "created": now} for h in new])
+                    .on_conflict_do_nothing(index_elements=["hash"])
+                )
+                conn.execute(
+                    self._insert(m.CheckpointObject)
+                    .values([{"checkpoint": c, "object": h} for c in sorted(users) for h in new])
+                    .on_conflict_do_nothing(index_elements=["checkpoint", "object"])
+                )
+                conn.execute(
+                    delete(m.CheckpointObject).where(
+                        col(m.CheckpointObject.object) == old,
+                        col(m.CheckpointObject.checkpoint).in_(sorted(users)),
+                    )
+                )
+                moved.append(old)
+        return moved
+
     def _gc_compute(self, s: Session, keep_last: int | None) -> tuple[list[str], dict[str, int]]:
         """(checkpoints to prune, deletable objects hash -> nbytes) as the database is now.
 
@@ -294,3 +363,19 @@ SELECT 'o', o.hash, o.nbytes FROM object o
 WHERE NOT EXISTS (
     SELECT 1 FROM checkpoint_object r JOIN live l ON l.id = r.checkpoint WHERE r.object = o.hash
 )"""
+# Objects referenced by a pruned checkpoint and by an unpruned one, with the unpruned ones.
+_REPACK_CANDIDATES = """
+WITH cand AS (
+    SELECT DISTINCT r.object FROM checkpoint c
+    JOIN checkpoint_object r ON r.checkpoint = c.id
+    WHERE c.pruned IS NOT NULL
+)
+SELECT o.hash, o.nbytes, r.checkpoint FROM cand
+JOIN object o ON o.hash = cand.object
+JOIN checkpoint_object r ON r.object = cand.object
+JOIN checkpoint c ON c.id = r.checkpoint
+WHERE c.pruned IS NULL AND NOT EXISTS (
+    SELECT 1 FROM gc_candidate g WHERE g.kind = 'object' AND g.key = o.hash
+        AND g.doomed IS NOT NULL
+)
+ORDER BY o.hash, r.checkpoint"""

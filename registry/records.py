@@ -385,6 +385,10 @@ class GcPlan:
     """Remains of interrupted puts (temporary files, open multipart uploads) older than
     ``grace`` that the collection removed, or would remove (filled in by the caller that
     sweeps the store; the registry does not see them)."""
+    repacked: tuple[tuple[str, int, int], ...] = ()
+    """(object, nbytes, live bytes) of mostly-unused objects whose live bytes the collection
+    copied into new objects (or, in a dry run, would copy) before deleting them (filled in
+    by the caller that repacks the store, see ``tlreg.ckpt.repack``)."""
 
     @property
     def nbytes(self) -> int:
@@ -404,4 +408,5 @@ class GcPlan:
             "orphan_manifests": list(self.orphan_manifests),
             "waiting": self.waiting,
             "abandoned": self.abandoned,
+            "repacked": [{"hash": h, "nbytes": n, "live": live} for h, n, live in self.repacked],
         }

@@ -7,17 +7,30 @@ between leaves doomed keys that the next collection hands out again. Objects and
 the registry has never heard of (a save that crashed before its commit) are deleted only
 after they have been seen for ``grace``: listing them records when they were first seen, so
 no file timestamps are needed (S3 has none worth trusting).
+
+Then objects that kept checkpoints still reference but mostly do not use (more than
+``max_unused`` of their bytes) are repacked: their live ranges are copied into new objects,
+the kept checkpoints are pointed at those, and the old objects are deleted like any other
+(see :mod:`tlreg.ckpt.repack` for why readers never see wrong bytes, and crash safety).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
+from typing import Any
 
-from tlreg.ckpt.manifest import manifest_key, stored_manifests
+from tlreg.ckpt.manifest import Manifest, manifest_key, read_manifest, stored_manifests
 from tlreg.ckpt.objects import delete_object, stored_objects
+from tlreg.ckpt.repack import DEFAULT_MAX_UNUSED, Span, live_bytes, live_spans, repack
 from tlreg.registry import GcPlan, Registry
 from tlreg.storage_backends import Store
+
+ProgressFactory = Callable[..., AbstractContextManager[Any]]
+"""``factory(desc, total=..., unit=...)`` -> a context manager whose value has
+``update(n)`` (``tlreg.cli.progress.progress`` is one)."""
 
 
 def collect_garbage(
@@ -27,12 +40,21 @@ def collect_garbage(
     keep_last: int | None = None,
     grace: timedelta = timedelta(hours=24),
     dry_run: bool = False,
+    max_unused: float | None = DEFAULT_MAX_UNUSED,
+    progress: ProgressFactory | None = None,
+    problems: list[str] | None = None,
 ) -> GcPlan:
     """Prune what the retention rules allow and delete unreferenced bytes from ``store``.
 
     Never touches tagged checkpoints, branch heads, branch bases, or (without ``keep_last``)
-    any ancestor of a live branch. Returns what was (or, with ``dry_run``, would be) deleted.
+    any ancestor of a live branch. Then repacks every object more than ``max_unused`` (a
+    fraction, 0 to 1; None never repacks) of whose bytes no kept checkpoint uses. Returns
+    what was (or, with ``dry_run``, would be) deleted and repacked; a dry run's repack
+    estimate counts only checkpoints pruned by earlier collections. Objects that could not
+    be repacked (damaged or missing) are described in ``problems`` when given.
     """
+    if max_unused is not None and not 0 <= max_unused <= 1:
+        raise ValueError(f"max_unused must be a fraction from 0 to 1, got {max_unused}")
     plan = registry.gc_plan(
         keep_last=keep_last,
         grace=grace,
@@ -42,17 +64,80 @@ def collect_garbage(
     # A put killed mid-way leaves a temporary file or an open multipart upload, never an
     # object: nothing refers to it, and only its age tells it from a put still running.
     abandoned = store.sweep_abandoned(plan.created - grace, dry_run=dry_run)
-    if dry_run:
-        return dataclasses.replace(plan, abandoned=abandoned)
-    done = registry.apply_gc(plan)
-    for digest, _nbytes in done.objects:
-        delete_object(store, digest)
-    for digest in done.orphan_objects:
-        delete_object(store, digest)
-    for manifest_id in done.orphan_manifests:
-        store.delete(manifest_key(manifest_id))
-    registry.forget_objects(
-        [h for h, _ in done.objects] + list(done.orphan_objects),
-        manifests=done.orphan_manifests,
+    if not dry_run:
+        plan = _delete(registry, store, registry.apply_gc(plan), progress)
+    plan = dataclasses.replace(plan, abandoned=abandoned)
+    if max_unused is None or max_unused >= 1:
+        return plan
+    chosen, users = plan_repack(registry, store, max_unused)
+    if dry_run or not chosen:
+        return dataclasses.replace(
+            plan, repacked=tuple((h, n, live_bytes(s)) for h, (n, s) in sorted(chosen.items()))
+        )
+    total = sum(live_bytes(s) for _, s in chosen.values())
+    with _bar(progress, "repack", total) as bar:
+        done, skipped = repack(store, chosen, on_bytes=bar.update)
+    if problems is not None:
+        problems.extend(skipped)
+    moved = set(registry.relocate((r.object, users[r.object], r.targets) for r in done))
+    repacked = tuple((r.object, r.nbytes, r.live) for r in done if r.object in moved)
+    if not moved:
+        return plan
+    # the old objects are unreferenced now: the same collection, without a second listing
+    again = registry.gc_plan(keep_last=keep_last, grace=grace)
+    second = _delete(registry, store, registry.apply_gc(again), progress)
+    return dataclasses.replace(
+        plan,
+        objects=tuple(sorted({*plan.objects, *second.objects})),
+        orphan_objects=tuple(sorted({*plan.orphan_objects, *second.orphan_objects})),
+        orphan_manifests=tuple(sorted({*plan.orphan_manifests, *second.orphan_manifests})),
+        repacked=repacked,
     )
-    return dataclasses.replace(done, abandoned=abandoned)
+
+
+def plan_repack(
+    registry: Registry, store: Store, max_unused: float
+) -> tuple[dict[str, tuple[int, set[Span]]], dict[str, list[str]]]:
+    """The objects to repack (``hash -> (nbytes, live spans)``) and, for each, the kept
+    checkpoints whose manifests were read to find its live spans."""
+    candidates = registry.repack_candidates()
+    manifests: dict[str, Manifest] = {}
+    for _, users in candidates.values():
+        for checkpoint in users:
+            if checkpoint not in manifests:
+                manifests[checkpoint] = read_manifest(store, checkpoint)
+    spans = live_spans(store, manifests.values(), candidates)
+    chosen: dict[str, tuple[int, set[Span]]] = {}
+    for digest, (nbytes, _) in candidates.items():
+        live = live_bytes(spans[digest])
+        # an object none of whose bytes a manifest names is left to the plain collection
+        if live and (nbytes - live) > max_unused * nbytes:
+            chosen[digest] = (nbytes, spans[digest])
+    return chosen, {d: candidates[d][1] for d in chosen}
+
+
+def _bar(progress: ProgressFactory | None, desc: str, total: int) -> AbstractContextManager[Any]:
+    if progress is None:
+        return nullcontext(_NoBar())
+    return progress(desc, total=total, unit="B")
+
+
+class _NoBar:
+    def update(self, n: float = 1) -> None:
+        pass
+
+
+def _delete(
+    registry: Registry, store: Store, done: GcPlan, progress: ProgressFactory | None
+) -> GcPlan:
+    """Delete what ``apply_gc`` handed out, then let the registry forget it."""
+    keys = [h for h, _ in done.objects] + list(done.orphan_objects)
+    with _bar(progress, "delete", len(keys) + len(done.orphan_manifests)) as bar:
+        for digest in keys:
+            delete_object(store, digest)
+            bar.update(1)
+        for manifest_id in done.orphan_manifests:
+            store.delete(manifest_key(manifest_id))
+            bar.update(1)
+    registry.forget_objects(keys, manifests=done.orphan_manifests)
+    return done

@@ -193,7 +193,52 @@ def test_gc_plan_to_json_is_json_safe(forked: Registry) -> None:
         "orphan_manifests": [],
         "waiting": 0,
         "abandoned": 0,
+        "repacked": [],
     }
+
+
+# -- repacking: candidates and relocation --------------------------------------------------
+
+
+def test_repack_candidates_are_objects_both_pruned_and_kept_checkpoints_reference(
+    forked: Registry,
+) -> None:
+    assert forked.repack_candidates() == {}  # nothing pruned yet
+    forked.apply_gc(forked.gc_plan(keep_last=1, now=T0))  # prunes ck-d and ck-f
+    # 'shared' is referenced by pruned ck-d/ck-f and by the kept ck-a, ck-b, ck-c, ck-e
+    assert forked.repack_candidates() == {"shared": (100, ["ck-a", "ck-b", "ck-c", "ck-e"])}
+
+
+def test_relocate_points_kept_checkpoints_at_the_new_objects(forked: Registry) -> None:
+    forked.apply_gc(forked.gc_plan(keep_last=1, now=T0))
+    users = forked.repack_candidates()["shared"][1]
+    assert forked.relocate([("shared", users, {"new-1": 40, "new-2": 10})]) == ["shared"]
+    assert forked.objects_of("ck-c") == {"o-c": 1, "new-1": 40, "new-2": 10}
+    assert "shared" in forked.objects_of("ck-d")  # a pruned checkpoint keeps its references
+    plan = forked.gc_plan(keep_last=1, now=T0)
+    assert ("shared", 100) in plan.objects
+    assert forked.repack_candidates() == {}
+
+
+def test_relocate_skips_an_object_a_checkpoint_the_repack_did_not_read_references(
+    forked: Registry,
+) -> None:
+    forked.apply_gc(forked.gc_plan(keep_last=1, now=T0))
+    users = forked.repack_candidates()["shared"][1]
+    # a save committed after the repack read the manifests, deduplicated against 'shared'
+    commit(forked, "main", "ck-g", {"shared": 100, "o-g": 1})
+    assert forked.relocate([("shared", users, {"new": 40})]) == []
+    assert "shared" in forked.objects_of("ck-c") and "new" not in forked.objects_of("ck-c")
+    assert forked.relocate([("shared", [*users, "ck-g"], {"new": 40})]) == ["shared"]
+    assert forked.objects_of("ck-g") == {"o-g": 1, "new": 40}
+
+
+def test_relocate_refuses_a_target_that_gc_is_deleting(forked: Registry) -> None:
+    done = forked.apply_gc(forked.gc_plan(keep_last=1, now=T0))  # dooms o-d, o-f, only-f
+    users = forked.repack_candidates()["shared"][1]
+    assert ("o-d", 1) in done.objects
+    assert forked.relocate([("shared", users, {"o-d": 1})]) == []
+    assert "shared" in forked.objects_of("ck-c")
 
 
 # -- lowest common ancestor and merges ------------------------------------------------------
