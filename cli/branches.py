@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import click
 
+from tlreg.ckpt.verify import quick_check
 from tlreg.cli.common import Env, echo_json, json_option, pass_env, short, table
-from tlreg.registry import validate_name
+from tlreg.registry import RefNotFound, validate_name
 from tlreg.training import best_ancestor_for, load_task
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.argument("from_ref", metavar="[FROM]", required=False)
 @click.option("--task", help="Task the branch trains (MODULE:ATTR), recorded for `tlreg train`.")
-@click.option("-d", "--delete", is_flag=True, help="Delete branch NAME (its checkpoints stay).")
+@click.option(
+    "-d",
+    "--delete",
+    is_flag=True,
+    help="Delete branch NAME (its checkpoints stay); refused if branches were made from it.",
+)
+@click.option("-D", "force_delete", is_flag=True, help="Delete branch NAME even so (-d --force).")
+@click.option("-m", "--move", "rename", is_flag=True, help="Rename branch NAME to FROM (NEW).")
 @click.option(
     "--best-for",
     metavar="MODULE:ATTR",
@@ -24,22 +32,44 @@ from tlreg.training import best_ancestor_for, load_task
 @pass_env
 def branch(
     env: Env,
-    name: str,
+    name: str | None,
     from_ref: str | None,
     task: str | None,
     delete: bool,
+    force_delete: bool,
+    rename: bool,
     best_for: str | None,
     as_json: bool,
 ) -> None:
     """Create branch NAME from FROM (a branch, tag or checkpoint id), or an empty root.
 
-    Example: tlreg branch upper-head base --task tlreg.training.examples.digits:upper
+    With no NAME, list branches (as 'tlreg branches').
+
+    \b
+    Examples:
+      tlreg branch upper-head base --task tlreg.training.examples.digits:upper
+      tlreg branch -m upper-head digits-upper     (rename OLD NEW)
+      tlreg branch -d digits-upper                (-D: even if branches were made from it)
     """
-    if delete:
-        if from_ref or task:
+    if name is None:
+        if from_ref or task or delete or force_delete or rename or best_for:
+            raise click.UsageError("give the branch NAME")
+        _list_branches(env, as_json)
+        return
+    if delete or force_delete:
+        if from_ref or task or rename:
             raise click.UsageError("-d takes only the branch NAME")
-        env.registry.delete_branch(name)
+        env.registry.delete_branch(name, force=force_delete)
         click.echo(f"deleted branch {name}")
+        return
+    if rename:
+        if from_ref is None or task or best_for:
+            raise click.UsageError("-m takes OLD and NEW, e.g. tlreg branch -m base digits-base")
+        b = env.registry.rename_branch(name, from_ref)
+        if as_json:
+            echo_json(b.to_json())
+        else:
+            click.echo(f"renamed branch {name} to {b.name}")
         return
     if best_for is not None:
         if from_ref:
@@ -60,6 +90,8 @@ def branch(
             )
     if task is not None:
         load_task(task)  # refuse an unknown task before anything is written
+    if from_ref is not None:  # a damaged checkpoint gets no new name (cheap: no byte reads)
+        quick_check(env.store, env.registry.resolve(from_ref).manifest)
     b = env.registry.create_branch(name, from_ref=from_ref, task=task)
     if as_json:
         echo_json(b.to_json())
@@ -74,6 +106,10 @@ def branch(
 @pass_env
 def branches(env: Env, as_json: bool) -> None:
     """List branches with their heads.  Example: tlreg branches --json"""
+    _list_branches(env, as_json)
+
+
+def _list_branches(env: Env, as_json: bool) -> None:
     rows = env.registry.branches()
     if as_json:
         echo_json([b.to_json() for b in rows])
@@ -102,20 +138,27 @@ def branches(env: Env, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("ref", required=False)
 @click.argument("name", required=False)
+@click.argument("ref", required=False)
 @click.option("-d", "--delete", "delete_name", metavar="NAME", help="Delete tag NAME.")
 @json_option
 @pass_env
 def tag(
-    env: Env, ref: str | None, name: str | None, delete_name: str | None, as_json: bool
+    env: Env, name: str | None, ref: str | None, delete_name: str | None, as_json: bool
 ) -> None:
-    """Tag checkpoint REF as NAME; with no arguments, list tags.  Example: tlreg tag base v1"""
+    """Tag checkpoint REF as NAME (git's order); with no arguments, list tags.
+
+    \b
+    Example:
+      tlreg tag v1 upper-head
+    """
     if delete_name:
+        if name or ref:
+            raise click.UsageError("-d takes only the tag NAME")
         env.registry.delete_tag(delete_name)
         click.echo(f"deleted tag {delete_name}")
         return
-    if ref is None:
+    if name is None:
         tags = env.registry.tags()
         if as_json:
             echo_json([t.to_json() for t in tags])
@@ -123,13 +166,34 @@ def tag(
             for t in tags:
                 click.echo(f"{t.name}  {short(t.checkpoint)}")
         return
-    if name is None:
-        raise click.UsageError("give both REF and NAME, e.g. tlreg tag base v1")
+    if ref is None:
+        raise click.UsageError(
+            f"give the REF to tag as well (tlreg has no current branch): tlreg tag {name} BRANCH"
+        )
+    _refuse_swapped(env, name, ref)
+    quick_check(env.store, env.registry.resolve(ref).manifest)  # a damaged one is refused
     t = env.registry.tag(ref, name)
     if as_json:
         echo_json(t.to_json())
     else:
         click.echo(f"tagged {short(t.checkpoint)} as {t.name}")
+
+
+def _refuse_swapped(env: Env, name: str, ref: str) -> None:
+    """Refuse ``tag REF NAME`` (tlreg's old order, the reverse of git's) where it shows: NAME is
+    an existing branch (a tag of that name would be hidden by it) and REF names nothing."""
+    if name not in {b.name for b in env.registry.branches()}:
+        return
+    try:
+        env.registry.resolve(ref)
+    except RefNotFound:
+        swapped = f"tlreg tag {ref} {name}"
+    else:
+        swapped = f"tlreg tag NEW-NAME {ref}"
+    raise click.ClickException(
+        f"{name!r} is a branch, so it cannot be a tag name: tag takes NAME then REF, as in "
+        f"git; did you mean '{swapped}'?"
+    )
 
 
 COMMANDS = [branch, branches, tag]

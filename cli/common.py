@@ -14,19 +14,38 @@ from tlreg.ckpt.errors import CheckpointError
 from tlreg.registry import CheckpointRecord, Registry
 from tlreg.registry.errors import RegistryError
 from tlreg.storage_backends import Store, StoreError, open_store
-from tlreg.training import Settings, TrainingError, load_settings
+from tlreg.storage_backends.credentials import without_password
+from tlreg.training import ConfigError, Settings, TrainingError, load_settings
 
 USER_ERRORS = (RegistryError, CheckpointError, StoreError, TrainingError)
 """Errors that are the user's to fix: printed as one line, exit status 1, no traceback."""
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+"""``-h`` as well as ``--help`` (as git and most CLIs), on every command (subcommands inherit)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Env:
-    """Lazily opened handles for one CLI invocation."""
+    """Lazily opened handles for one CLI invocation.
+
+    The registry records the store it was initialised with (meta ``store_url``); opening the
+    registry checks that this invocation's store is that one, so a ``--store`` or
+    ``TLREG_STORE_URL`` pointing elsewhere is refused before any command reads or writes.
+    """
 
     def __init__(self, home: str | None, registry_url: str | None, store_url: str | None) -> None:
         self._args = {"home": home, "registry_url": registry_url, "store_url": store_url}
+
+    def override(self, *, registry_url: str | None, store_url: str | None) -> None:
+        """Use these locations (a command's own ``--registry``/``--store``) when given; must be
+        called before :attr:`settings` is first read."""
+        if "settings" in self.__dict__:
+            raise AssertionError("settings already resolved")
+        if registry_url is not None:
+            self._args["registry_url"] = registry_url
+        if store_url is not None:
+            self._args["store_url"] = store_url
 
     @cached_property
     def settings(self) -> Settings:
@@ -34,15 +53,44 @@ class Env:
 
     @cached_property
     def registry(self) -> Registry:
-        return Registry(self.settings.registry_url)
+        registry = Registry(self.settings.registry_url)
+        try:
+            check_store_matches(registry, self.settings)
+        except BaseException:
+            registry.close()
+            raise
+        return registry
 
     @cached_property
     def store(self) -> Store:
-        return open_store(self.settings.store_url)
+        url = self.settings.store_url
+        try:
+            return open_store(url)
+        except (NotImplementedError, ValueError, OSError) as e:
+            # fsspec backends that cannot serve as a store (http:// is read-only), bad URLs
+            raise ConfigError(
+                f"cannot use {without_password(url)!r} as a store ({type(e).__name__}"
+                f"{': ' + str(e).splitlines()[0] if str(e) else ''}): "
+                "pass a directory path or a URL like s3://bucket/prefix"
+            ) from e
 
     def close(self) -> None:
         if "registry" in self.__dict__:
             self.registry.close()
+
+
+def check_store_matches(registry: Registry, settings: Settings) -> None:
+    """Refuse ``settings.store_url`` when the registry records another store (ConfigError)."""
+    recorded = registry.get_meta("store_url")
+    if recorded is None:
+        return
+    if without_password(recorded) == without_password(settings.store_url):
+        return
+    raise ConfigError(
+        f"registry {without_password(settings.registry_url)} records store "
+        f"{without_password(recorded)!r}, not {without_password(settings.store_url)!r}: "
+        f"drop --store and TLREG_STORE_URL, or pass --store {without_password(recorded)}"
+    )
 
 
 class TlregGroup(click.Group):
@@ -53,6 +101,20 @@ class TlregGroup(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(str(e).splitlines()[0]) from e
+        except NotImplementedError as e:
+            # an fsspec backend that cannot write (http://) reached by a store operation
+            env = ctx.find_object(Env)
+            where = without_password(env.settings.store_url) if env is not None else "the store"
+            raise click.ClickException(
+                f"store {where!r} does not support writing (fsspec raised NotImplementedError): "
+                "pass a directory path or a URL like s3://bucket/prefix"
+            ) from e
+        except PermissionError as e:
+            # e.g. a store folder the user may not write: name the path, not a traceback
+            raise click.ClickException(
+                f"permission denied: {e.filename or e}: check the store's and the home's "
+                "permissions (or pass --store / --home)"
+            ) from e
         except DBAPIError as e:
             # e.g. a search_path schema that does not exist, a role without rights
             orig = e.orig if e.orig is not None else e
@@ -95,12 +157,38 @@ def fmt_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def pruned_mark(r: CheckpointRecord) -> str:
+    """``pruned YYYY-MM-DD`` for a checkpoint garbage collection pruned, else ""."""
+    return f"pruned {r.pruned:%Y-%m-%d}" if r.pruned is not None else ""
+
+
 def checkpoint_line(r: CheckpointRecord) -> str:
     """One line describing a checkpoint, used by log and lineage."""
     parts = [short(r.id), f"{r.branch}@{r.step}", r.kind]
+    if r.pruned is not None:
+        parts.append(f"[{pruned_mark(r)}]")
     if r.metrics:
         parts.append(fmt_metrics(r.metrics))
     return "  ".join(parts)
+
+
+def resolve_live(env: Env, ref: str, action: str) -> CheckpointRecord:
+    """The checkpoint ``ref`` names, refused (CheckpointPruned, with the gc date) when garbage
+    collection pruned it: a pruned checkpoint is never reported as damaged. ``action`` ends
+    "cannot ..." in the message (e.g. "export it")."""
+    return env.registry.resolve_live(ref, action)
+
+
+def decorations(env: Env) -> dict[str, list[str]]:
+    """Checkpoint id -> the names pointing at it, as git log --decorate shows them
+    (``HEAD -> NAME`` is not a thing here: ``head: BRANCH`` and ``tag: NAME``)."""
+    names: dict[str, list[str]] = {}
+    for b in env.registry.branches():
+        if b.head:
+            names.setdefault(b.head, []).append(f"head: {b.name}")
+    for t in env.registry.tags():
+        names.setdefault(t.checkpoint, []).append(f"tag: {t.name}")
+    return names
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:

@@ -11,11 +11,13 @@ from tlreg.ckpt.diff import diff_manifests
 from tlreg.cli.common import (
     Env,
     checkpoint_line,
+    decorations,
     echo_json,
     fmt_bytes,
     fmt_metrics,
     json_option,
     pass_env,
+    pruned_mark,
     short,
     table,
 )
@@ -28,14 +30,24 @@ from tlreg.registry import CheckpointRecord
 @json_option
 @pass_env
 def log(env: Env, branch: str, limit: int | None, as_json: bool) -> None:
-    """Checkpoints reachable from BRANCH's head, newest first.  Example: tlreg log upper-head"""
+    """Checkpoints reachable from BRANCH's head, newest first, with the branch heads and tags
+    that point at them (as git log --decorate) and those gc pruned.
+
+    \b
+    Example:
+      tlreg log upper-head -n 5
+    """
     records = env.registry.log(branch, limit=limit)
     if as_json:
         echo_json([r.to_json() for r in records])
         return
+    names = decorations(env)
     for r in records:
         when = r.created.strftime("%Y-%m-%d %H:%M:%S")
         line = f"{short(r.id)}  {r.branch}@{r.step}  {when}  {r.kind}"
+        marks = names.get(r.id, []) + ([pruned_mark(r)] if r.pruned is not None else [])
+        if marks:
+            line += f"  ({', '.join(marks)})"
         click.echo(f"{line}  {fmt_metrics(r.metrics)}".rstrip())
 
 
@@ -117,6 +129,9 @@ def lineage(env: Env, ref: str, depth: int | None, as_json: bool) -> None:
 def show(env: Env, ref: str, tensors: bool, as_json: bool) -> None:
     """Details of checkpoint REF (a branch, tag, id or id prefix).  Example: tlreg show base"""
     r = env.registry.resolve(ref)
+    if r.pruned is not None:
+        _show_pruned(r, as_json)
+        return
     manifest = read_manifest(env.store, r.manifest)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for path, entry in manifest.tensors.items():
@@ -149,6 +164,26 @@ def show(env: Env, ref: str, tensors: bool, as_json: bool) -> None:
     if tensors:
         for path, e in sorted(manifest.tensors.items()):
             click.echo(f"  {path}  {e.dtype}  {list(e.shape)}")
+
+
+def _show_pruned(r: CheckpointRecord, as_json: bool) -> None:
+    """A pruned checkpoint's lineage row (its manifest and tensors may be deleted: not read)."""
+    if as_json:
+        echo_json(r.to_json())
+        return
+    click.echo(f"checkpoint  {r.id}")
+    click.echo(f"branch      {r.branch}")
+    click.echo(f"step        {r.step}")
+    click.echo(f"kind        {r.kind}")
+    click.echo(f"created     {r.created.isoformat()}")
+    click.echo(f"parents     {', '.join(short(p) for p in r.parents) or '-'}")
+    if r.metrics:
+        click.echo(f"metrics     {fmt_metrics(r.metrics)}")
+    assert r.pruned is not None
+    click.echo(
+        f"pruned      {r.pruned:%Y-%m-%d %H:%M} UTC by garbage collection: its lineage stays, "
+        "its tensors may be gone"
+    )
 
 
 @click.command()

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import click
 
-from tlreg.cli import branches, history, jobs, maintenance, train, weights
-from tlreg.cli.common import Env, TlregGroup, echo_json, json_option, pass_env
+from tlreg.cli import branches, history, jobs, maintenance, train, ui, visual, weights
+from tlreg.cli.common import CONTEXT_SETTINGS, Env, TlregGroup, echo_json, json_option, pass_env
 from tlreg.registry import Registry
 from tlreg.registry.core import FORCE_ENV
 from tlreg.storage_backends import Store
 from tlreg.storage_backends.credentials import without_password
 from tlreg.training import write_settings
+from tlreg.training.config import check_home_store
 
 
-@click.group(cls=TlregGroup)
+@click.group(cls=TlregGroup, context_settings=CONTEXT_SETTINGS)
 @click.option("--home", envvar="TLREG_HOME", help="tlreg home (default ~/.tlreg).")
 @click.option("--registry", "registry_url", help="Registry URL (overrides TLREG_REGISTRY_URL).")
 @click.option("--store", "store_url", help="Store path or URL (overrides TLREG_STORE_URL).")
@@ -38,7 +39,10 @@ def cli(
     """Async checkpoints and a lineage registry for transfer learning on Ray.
 
     \b
-    Example:  tlreg init && tlreg branch base --task MODULE:ATTR && tlreg train base
+    Example:
+      tlreg init --store /data/tlreg-store
+      tlreg branch base --task tlreg.training.examples.digits:lower
+      tlreg train base --steps 200
     """
     if force:
         # An environment variable, so that Ray workers this command starts inherit it.
@@ -49,24 +53,36 @@ def cli(
 
 
 @cli.command()
+@click.option("--registry", "registry_url", help="Registry URL to record in tlreg.toml.")
+@click.option("--store", "store_url", help="Store path or URL to record in tlreg.toml.")
 @json_option
 @pass_env
-def init(env: Env, as_json: bool) -> None:
-    """Create the registry and store, and write tlreg.toml.  Example: tlreg init --store s3://b/p"""
+def init(env: Env, registry_url: str | None, store_url: str | None, as_json: bool) -> None:
+    """Create the registry and store, and write tlreg.toml.
+
+    \b
+    Example:
+      tlreg init --store s3://bucket/prefix
+      tlreg init --registry postgresql+psycopg://me@db/tlreg --store /data/store
+    """
+    env.override(registry_url=registry_url, store_url=store_url)
     settings = env.settings
+    check_home_store(settings.store_url)
     created = _missing_folders(env.store)
     try:
         _probe(env.store)  # a bad URL, credentials or bucket fails here, before anything is written
         registry = Registry(settings.registry_url)
         try:
             recorded = registry.get_meta("store_url")
-            if recorded is not None and recorded != settings.store_url:
+            store_shown = without_password(settings.store_url)  # what is recorded and shown
+            if recorded is not None and without_password(recorded) != store_shown:
                 raise click.ClickException(
-                    f"registry {settings.registry_url} already records store {recorded!r}, "
-                    f"not {settings.store_url!r}: pass --store {recorded}"
+                    f"registry {without_password(settings.registry_url)} already records store "
+                    f"{without_password(recorded)!r}, not {store_shown!r}: "
+                    f"pass --store {without_password(recorded)}"
                 )
             if recorded is None:
-                registry.set_meta("store_url", settings.store_url)
+                registry.set_meta("store_url", store_shown)
             path = write_settings(settings)  # last: a failed init leaves no tlreg.toml behind
         finally:
             registry.close()
@@ -78,7 +94,7 @@ def init(env: Env, as_json: bool) -> None:
         "home": str(settings.home),
         "config": str(path),
         "registry_url": settings.registry_url,
-        "store_url": settings.store_url,
+        "store_url": store_shown,
     }
     shown = without_password(settings.registry_url)
     info["registry_url"] = shown
@@ -87,9 +103,15 @@ def init(env: Env, as_json: bool) -> None:
     else:
         click.echo(f"initialised tlreg in {settings.home}")
         click.echo(f"  registry  {shown}")
-        click.echo(f"  store     {settings.store_url}")
+        click.echo(f"  store     {store_shown}")
         if shown != settings.registry_url:
             click.echo("  the registry password was not saved: set PGPASSWORD or use ~/.pgpass")
+        if store_shown != settings.store_url:
+            protocol = settings.store_url.split("://", 1)[0].upper()
+            click.echo(
+                f"  the store password was not saved: set FSSPEC_{protocol}_PASSWORD "
+                "or pass --store with it again"
+            )
 
 
 def _missing_folders(store: Store) -> tuple[Path, Path] | None:
@@ -127,7 +149,7 @@ def _probe(store: Store) -> None:
     store.delete(key)
 
 
-for module in (branches, history, jobs, maintenance, train, weights):
+for module in (branches, history, jobs, maintenance, train, weights, visual, ui):
     for command in module.COMMANDS:
         cli.add_command(command)
 

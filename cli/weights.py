@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from tlreg.ckpt import verify as verify_checkpoint
-from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env, short
+from tlreg.ckpt.fsck import verify_checkpoint
+from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env, resolve_live, short
+from tlreg.cli.maintenance import verify_store
 from tlreg.training import export_weights, import_weights
 
 
@@ -39,6 +40,7 @@ def export(env: Env, ref: str, out: str) -> None:
 
     Example: tlreg export upper-head head.safetensors
     """
+    ref = resolve_live(env, ref, "export it").id  # pruned is said so, not "damaged"
     record, count = export_weights(ref, out, registry=env.registry, store=env.store)
     click.echo(
         f"exported {count} tensors of {short(record.id)} ({record.branch}@{record.step}) to {out}"
@@ -46,12 +48,23 @@ def export(env: Env, ref: str, out: str) -> None:
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every kept checkpoint; each object read once.")
+@click.option("--quick", is_flag=True, help="Check manifests and object sizes; read no bytes.")
 @json_option
 @pass_env
-def verify(env: Env, ref: str, as_json: bool) -> None:
-    """Re-read every object of checkpoint REF and check its hashes.  Example: tlreg verify base"""
-    record = env.registry.resolve(ref)
+def verify(env: Env, ref: str | None, all_: bool, quick: bool, as_json: bool) -> None:
+    """Re-read every object of checkpoint REF (or, with --all, of every kept checkpoint) and
+    check its hashes.  Example: tlreg verify base; tlreg verify --all --json"""
+    if all_ == (ref is not None):
+        raise click.UsageError(
+            "REF and --all exclude each other" if all_ else "name a checkpoint (REF) or pass --all"
+        )
+    if all_ or quick:
+        verify_store(env, ref, quick, as_json)
+        return
+    assert ref is not None
+    record = resolve_live(env, ref, "verify it")  # pruned is said so, not "damaged"
     report = verify_checkpoint(env.store, record.manifest)
     if as_json:
         echo_json({"checkpoint": record.id, **report.to_json()})

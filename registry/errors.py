@@ -38,6 +38,11 @@ class BranchExists(RegistryError, FileExistsError):
     """A branch with this name already exists."""
 
 
+class BranchHasDescendants(RegistryError, ValueError):
+    """A branch other branches were made from was not deleted (``git branch -d``'s refusal);
+    ``force`` deletes it."""
+
+
 class TagExists(RegistryError, FileExistsError):
     """A tag with this name already exists."""
 

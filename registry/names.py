@@ -4,7 +4,9 @@ look-alikes (two names that print the same must not both exist)."""
 
 from __future__ import annotations
 
+import difflib
 import unicodedata
+from collections.abc import Iterable
 
 from tlreg.registry.errors import InvalidName
 
@@ -28,6 +30,16 @@ def shown(name: str, limit: int = 64) -> str:
     if len(name) <= limit:
         return repr(name)
     return f"{name[:limit]!r}... ({len(name)} characters)"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` naming the closest of ``choices`` (difflib), or ""."""
+    if not isinstance(word, str) or len(word) > 255:
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
 
 
 def _char(ch: str) -> str:

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, delete, select
+from sqlmodel import Session, col, delete, select, update
 
 from tlreg.registry import models as m
 from tlreg.registry.engine import Database, chunks
 from tlreg.registry.errors import (
     AmbiguousRef,
     BranchExists,
+    BranchHasDescendants,
     BranchNotFound,
     CheckpointPruned,
     EmptyBranch,
@@ -25,7 +26,7 @@ from tlreg.registry.errors import (
     TagExists,
 )
 from tlreg.registry.gc import gc_lock
-from tlreg.registry.names import shown, validate_name
+from tlreg.registry.names import did_you_mean, shown, validate_name
 from tlreg.registry.records import Branch, CheckpointRecord, Tag, decode_metrics, from_row
 
 MIN_PREFIX = 4
@@ -46,8 +47,19 @@ def branch_row(s: Session, name: str, *, lock: bool = False) -> m.Branch:
         stmt = stmt.with_for_update()
     row = None if unstorable(name) else s.exec(stmt).first()
     if row is None:
-        raise BranchNotFound(f"branch {shown(name)} does not exist: {BRANCHES_HINT}")
+        raise BranchNotFound(
+            f"branch {shown(name)} does not exist{_close_names(s, name, tags=False)}: "
+            f"{BRANCHES_HINT}"
+        )
     return row
+
+
+def _close_names(s: Session, word: str, *, tags: bool = True) -> str:
+    """A did-you-mean for a misspelled branch (or tag) name, or ""."""
+    names = list(s.exec(select(m.Branch.name)).all())
+    if tags:
+        names += s.exec(select(m.Tag.name)).all()
+    return did_you_mean(word, names)
 
 
 def checkpoint_row(s: Session, checkpoint_id: str) -> m.Checkpoint:
@@ -94,7 +106,9 @@ def resolve_row(s: Session, ref: str) -> m.Checkpoint:
             raise AmbiguousRef(
                 f"ref {shown(ref)} is a prefix of several checkpoints ({ids}): type more characters"
             )
-    raise RefNotFound(f"no branch, tag or checkpoint matches {shown(ref)}: {REFS_HINT}")
+    raise RefNotFound(
+        f"no branch, tag or checkpoint matches {shown(ref)}{_close_names(s, ref)}: {REFS_HINT}"
+    )
 
 
 def live(row: m.Checkpoint, action: str) -> m.Checkpoint:
@@ -132,6 +146,16 @@ def records(s: Session, rows: Sequence[m.Checkpoint]) -> list[CheckpointRecord]:
         for child, parent in edges:
             parents[child].append(parent)
     return [record(r, tuple(parents[r.id])) for r in rows]
+
+
+def _branched_from(s: Session, name: str) -> list[str]:
+    on_branch = select(m.Checkpoint.id).where(m.Checkpoint.branch == name)
+    rows = s.exec(
+        select(m.Branch.name)
+        .where(col(m.Branch.base).in_(on_branch), col(m.Branch.name) != name)
+        .order_by(col(m.Branch.name))
+    ).all()
+    return list(rows)
 
 
 class Refs(Database):
@@ -174,12 +198,64 @@ class Refs(Database):
             rows = s.exec(select(m.Branch).order_by(col(m.Branch.name))).all()
             return [from_row(Branch, r) for r in rows]
 
-    def delete_branch(self, name: str) -> None:
-        """Delete the branch name only; its checkpoints stay (reachable by id and tags)."""
+    def branched_from(self, name: str) -> list[str]:
+        """Names of the other branches whose base is a checkpoint committed on ``name`` (the
+        branches made from it, as ``git branch -d`` knows unmerged work), sorted."""
+        with self._session() as s:
+            branch_row(s, name)
+            return _branched_from(s, name)
+
+    def delete_branch(self, name: str, *, force: bool = False) -> None:
+        """Delete the branch name only; its checkpoints stay (reachable by id and tags).
+
+        Without ``force`` a branch that other branches were made from is refused
+        (BranchHasDescendants), as ``git branch -d`` refuses unmerged work: its task and its
+        name are what those branches' lineage points back to.
+        """
         with self._session(write=True) as s:
+            branch_row(s, name, lock=True)
+            if not force:
+                children = _branched_from(s, name)
+                if children:
+                    listed = ", ".join(children[:5]) + (", ..." if len(children) > 5 else "")
+                    raise BranchHasDescendants(
+                        f"branch {shown(name)} has {len(children)} branches made from it "
+                        f"({listed}): delete those first, or force with 'tlreg branch -D {name}'"
+                    )
             result = s.exec(delete(m.Branch).where(col(m.Branch.name) == name))
             if result.rowcount != 1:
                 raise BranchNotFound(f"branch {shown(name)} does not exist: {BRANCHES_HINT}")
+
+    def rename_branch(self, old: str, new: str) -> Branch:
+        """Rename branch ``old`` to ``new`` (``git branch -m``): its head, base, task and the
+        checkpoints and runs recorded on it move to the new name, in one transaction.
+
+        Raises BranchNotFound, InvalidName, BranchExists (also when checkpoints of a deleted
+        branch still carry the name ``new``: they would mix with this branch's).
+        """
+        validate_name(new, "branch")
+        with self._session(write=True) as s:
+            row = branch_row(s, old, lock=True)
+            taken = s.get(m.Branch, new) is not None or (
+                old != new
+                and s.exec(select(m.Checkpoint.id).where(m.Checkpoint.branch == new)).first()
+                is not None
+            )
+            if taken:
+                raise BranchExists(
+                    f"branch {shown(new)} already exists (or checkpoints of a deleted branch "
+                    f"carry that name): pick another name or {BRANCHES_HINT}"
+                )
+            renamed = m.Branch(
+                name=new, head=row.head, base=row.base, task=row.task, created=row.created
+            )
+            # insert the new name first: tables holding branch names point at rows that exist
+            s.exec(self._insert(m.Branch).values(**renamed.model_dump()))
+            s.flush()
+            s.exec(update(m.Checkpoint).where(col(m.Checkpoint.branch) == old).values(branch=new))
+            s.exec(update(m.Run).where(col(m.Run.branch) == old).values(branch=new))
+            s.exec(delete(m.Branch).where(col(m.Branch.name) == old))
+            return from_row(Branch, renamed)
 
     def branch_bytes(self, branch: str) -> tuple[int, int]:
         """(logical, new) bytes summed over the checkpoints committed on ``branch``."""
@@ -232,6 +308,13 @@ class Refs(Database):
         """The checkpoint with exactly this id; raises RefNotFound."""
         with self._session() as s:
             return records(s, [checkpoint_row(s, checkpoint_id)])[0]
+
+    def resolve_live(self, ref: str, action: str) -> CheckpointRecord:
+        """:meth:`resolve`, refusing a checkpoint garbage collection pruned with
+        CheckpointPruned, whose message gives the gc date and says it cannot ``action`` (e.g.
+        "export it"): a pruned checkpoint is called pruned, never damaged."""
+        with self._session() as s:
+            return records(s, [live(resolve_row(s, ref), action)])[0]
 
     def resolve(self, ref: str) -> CheckpointRecord:
         """The checkpoint ``ref`` names, trying in order: a branch (its head), a tag, a full

@@ -233,7 +233,11 @@ class Checkpointer:
     ) -> RestoreReport:
         branch_head = self.registry.get_branch(self.branch).head  # the branch, read once
         head = checkpoint or branch_head
-        record = self.registry.get(head) if head is not None else None
+        record = (
+            self.registry.resolve_live(head, f"restore it on branch {self.branch!r}")
+            if head is not None
+            else None
+        )
         self._expected_head = branch_head  # (only once the ref resolved)
         if record is None:
             return RestoreReport()

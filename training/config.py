@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import tomllib
 
@@ -40,6 +41,36 @@ class Settings:
             raise ConfigError(
                 f"registry URL {self.registry_url!r} is relative: use sqlite:////absolute/path.db"
             )
+
+
+def absolute_store_url(url: str, *, relative_to: Path | None = None) -> str:
+    """``url`` with a relative local path (``./rel``, ``rel``, ``file://rel``) made absolute
+    against ``relative_to`` (default: the working directory); other URLs are returned as given.
+
+    A relative store saved as given would resolve against each later command's working
+    directory (and each Ray worker's), so that one registry would point at many stores.
+    """
+    if not url:
+        return url
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme not in ("", "file"):
+        return url
+    path = url[len("file://") :] if scheme == "file" else url
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute():
+        return url if scheme == "" or path.startswith("/") else str(expanded)
+    base = relative_to if relative_to is not None else Path.cwd()
+    return os.path.normpath(base / expanded)
+
+
+def check_home_store(url: str) -> None:
+    """Refuse a store URL that cannot be a home's permanent store (``memory://``: it lives only
+    as long as one process, so every later command would see an empty store)."""
+    if url.startswith("memory://"):
+        raise ConfigError(
+            f"store {url!r} lives only in this process's memory and cannot be a home's store: "
+            "pass a directory path or a URL like s3://bucket/prefix"
+        )
 
 
 def default_home() -> Path:
@@ -84,33 +115,44 @@ def load_settings(
         or file_values.get("registry_url")
         or f"sqlite:///{home_path / 'registry.db'}"
     )
-    store = (
-        store_url
-        if store_url is not None
-        else os.environ.get("TLREG_STORE_URL")
-        or file_values.get("store_url")
-        or str(home_path / "store")
-    )
+    if store_url is not None:
+        store = absolute_store_url(store_url)
+    elif os.environ.get("TLREG_STORE_URL"):
+        store = absolute_store_url(os.environ["TLREG_STORE_URL"])
+    elif file_values.get("store_url"):
+        # a relative path written by hand in tlreg.toml is relative to the home, like git's
+        store = absolute_store_url(file_values["store_url"], relative_to=home_path)
+    else:
+        store = str(home_path / "store")
     return Settings(home=home_path, registry_url=registry, store_url=store)
 
 
 def write_settings(settings: Settings) -> Path:
     """Write ``tlreg.toml`` in ``settings.home`` (creating it) and return its path.
 
-    A password in the registry URL is left out: files hold no credentials (give it through
-    ``PGPASSWORD`` or ``~/.pgpass``, which the PostgreSQL driver reads itself).
+    Passwords in the registry and store URLs are left out: files hold no credentials (give
+    the registry's through ``PGPASSWORD`` or ``~/.pgpass``, which the PostgreSQL driver reads
+    itself; a store's through its provider's environment or fsspec's
+    ``FSSPEC_<PROTOCOL>_PASSWORD``). The file is created readable by its owner only (0600),
+    as it names where the data lives. A relative
+    store path is written absolute; a ``memory://`` store is refused (ConfigError).
     """
+    check_home_store(settings.store_url)
+    store_url = absolute_store_url(settings.store_url)
     settings.home.mkdir(parents=True, exist_ok=True)
     path = settings.home / CONFIG_FILE
     body = (
         "# Written by `tlreg init`. Environment variables and flags override these.\n"
         "[tlreg]\n"
         f"registry_url = {_toml_str(without_password(settings.registry_url))}\n"
-        f"store_url = {_toml_str(settings.store_url)}\n"
+        f"store_url = {_toml_str(without_password(store_url))}\n"
     )
     partial = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
     try:
-        partial.write_text(body)
+        partial.unlink(missing_ok=True)  # a stale one would keep its mode
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
         partial.replace(path)  # atomic: a reader sees the old file or the new one, never half
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -160,6 +202,9 @@ class TrainConfig:
     """Lazy checkpoint staging (the copy overlaps the next forward/backward)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may do; each resumes from the last commit."""
+    on_checkpoint_error: str = "stop"
+    """What a checkpoint that fails to commit does: "stop" the run (it fails, with the
+    cause) or "continue" training (each failure is reported when it happens)."""
 
     def __post_init__(self) -> None:
         # Each rule is checked here once so that workers never start with a bad config.
@@ -175,4 +220,9 @@ class TrainConfig:
             raise ConfigError(f"--backbone-lr-mult must be >= 0, got {self.backbone_lr_mult}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.on_checkpoint_error not in ("stop", "continue"):
+            raise ConfigError(
+                f"--on-checkpoint-error must be 'stop' or 'continue', "
+                f"got {self.on_checkpoint_error!r}"
+            )
         self.freeze = tuple(self.freeze)

@@ -76,7 +76,7 @@ def test_nasty_names_are_refused_for_branches_and_tags_and_change_nothing(
 ) -> None:
     before = snapshot()
     _refused(tlreg("branch", "--", name, "base"), "branch name")
-    _refused(tlreg("tag", "--", "base", name), "tag name")
+    _refused(tlreg("tag", "--", name, "base"), "tag name")
     assert snapshot() == before
     COUNTS["bad input: nasty names refused (branch and tag)"] += 2
 
@@ -97,7 +97,7 @@ def _accepted_or_refused(tlreg: Callable, snapshot: Callable, base: str, name: s
         validate_name(name)
     except InvalidName:
         _refused(tlreg("branch", "--", name, "base"), "invalid branch name")
-        _refused(tlreg("tag", "--", "base", name), "invalid tag name")
+        _refused(tlreg("tag", "--", name, "base"), "invalid tag name")
         assert snapshot() == before
         COUNTS["bad input: generated names refused"] += 1
         return

@@ -85,7 +85,7 @@ def test_import_branch_log_show_export_round_trip_bit_exact(
 def test_tag_then_resolve_by_tag(tlreg: Callable, weights_file: Path) -> None:
     tlreg("init")
     tlreg("import", str(weights_file), "--name", "base")
-    assert tlreg("tag", "base", "v1").exit_code == 0
+    assert tlreg("tag", "v1", "base").exit_code == 0
     assert tlreg("branch", "from-tag", "v1").exit_code == 0
     tags = json.loads(tlreg("tag", "--json").output)
     assert [t["name"] for t in tags] == ["v1"]
@@ -153,7 +153,7 @@ def test_bad_branch_names_are_refused_and_change_nothing(
         (("branch", "x", "--task", "no.such.module:task"), "no.such.module"),
         (("branch", "x", "--task", "tlreg.training.examples.digits:nope"), "nope"),
         (("train", "base", "--task", "tlreg.training.examples.digits:nope"), "nope"),
-        (("tag", "nope", "v2"), "nope"),
+        (("tag", "v2", "nope"), "nope"),
         (("runs", "nope"), "nope"),
     ],
 )

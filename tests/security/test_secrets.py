@@ -1,30 +1,45 @@
-"""Credentials never land in anything tlreg writes.
+"""Credentials never land in anything tlreg writes or prints.
 
 A whole session — init, import, branch, a training run on Ray, tag, verify, diff, export, gc,
 runs — runs against the real S3 server (its secret key in ``AWS_SECRET_ACCESS_KEY``) and
 PostgreSQL (a password planted in the registry URL). Afterwards every artifact is searched for
 the secrets: every object in the bucket, every row of every registry table, every file in the
 tlreg home (tlreg.toml, Ray Train's run folder), every file of the Ray session (its logs), and
-everything each command printed.
+everything each command printed. A second session does the same with a password planted in
+the store URL of a real FTP server; and a store URL with a planted secret, for every scheme
+whose URL takes one, is shown, refused and written down without it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 import shutil
+import socket
+import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.servers import ThreadedFTPServer
 from safetensors.torch import save_file
 from sqlalchemy.engine import make_url
 
+from tlreg.cli.main import cli
+from tlreg.registry import Registry
+from tlreg.storage_backends import StoreError, open_store
+from tlreg.storage_backends.credentials import url_secrets, without_password
+from tlreg.training import Settings, TrainConfig, write_settings
+from tlreg.training.driver import recorded_config
 from tlreg.training.examples.digits import lower
-
-pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.postgres]
 
 PLANTED_PASSWORD = "pw-PLANTED-8d1e5c"
 
@@ -59,6 +74,9 @@ def _files(root: Path) -> Iterator[tuple[str, bytes]]:
             yield str(path), path.read_bytes()
 
 
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.postgres
 @pytest.mark.parametrize("registry_url", ["postgres"], indirect=True)
 def test_planted_credentials_appear_in_no_artifact(
     make_shell: Callable[..., Any],
@@ -93,7 +111,7 @@ def test_planted_credentials_appear_in_no_artifact(
     printed += [out, err]
     assert json.loads(out)["status"] == "succeeded"
     for args in (
-        ("tag", "head", "v1"),
+        ("tag", "v1", "head"),
         ("verify", "head"),
         ("diff", "base", "head"),
         ("export", "head", str(tmp_path / "out.safetensors")),
@@ -124,3 +142,206 @@ def test_planted_credentials_appear_in_no_artifact(
     ]
     assert found == []
     assert len(artifacts) > 50
+
+
+# -- secrets in store URLs ---------------------------------------------------------------------
+
+STORE_PASSWORD = "pw-STORE-PLANTED-51c7"
+"""A password planted in store URLs; no command may print it or write it anywhere."""
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _store_urls() -> list[Any]:
+    """A store URL with a planted secret for every scheme whose URL takes one: a login's
+    password (``//user:password@``) or a secret query parameter; each points at a port
+    where nothing listens, so that every one of them fails somewhere after parsing."""
+    port = _closed_port()
+    pw = STORE_PASSWORD
+    urls = {
+        "s3": f"s3://AKIDPLANTED:{pw}@bucket/prefix",
+        "s3a": f"s3a://AKIDPLANTED:{pw}@bucket/prefix",
+        "ftp": f"ftp://alice:{pw}@127.0.0.1:{port}/store",
+        "ftp-percent-encoded": f"ftp://alice:{pw.replace('-', '%2D')}@127.0.0.1:{port}/store",
+        "sftp": f"sftp://alice:{pw}@127.0.0.1:{port}/store",
+        "smb": f"smb://alice:{pw}@127.0.0.1:{port}/share/store",
+        "webdav": f"webdav://alice:{pw}@127.0.0.1:{port}/store",
+        "http": f"http://alice:{pw}@127.0.0.1:{port}/store",
+        "https": f"https://alice:{pw}@127.0.0.1:{port}/store",
+        "hdfs": f"hdfs://alice:{pw}@127.0.0.1:{port}/store",
+        "chained": f"simplecache::ftp://alice:{pw}@127.0.0.1:{port}/store",
+        "query-token": f"https://127.0.0.1:{port}/store?sas_token={pw}&x=1",
+        "query-signature": f"https://127.0.0.1:{port}/store?X-Amz-Signature={pw}",
+        "postgresql": f"postgresql+psycopg://alice:{pw}@127.0.0.1:{port}/db",
+    }
+    return [pytest.param(url, id=name) for name, url in urls.items()]
+
+
+@pytest.mark.parametrize("url", _store_urls())
+def test_the_one_helper_finds_every_store_url_secret(url: str) -> None:
+    removed, masked = without_password(url), without_password(url, mask=True)
+    for shown in (removed, masked):
+        assert STORE_PASSWORD not in shown
+        assert STORE_PASSWORD.replace("-", "%2D") not in shown
+    assert "***" in masked
+    assert STORE_PASSWORD in url_secrets(url)
+    assert without_password(removed) == removed  # nothing left to remove
+    assert url_secrets(removed) == []
+
+
+@pytest.mark.parametrize("url", _store_urls())
+def test_a_store_url_secret_is_in_no_message_file_or_row(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each URL is refused somewhere (no backend, nothing listening, a scheme that is no
+    store): the one-line error, tlreg.toml, the registry and the pickled store hold no
+    secret; a store that opens shows the URL without it."""
+    home = tmp_path / "home"
+    for var in ("TLREG_HOME", "TLREG_REGISTRY_URL", "TLREG_STORE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    registry_url = f"sqlite:///{home / 'registry.db'}"
+    result = CliRunner().invoke(
+        cli,
+        ["--home", str(home), "--registry", registry_url, "--store", url, "init"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert STORE_PASSWORD not in result.output
+    assert not (home / "tlreg.toml").exists()  # a failed init writes no settings
+
+    try:
+        store = open_store(url)
+    except (StoreError, ValueError, NotImplementedError) as e:
+        assert STORE_PASSWORD not in f"{e!r} {e}"
+    else:  # backends that connect lazily (http): shown, pickled and failing without it
+        assert STORE_PASSWORD not in repr(store) + str(store.url)
+        assert STORE_PASSWORD.encode() not in pickle.dumps(store)
+        with pytest.raises(Exception) as failure:
+            store.get("manifests/none")
+        assert STORE_PASSWORD not in str(failure.value)
+
+    # what tlreg writes down for it: the settings file and a Run's recorded config
+    path = write_settings(Settings(home=home, registry_url=registry_url, store_url=url))
+    assert STORE_PASSWORD not in path.read_text()
+    assert without_password(url) in path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    config = TrainConfig(branch="b", task="m:t", registry_url=registry_url, store_url=url)
+    assert STORE_PASSWORD not in json.dumps(recorded_config(config))
+    for name, data in _files(home):
+        assert STORE_PASSWORD.encode() not in data, name
+
+
+class _FtpServer:
+    """A real FTP server (pyftpdlib) on a free loopback port, one user, one folder."""
+
+    def __init__(self, root: Path, user: str, password: str) -> None:
+        self.root, self.user = root, user
+        authorizer = DummyAuthorizer()
+        authorizer.add_user(user, password, str(root), perm="elradfmwMT")
+        handler = type(
+            "Handler",
+            (FTPHandler,),
+            # no 3 s pause after a refused login: the test refuses one on purpose
+            {"authorizer": authorizer, "auth_failed_timeout": 0, "log_prefix": ""},
+        )
+        self.server = ThreadedFTPServer(("127.0.0.1", 0), handler)
+        self.port = int(self.server.socket.getsockname()[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, password: str | None) -> str:
+        login = self.user if password is None else f"{self.user}:{password}"
+        return f"ftp://{login}@127.0.0.1:{self.port}/store"
+
+    def close(self) -> None:
+        self.server.close_all()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def ftp_server(tmp_path: Path) -> Iterator[_FtpServer]:
+    logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
+    root = tmp_path / "ftp-root"
+    root.mkdir()
+    server = _FtpServer(root, "alice", STORE_PASSWORD)
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_a_store_password_is_used_never_kept_and_asked_for_by_name(
+    make_shell: Callable[..., Any], ftp_server: _FtpServer, tmp_path: Path, ray_tmp: Path
+) -> None:
+    """A session on a real FTP server whose store URL carries its password: every command
+    works with it; tlreg.toml (0600), the registry (meta, checkpoints, the Run's config),
+    the objects, Ray's files and every output hold none of it; a command given the URL
+    without it (from tlreg.toml) refuses in one line naming where to put it, and works once
+    it is there (fsspec's FSSPEC_FTP_PASSWORD)."""
+    registry_url = f"sqlite:///{tmp_path / 'home' / 'registry.db'}"
+    shell = make_shell(registry_url, ftp_server.url(STORE_PASSWORD))
+    shell.env["RAY_TMPDIR"] = str(ray_tmp)
+    printed: list[str] = []
+    weights = tmp_path / "ancestor.safetensors"
+    save_file({k: v.contiguous() for k, v in lower.build_model(3).state_dict().items()}, weights)
+
+    out = shell.tlreg("init")
+    printed.append(out)
+    shown = ftp_server.url(None)
+    assert f"  store     {shown}\n" in out
+    assert "the store password was not saved: set FSSPEC_FTP_PASSWORD" in out
+    toml = shell.home / "tlreg.toml"
+    assert f'store_url = "{shown}"' in toml.read_text()
+    assert stat.S_IMODE(toml.stat().st_mode) == 0o600
+    printed.append(shell.tlreg("init", "--json"))  # again: the same store, recorded without it
+    assert json.loads(printed[-1])["store_url"] == shown
+
+    printed.append(shell.tlreg("import", str(weights), "--name", "base"))
+    printed.append(
+        shell.tlreg("branch", "head", "base", "--task", "tlreg.training.examples.digits:upper")
+    )
+    proc = shell.popen(
+        "train", "head", "--workers", "1", "--steps", "4", "--checkpoint-every", "2", "--json"
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    printed += [out, err]
+    for args in (
+        ("verify", "head"),
+        ("show", "head", "--json"),
+        ("runs", "--json"),
+        ("export", "head", str(tmp_path / "out.safetensors")),
+        ("gc", "--dry-run"),
+    ):
+        printed.append(shell.tlreg(*args))
+    runs = json.loads(printed[-3])
+    assert [r["config"]["store_url"] for r in runs] == [ftp_server.url("***")]
+
+    # the next shell has only tlreg.toml: the URL without its password
+    del shell.env["TLREG_STORE_URL"]
+    proc = shell.popen("verify", "head")
+    out, err = proc.communicate(timeout=120)
+    printed += [out, err]
+    assert proc.returncode == 1, err
+    assert err.count("\n") == 1 and err.startswith("Error: "), err
+    assert f"cannot open store {shown} (" in err
+    assert "set FSSPEC_FTP_PASSWORD or pass the URL with its password again" in err
+    shell.env["FSSPEC_FTP_PASSWORD"] = STORE_PASSWORD
+    printed.append(shell.run("verify", "head"))
+    del shell.env["FSSPEC_FTP_PASSWORD"]
+
+    with Registry(registry_url) as registry:
+        assert registry.get_meta("store_url") == shown
+    artifacts = list(_files(ftp_server.root)) + list(_files(shell.home)) + list(_files(ray_tmp))
+    assert any("manifests" in name for name, _ in artifacts)
+    assert any(name.endswith("registry.db") for name, _ in artifacts)
+    artifacts += [(f"output {i}", text.encode()) for i, text in enumerate(printed)]
+    found = [name for name, data in artifacts if STORE_PASSWORD.encode() in data]
+    assert found == []
+    assert len(artifacts) > 30
