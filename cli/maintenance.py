@@ -7,10 +7,11 @@ from datetime import timedelta
 
 import click
 
-from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env
+from tlreg.ckpt.fsck import check_store
+from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env, resolve_live
 from tlreg.cli.progress import progress
 from tlreg.registry import Registry
-from tlreg.training.gc import collect_garbage
+from tlreg.training.gc import check_kept, collect_garbage
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -123,6 +124,33 @@ def gc(
         click.echo(f"gc {verb} remove {plan.abandoned} leftovers of interrupted writes")
     if plan.waiting:
         click.echo(f"{plan.waiting} unregistered items are younger than --grace and were kept")
+
+
+def verify_store(env: Env, ref: str | None, quick: bool, as_json: bool) -> None:
+    """``tlreg verify --all`` (``ref`` None) and ``tlreg verify --quick [REF]``: every kept
+    checkpoint and every object once (see :func:`tlreg.training.gc.check_kept`); exits 1
+    naming each damaged checkpoint and tensor."""
+    if ref is None:
+        report = check_kept(
+            env.registry, env.store, quick=quick, progress=None if as_json else progress
+        )
+    else:
+        record = resolve_live(env, ref, "verify it")
+        report = check_store(env.store, [record.manifest], quick=quick)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        for problem in report.problems:
+            click.echo(f"damaged: {problem}", err=True)
+        read = "sizes and manifests only" if quick else f"{fmt_bytes(report.checked_bytes)} read"
+        click.echo(
+            f"{'ok' if report.ok else 'damaged'}: {report.checkpoints} checkpoints, "
+            f"{report.objects} objects ({read}); {len(report.orphans)} orphan objects; "
+            f"{fmt_bytes(report.pinned_bytes)} stored but unused by kept checkpoints"
+            + (" (tlreg gc frees them)" if report.pinned_bytes else "")
+        )
+    if not report.ok:
+        raise SystemExit(1)
 
 
 @click.command()

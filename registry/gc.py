@@ -186,6 +186,24 @@ class GarbageCollection(Database):
                         s.exec(delete(m.Object).where(col(m.Object.hash).in_(chunk)))
                     s.exec(delete(cand).where(cand.kind == kind, col(cand.key).in_(chunk)))
 
+    def kept_manifests(self) -> list[str]:
+        """Manifest ids of every unpruned checkpoint (what ``tlreg verify --all`` checks),
+        oldest first."""
+        with self._session() as s:
+            return [
+                str(c)
+                for c in s.exec(
+                    select(m.Checkpoint.manifest)
+                    .where(col(m.Checkpoint.pruned).is_(None))
+                    .order_by(col(m.Checkpoint.created), col(m.Checkpoint.id))
+                ).all()
+            ]
+
+    def known_objects(self) -> set[str]:
+        """Hashes of every object the registry records (kept or not)."""
+        with self._session() as s:
+            return {str(h) for h in s.exec(select(m.Object.hash)).all()}
+
     def repack_candidates(self) -> dict[str, tuple[int, list[str]]]:
         """Objects that may hold bytes no kept checkpoint uses: those referenced both by a
         pruned checkpoint and by an unpruned one (a pack is written whole for the checkpoint

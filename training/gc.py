@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
 
+from tlreg.ckpt.fsck import StoreReport, check_store
 from tlreg.ckpt.manifest import Manifest, manifest_key, read_manifest, stored_manifests
 from tlreg.ckpt.objects import delete_object, stored_objects
 from tlreg.ckpt.repack import DEFAULT_MAX_UNUSED, Span, live_bytes, live_spans, repack
@@ -116,7 +117,9 @@ def plan_repack(
     return chosen, {d: candidates[d][1] for d in chosen}
 
 
-def _bar(progress: ProgressFactory | None, desc: str, total: int) -> AbstractContextManager[Any]:
+def _bar(
+    progress: ProgressFactory | None, desc: str, total: int | None
+) -> AbstractContextManager[Any]:
     if progress is None:
         return nullcontext(_NoBar())
     return progress(desc, total=total, unit="B")
@@ -141,3 +144,23 @@ def _delete(
             bar.update(1)
     registry.forget_objects(keys, manifests=done.orphan_manifests)
     return done
+
+
+def check_kept(
+    registry: Registry,
+    store: Store,
+    *,
+    quick: bool = False,
+    progress: ProgressFactory | None = None,
+) -> StoreReport:
+    """``tlreg verify --all``: every kept (unpruned) checkpoint of ``registry`` and every
+    object they use, each once; orphans and pinned bytes reported (see
+    :func:`tlreg.ckpt.fsck.check_store`)."""
+    with _bar(progress, "verify", None) as bar:
+        return check_store(
+            store,
+            registry.kept_manifests(),
+            registered=registry.known_objects(),
+            quick=quick,
+            on_object=bar.update,
+        )
