@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from itertools import accumulate
 from typing import Any
@@ -364,18 +364,22 @@ def check_objects(
     name: str,
     *,
     pool: Executor | None = None,
-    relocated: Iterable[str] = (),
+    moved: Callable[[str], bool] | None = None,
 ) -> None:
     """:class:`CorruptCheckpoint` naming the first object of ``objects`` (digest -> size
-    listed by checkpoint ``name``) that the store does not back with that many bytes.
+    listed by checkpoint ``name``) that the store does not back with that many bytes (see
+    :func:`object_problem`: listing and sizes, no byte reads; on ``pool`` if given).
 
-    ``relocated`` are objects whose absence is expected (a repack moved their bytes).
+    A missing object for which ``moved(digest)`` is true (a repack moved its bytes and left
+    a record of where) is not a problem.
     """
-    moved = set(relocated)
-    digests = [d for d in objects if d not in moved]
+    digests = list(objects)
 
     def probe(digest: str) -> str | None:
-        return object_problem(store, digest, objects[digest])
+        problem = object_problem(store, digest, objects[digest])
+        if problem == "is missing" and moved is not None and moved(digest):
+            return None
+        return problem
 
     problems: Iterator[str | None] = pool.map(probe, digests) if pool else map(probe, digests)
     for digest, problem in zip(digests, problems, strict=True):

@@ -63,8 +63,9 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from tlreg.ckpt.dtypes import DTYPES
 from tlreg.ckpt.errors import CheckpointError, CorruptCheckpoint
-from tlreg.ckpt.manifest import Manifest, TensorEntry, read_manifest
+from tlreg.ckpt.manifest import Manifest, TensorEntry
 from tlreg.ckpt.objects import ObjectReader
+from tlreg.ckpt.verify import quick_check
 from tlreg.storage_backends import Store, open_store
 
 __all__ = ["VIEW_CHUNK_BYTES", "CheckpointStore", "ReadOnlyView", "open_checkpoint"]
@@ -241,7 +242,8 @@ class CheckpointStore(ZarrStore):
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
         self.store = open_store(store)
-        self.manifest: Manifest = read_manifest(self.store, manifest_id)
+        # validated, and every object's size checked against the store's (no byte reads)
+        self.manifest: Manifest = quick_check(self.store, manifest_id)
         self.chunk_bytes = chunk_bytes
         self._reader = ObjectReader(self.store, self.manifest.id)
         self._arrays: dict[str, _ArrayView] = {}

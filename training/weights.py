@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,10 +56,7 @@ def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsFormatError(
-            f"{p} is not a torch state-dict file loadable with weights_only=True "
-            f"({str(e).splitlines()[0][:200]}); convert it to .safetensors"
-        ) from None
+        raise WeightsFormatError(_torch_refusal(p, e)) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
@@ -69,6 +67,41 @@ def _read_torch(p: Path) -> dict[str, torch.Tensor]:
             f"{p}: entry {bad[0]!r} is not a named tensor; save model.state_dict()"
         )
     return dict(obj)
+
+
+# what torch's weights-only unpickler names when it stops (torch 2.4 .. 2.13 wordings)
+_UNPICKLER_GLOBAL = re.compile(
+    r"(?:unsupported GLOBAL|Unsupported global: GLOBAL|Unsupported class)\s*:?\s*([\w.]+)"
+)
+_UNPICKLER_OPCODE = re.compile(r"Unsupported operand (\d+)")
+
+
+def _torch_refusal(p: Path, error: Exception) -> str:
+    """One line on why ``torch.load(p, weights_only=True)`` failed.
+
+    torch raises an ``UnpicklingError`` (not imported here: no pickle module is) when the
+    file's pickle needs more than tensors and plain containers, i.e. when loading it would
+    import and call code; anything else means the file is not a torch file at all.
+    """
+    text = str(error)
+    if text.startswith("Weights only load failed"):
+        called, opcode = _UNPICKLER_GLOBAL.search(text), _UNPICKLER_OPCODE.search(text)
+        what = (
+            f" (its pickle calls {called[1]})"
+            if called
+            else f" (its pickle uses opcode {opcode[1]}, beyond plain tensors)"
+            if opcode
+            else ""
+        )
+        return (
+            f"refused {p}: loading it would run code{what}; tlreg loads torch files only as "
+            "plain tensors (torch.load with weights_only=True) - convert it to .safetensors"
+        )
+    first = next((line for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (
+        f"{p} is not a torch state-dict file ({type(error).__name__}: {first.strip()[:300]}); "
+        "save model.state_dict() with torch.save or convert it to .safetensors"
+    )
 
 
 def _read_hf_folder(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
