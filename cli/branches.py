@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from tlreg.ckpt.verify import quick_check
-from tlreg.ckpt.verify import quick_check
 from tlreg.cli.common import Env, echo_json, json_option, pass_env, short, table
 from tlreg.registry import RefNotFound, validate_name
 from tlreg.training import best_ancestor_for, load_task
@@ -93,8 +92,6 @@ def branch(
         load_task(task)  # refuse an unknown task before anything is written
     if from_ref is not None:  # a damaged checkpoint gets no new name (cheap: no byte reads)
         quick_check(env.store, env.registry.resolve(from_ref).manifest)
-    if from_ref is not None:  # a damaged checkpoint gets no new name (cheap: no byte reads)
-        quick_check(env.store, env.registry.resolve(from_ref).manifest)
     b = env.registry.create_branch(name, from_ref=from_ref, task=task)
     if as_json:
         echo_json(b.to_json())
@@ -174,7 +171,6 @@ def tag(
             f"give the REF to tag as well (tlreg has no current branch): tlreg tag {name} BRANCH"
         )
     _refuse_swapped(env, name, ref)
-    quick_check(env.store, env.registry.resolve(ref).manifest)  # a damaged one is refused
     quick_check(env.store, env.registry.resolve(ref).manifest)  # a damaged one is refused
     t = env.registry.tag(ref, name)
     if as_json:
