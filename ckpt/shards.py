@@ -172,20 +172,34 @@ def check_box(box: Box, global_shape: Sequence[int], where: str) -> None:
 
 
 def check_cover(boxes: Sequence[Box], global_shape: Sequence[int], where: str) -> None:
-    """``ValueError`` unless ``boxes`` tile ``global_shape`` exactly: inside, disjoint, complete."""
+    """``ValueError`` unless ``boxes`` tile ``global_shape`` exactly: inside, disjoint, complete.
+
+    A sweep along the dimension with the most distinct offsets: each block is compared only
+    with the blocks still open at its start there, so blocks cut along one dimension cost
+    ``O(n log n)``, not ``O(n^2)`` (at 64 ranks the pairwise check was half of rank 0's
+    commit: docs/scaling.md).
+    """
     total, elements = 0, volume(global_shape)
-    for i, box in enumerate(boxes):
+    for box in boxes:
         check_box(box, global_shape, where)
         total += volume(box[1])
-        for other in boxes[:i]:
-            overlap = intersect(box, other)
-            if overlap is not None and volume(overlap[1]):
-                raise ValueError(
-                    f"the shards of {where!r} at offsets {list(other[0])} and {list(box[0])} "
-                    "overlap; give each element of the global tensor to exactly one shard"
-                )
     if total != elements:
         raise ValueError(
             f"the shards of {where!r} hold {total} of its {elements} elements; "
             "every element of the global tensor must be in one shard"
         )
+    if not global_shape:
+        return
+    axis = max(range(len(global_shape)), key=lambda d: len({box[0][d] for box in boxes}))
+    live = sorted((box for box in boxes if volume(box[1])), key=lambda box: box[0][axis])
+    open_: list[Box] = []
+    for box in live:
+        start = box[0][axis]
+        open_ = [other for other in open_ if other[0][axis] + other[1][axis] > start]
+        for other in open_:
+            if intersect(box, other) is not None:
+                raise ValueError(
+                    f"the shards of {where!r} at offsets {list(other[0])} and {list(box[0])} "
+                    "overlap; give each element of the global tensor to exactly one shard"
+                )
+        open_.append(box)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tlreg.ckpt import AsyncCheckpointer, CheckpointError, CorruptCheckpoint, Shard, verify
+from tlreg.ckpt import AsyncCheckpointer, CheckpointError, CorruptCheckpoint, Shard, shards, verify
 from tlreg.ckpt.manifest import Manifest, manifest_key
 from tlreg.ckpt.objects import chunk_key
-from tlreg.ckpt.shards import partition
+from tlreg.ckpt.shards import Box, check_cover, intersect, partition, volume
 
 
 def _grid() -> torch.Tensor:
@@ -84,3 +87,79 @@ def test_partition_balances_bytes_deterministically_whatever_the_input_order():
     loads = [sum(n for p, n in sizes if owner[p] == r) for r in range(3)]
     assert max(loads) - min(loads) <= 7000  # within the largest tensor
     assert partition([("a", 0), ("b", 0)], 2) == {"a": 0, "b": 1}
+
+
+def _tiles_pairwise(boxes: list[Box], shape: tuple[int, ...]) -> bool:
+    """The definition of a tiling, checked the slow way: every pair of blocks compared."""
+    if sum(volume(b[1]) for b in boxes) != volume(shape):
+        return False
+    for i, a in enumerate(boxes):
+        if any(o + n > g for o, n, g in zip(a[0], a[1], shape, strict=True)):
+            return False
+        for b in boxes[:i]:
+            overlap = intersect(a, b)
+            if overlap is not None and volume(overlap[1]):
+                return False
+    return True
+
+
+@st.composite
+def _blocks(draw: st.DrawFn) -> tuple[list[Box], tuple[int, ...]]:
+    """A grid tiling of a random 1- to 3-d shape (cut points per dimension), then sometimes
+    one block moved, grown, shrunk, repeated or dropped."""
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(1, 9)) for _ in range(ndim))
+    cuts = [
+        sorted(draw(st.sets(st.integers(1, max(1, g - 1)), max_size=3)) | {0, g}) for g in shape
+    ]
+    boxes: list[Box] = []
+    for cell in itertools.product(*[range(len(c) - 1) for c in cuts]):
+        offsets = tuple(cuts[d][k] for d, k in enumerate(cell))
+        sizes = tuple(cuts[d][k + 1] - cuts[d][k] for d, k in enumerate(cell))
+        boxes.append((offsets, sizes))
+    change = draw(st.sampled_from(["none", "move", "grow", "shrink", "repeat", "drop"]))
+    i = draw(st.integers(0, len(boxes) - 1))
+    d = draw(st.integers(0, ndim - 1))
+    offsets, sizes = list(boxes[i][0]), list(boxes[i][1])
+    if change == "move":
+        offsets[d] = max(0, offsets[d] + draw(st.sampled_from([-1, 1])))
+    elif change == "grow":
+        sizes[d] += 1
+    elif change == "shrink":
+        sizes[d] -= 1
+    if change == "repeat":
+        boxes.append(boxes[i])
+    elif change == "drop":
+        del boxes[i]
+    else:
+        boxes[i] = (tuple(offsets), tuple(sizes))
+    return draw(st.permutations(boxes)), shape
+
+
+@settings(max_examples=300, deadline=None)
+@given(_blocks())
+def test_check_cover_accepts_exactly_the_tilings_the_pairwise_definition_accepts(case):
+    boxes, shape = case
+    try:
+        check_cover(boxes, shape, "t")
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert accepted == _tiles_pairwise(boxes, shape)
+
+
+def test_check_cover_of_a_thousand_row_blocks_compares_no_two_blocks():
+    """1,000 ranks' blocks of one tensor: the sweep's comparisons grow linearly, not as n^2."""
+    calls = 0
+    real = shards.intersect
+
+    def counting(a: Box, b: Box) -> Box | None:
+        nonlocal calls
+        calls += 1
+        return real(a, b)
+
+    boxes = [((k * 4, 0), (4, 8)) for k in range(1000)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shards, "intersect", counting)
+        check_cover(boxes[::-1], (4000, 8), "t")
+    assert calls == 0  # row blocks are closed before the next one opens: nothing to compare
