@@ -9,10 +9,10 @@ from typing import Any
 import click
 
 from tlreg.cli.common import Env, echo_json, json_option, pass_env
+from tlreg.cli.train import given_options, train_config
 from tlreg.cli.train import train as train_command
-from tlreg.cli.train import train_config
-from tlreg.training import load_task
 from tlreg.training.jobs import DEFAULT_ADDRESS, connect, failure, follow, submit_train
+from tlreg.training.preflight import preflight
 
 
 @click.command()
@@ -35,9 +35,12 @@ def submit(env: Env, branch: str, address: str, wait: bool, as_json: bool, **opt
 
     Example: tlreg submit upper-head --steps 200 --address http://HEAD:8265
     """
-    # Refuse what would only fail on the cluster: a bad branch, task or option, a dead address.
-    config = train_config(env, branch, options.pop("task"), options)
-    load_task(config.task)
+    # Refuse what would only fail on the cluster: a bad branch, task or option, a branch with
+    # a live run, a target step already reached, a --freeze that matches nothing, a dead
+    # address. (The store is probed by the job itself: the cluster may mount paths this
+    # machine does not.)
+    config = train_config(env, branch, options.pop("task"), options, given=given_options())
+    preflight(config, env.registry, probe_store=False)
     client = connect(address)
     job = submit_train(config, address=address, home=env.settings.home, client=client)
     for what in job.dropped:

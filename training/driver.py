@@ -3,7 +3,8 @@
 :func:`train` records a Run in the registry, starts or joins Ray, runs a ``TorchTrainer``
 over :func:`~tlreg.training.worker.worker_loop`, relays rank 0's progress events from a Ray
 queue into a :class:`TrainSummary` and ``on_event``, and marks the Run succeeded, failed or
-stopped (SIGTERM: ``ray job stop``, a scheduler's time limit).
+stopped (SIGTERM: ``ray job stop``, a scheduler's time limit; SIGINT: Ctrl-C). Before Ray
+starts it checks what it can (:mod:`~tlreg.training.preflight`) and takes the branch's lease.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shlex
 import signal
 import threading
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tlreg.registry import Registry
+from tlreg.registry.leases import LeaseKeeper
 from tlreg.storage_backends.credentials import without_password
 from tlreg.training.config import TrainConfig
 from tlreg.training.errors import RunFailed, RunStopped
@@ -30,11 +33,13 @@ from tlreg.training.events import (
     Evaluated,
     ProgressEvent,
     ProgressListener,
+    RayStarted,
+    RayStarting,
     Restored,
     event_json,
 )
 from tlreg.training.jobs import current_submission_id
-from tlreg.training.task import load_task
+from tlreg.training.preflight import preflight
 from tlreg.training.worker import worker_loop
 
 
@@ -112,10 +117,11 @@ def root_cause(error: BaseException) -> str:
 
 
 def recorded_config(config: TrainConfig) -> dict[str, Any]:
-    """The config as stored on the Run row: the registry URL with its password masked
-    (credentials never go into the registry)."""
+    """The config as stored on the Run row: the registry and store URLs with their
+    passwords masked (credentials never go into the registry)."""
     doc = dataclasses.asdict(config)
     doc["registry_url"] = without_password(config.registry_url, mask=True)
+    doc["store_url"] = without_password(config.store_url, mask=True)
     doc["freeze"] = list(config.freeze)
     return doc
 
@@ -147,87 +153,148 @@ def train(
     storage_path: str | os.PathLike[str],
     on_event: Callable[[ProgressEvent], None] | None = None,
 ) -> TrainSummary:
-    """Run ``config`` on Ray Train and return a summary; raises :class:`RunFailed` on error.
+    """Run ``config`` on Ray Train and return a summary; raises :class:`RunFailed` on error
+    and :class:`RunStopped` when SIGINT (Ctrl-C) or SIGTERM stopped it.
 
-    ``storage_path`` is Ray Train's run directory (small result files only; tlreg writes
-    the checkpoints). ``on_event`` receives rank 0's progress events as they happen (e.g.
-    a :class:`~tlreg.training.events.ProgressListener`'s ``on_event``).
+    Before Ray starts, :func:`~tlreg.training.preflight.preflight` checks what it can (the
+    task, the branch, its lease, the target step, the ``--freeze`` globs, a probe write to
+    the store), and the branch's lease is taken with the Run row: a second run on the branch
+    is refused, naming this one, until this one ends. ``storage_path`` is Ray Train's run
+    directory (small result files only; tlreg writes the checkpoints). ``on_event``
+    receives the progress events as they happen (e.g. a
+    :class:`~tlreg.training.events.ProgressListener`'s ``on_event``).
     """
-    load_task(config.task)  # fail before starting Ray on a bad --task
     registry = Registry(config.registry_url)
     try:
-        registry.get_branch(config.branch)
+        preflight(config, registry)
         # Under `tlreg submit` or `ray job submit` the Run row names the Ray job.
-        run = registry.start_run(
+        run, lease = registry.start_leased_run(
             config.branch, recorded_config(config), ray_job_id=current_submission_id()
         )
         summary = TrainSummary(branch=config.branch, run_id=run.id, status="running")
-        stopped = threading.Event()
+        stopped = _Stopped()
+        keeper = LeaseKeeper(registry, lease).start()
         try:
-            _fit(config, run.id, Path(storage_path), summary, on_event, stopped)
-        except Exception as e:
-            if not stopped.is_set():
-                summary.status = "failed"
-                summary.error = root_cause(e)
-                # The Run row keeps the whole report (worker tracebacks included), bounded.
-                error = f"{type(e).__name__}: {e}"[:8000]
-                registry.finish_run(run.id, status="failed", error=error)
-                raise RunFailed(
-                    f"training branch {config.branch!r} failed (run {run.id}): {summary.error}"
-                ) from e
-        if stopped.is_set():
-            summary.status = "stopped"
-            [mine] = [r for r in registry.runs(config.branch) if r.id == run.id]
-            if mine.status == "running":  # the handler could not write it
-                registry.finish_run(run.id, status="stopped", error=_stopped_by(signal.SIGTERM))
-            raise RunStopped(
-                f"training branch {config.branch!r} was stopped by SIGTERM (run {run.id}); "
-                f"its last committed checkpoint is the head of {config.branch!r}"
-            )
-        summary.status = "succeeded"
-        registry.finish_run(run.id, status="succeeded")
-        return summary
+            try:
+                _fit(config, run.id, Path(storage_path), summary, on_event, stopped)
+            except KeyboardInterrupt:  # Ctrl-C before the handler was in place (ray.init)
+                stopped.set(signal.SIGINT)
+            except Exception as e:
+                if not stopped.is_set():
+                    summary.status = "failed"
+                    summary.error = _failure_cause(config, summary, e)
+                    # The Run row keeps the whole report (worker tracebacks included), bounded.
+                    error = f"{summary.error}\n{type(e).__name__}: {e}"[:8000]
+                    registry.finish_run(run.id, status="failed", error=error)
+                    raise RunFailed(
+                        f"training branch {config.branch!r} failed (run {run.id}): {summary.error}"
+                    ) from e
+            if stopped.is_set():
+                summary.status = "stopped"
+                [mine] = [r for r in registry.runs(config.branch) if r.id == run.id]
+                if mine.status == "running":  # the handler could not write it
+                    registry.finish_run(run.id, status="stopped", error=_stopped_by(stopped.signum))
+                raise RunStopped(_stopped_message(config, registry, run.id, stopped.signum))
+            summary.status = "succeeded"
+            registry.finish_run(run.id, status="succeeded")
+            return summary
+        finally:
+            keeper.stop()
     finally:
         registry.close()
 
 
+def _failure_cause(config: TrainConfig, summary: TrainSummary, error: BaseException) -> str:
+    """One line: a checkpoint that failed and stopped the run, or the root cause."""
+    if summary.checkpoint_errors and config.on_checkpoint_error == "stop":
+        failed = summary.checkpoint_errors[0]
+        return (
+            f"checkpoint at step {failed.step} failed: {failed.error}; the run stopped there "
+            "(--on-checkpoint-error continue trains on regardless)"
+        )
+    return root_cause(error)
+
+
+def resume_command(config: TrainConfig, registry: Registry) -> str:
+    """The command that resumes ``config``'s branch to its target step (the branch remembers
+    its task and how it was trained; only a task it lacks is repeated)."""
+    argv = ["tlreg", "train", config.branch, "--steps", str(config.steps)]
+    if registry.get_branch(config.branch).task != config.task:
+        argv += ["--task", config.task]
+    return shlex.join(argv)
+
+
+def _stopped_message(config: TrainConfig, registry: Registry, run_id: int, signum: int) -> str:
+    head_id = registry.get_branch(config.branch).head
+    head = registry.resolve(head_id) if head_id else None
+    if head is not None and head.branch == config.branch:
+        kept = f"last committed checkpoint {head.id[:12]} at step {head.step}"
+    else:
+        kept = "no checkpoint committed on it yet"
+    return (
+        f"training branch {config.branch!r} was stopped by {signal.Signals(signum).name} "
+        f"(run {run_id}); {kept}; resume with: {resume_command(config, registry)}"
+    )
+
+
 def _stopped_by(signum: int) -> str:
     """The ``error`` of a Run stopped by signal ``signum``."""
-    return f"stopped by signal {signum}"
+    return f"stopped by {signal.Signals(signum).name}"
+
+
+class _Stopped:
+    """Whether (and by which signal) the run was stopped."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signum = signal.SIGTERM.value
+
+    def set(self, signum: int) -> None:
+        self.signum = signum
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
 
 
 class _Terminated(BaseException):
-    """Raised in the main thread by the SIGTERM handler of :func:`_stop_on_sigterm` (not an
+    """Raised in the main thread by the handler of :func:`_stop_on_signals` (not an
     Exception, so that no ``except Exception`` on the way swallows it)."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""SIGTERM: ``ray job stop``, a scheduler's time limit; SIGINT: Ctrl-C."""
+
+
 @contextlib.contextmanager
-def _stop_on_sigterm(registry_url: str, run_id: int, stopped: threading.Event) -> Iterator[None]:
-    """While training, a SIGTERM (what ``ray job stop`` and batch schedulers send first)
-    marks the Run "stopped" and unwinds the driver; Ray then ends the job's workers. The row
-    is written in the handler, through a registry of its own, because the sender may follow
-    up with SIGKILL within seconds (``ray job stop``: 3 s). Enter it after ``ray.init``,
-    which installs a SIGTERM handler of its own. Off the main thread (no signal handlers
-    there) it does nothing. ``stopped`` is set when it happened."""
+def _stop_on_signals(registry_url: str, run_id: int, stopped: _Stopped) -> Iterator[None]:
+    """While training, SIGTERM (what ``ray job stop`` and batch schedulers send first) or
+    SIGINT (Ctrl-C) marks the Run "stopped" and unwinds the driver; Ray then ends the job's
+    workers. The row is written in the handler, through a registry of its own, because the
+    sender may follow up with SIGKILL within seconds (``ray job stop``: 3 s). Enter it after
+    ``ray.init``, which installs handlers of its own. Off the main thread (no signal
+    handlers there) it does nothing. ``stopped`` says when it happened, and by which signal.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_sigterm(signum: int, _frame: Any) -> None:
+    def on_signal(signum: int, _frame: Any) -> None:
         if stopped.is_set():
             return
-        stopped.set()
+        stopped.set(signum)
         with contextlib.suppress(Exception), Registry(registry_url) as registry:
             registry.finish_run(run_id, status="stopped", error=_stopped_by(signum))
         raise _Terminated
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     try:
         yield
     except _Terminated:
         pass  # the caller sees ``stopped`` set
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _fit(
@@ -236,10 +303,18 @@ def _fit(
     storage_path: Path,
     summary: TrainSummary,
     on_event: Callable[[ProgressEvent], None] | None,
-    stopped: threading.Event,
+    stopped: _Stopped,
 ) -> None:
+    def emit(event: ProgressEvent) -> None:
+        summary.on_event(event)
+        if on_event is not None:
+            on_event(event)
+
+    started = time.perf_counter()
+    emit(RayStarting(joining=bool(os.environ.get("RAY_ADDRESS"))))
     _ensure_ray(max(2, config.workers))
-    with _stop_on_sigterm(config.registry_url, run_id, stopped):
+    emit(RayStarted(elapsed_s=time.perf_counter() - started, workers=config.workers))
+    with _stop_on_signals(config.registry_url, run_id, stopped):
         _fit_on_ray(config, run_id, storage_path, summary, on_event)
 
 

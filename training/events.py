@@ -1,7 +1,8 @@
 """Progress events of a training run: what rank 0 reports while it trains.
 
-Rank 0's worker puts them on a Ray queue; the driver takes them off, folds them into the
-run's :class:`~tlreg.training.driver.TrainSummary` and hands them to ``train(on_event=...)``
+Rank 0's worker puts them on a Ray queue (the driver makes the two about starting Ray);
+the driver takes them off, folds them into the run's
+:class:`~tlreg.training.driver.TrainSummary` and hands them to ``train(on_event=...)``
 (``tlreg train`` prints them). They cross that one process boundary pickled by Ray, between
 the processes of one run; none is ever stored or read back from a store.
 
@@ -14,6 +15,25 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class RayStarting:
+    """The driver is starting (or joining) Ray; nothing is shown of it until it is up."""
+
+    kind: ClassVar[str] = "ray_starting"
+    joining: bool
+    """True when joining a running cluster (``RAY_ADDRESS``), False for a local Ray."""
+
+
+@dataclass(frozen=True, slots=True)
+class RayStarted:
+    """Ray is up; the worker group starts next (each worker then restores the branch)."""
+
+    kind: ClassVar[str] = "ray_started"
+    elapsed_s: float
+    """Seconds it took to start or join Ray."""
+    workers: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +97,7 @@ class CheckpointFailed:
     error: str
 
 
-ProgressEvent = Restored | Evaluated | Checkpointed | CheckpointFailed
+ProgressEvent = RayStarting | RayStarted | Restored | Evaluated | Checkpointed | CheckpointFailed
 
 
 def event_json(event: ProgressEvent) -> dict[str, Any]:
@@ -93,7 +113,11 @@ class ProgressListener:
 
     def on_event(self, event: ProgressEvent) -> None:
         """Hand ``event`` to the method for its kind."""
-        if isinstance(event, Restored):
+        if isinstance(event, RayStarting):
+            self.ray_starting(event)
+        elif isinstance(event, RayStarted):
+            self.ray_started(event)
+        elif isinstance(event, Restored):
             self.restored(event)
         elif isinstance(event, Evaluated):
             self.evaluated(event)
@@ -103,6 +127,12 @@ class ProgressListener:
             self.checkpoint_failed(event)
         else:
             raise TypeError(f"not a progress event: {event!r}")
+
+    def ray_starting(self, event: RayStarting) -> None:
+        """The driver is starting or joining Ray."""
+
+    def ray_started(self, event: RayStarted) -> None:
+        """Ray is up; the workers start next."""
 
     def restored(self, event: Restored) -> None:
         """The workers restored the branch."""

@@ -19,11 +19,16 @@ from tlreg.ckpt import PendingSave
 from tlreg.registry import Registry
 from tlreg.registry.metrics import MetricsBacklog
 from tlreg.training.config import TrainConfig
+from tlreg.training.errors import TrainingError
 from tlreg.training.events import Checkpointed, CheckpointFailed, Evaluated, ProgressEvent, Restored
 from tlreg.training.freeze import apply_freeze, param_groups
 from tlreg.training.task import load_task
 
 Emit = Callable[[ProgressEvent], None]
+
+
+class CheckpointCommitError(TrainingError, RuntimeError):
+    """A checkpoint failed to commit and the run's ``on_checkpoint_error`` is "stop"."""
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
@@ -80,6 +85,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         )
     )
 
+    # A checkpoint that fails stops the run on rank 0, which commits (the others follow it
+    # into Ray Train's teardown), unless the user asked to train on regardless.
+    stop = config.on_checkpoint_error == "stop" and rank == 0
     ddp_model = prepare_model(model) if world > 1 else model
     # Rank 0 records every evaluation in the registry (the curves of 'tlreg compare/plot').
     curve = MetricsBacklog(loop_config["run_id"])
@@ -128,11 +136,11 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 extra={"step": step, "task": config.task, "seed": config.seed},
             )
             pending.append((step, p, (time.perf_counter() - t0) * 1e3))
-            last_committed = _drain(pending, emit) or last_committed
+            last_committed = _drain(pending, emit, stop=stop) or last_committed
         ray.train.report({"step": step, **metrics, "checkpoint": last_committed})
     for _step, p, _stall in pending:
         p.committed.exception()  # wait; errors are reported as events (rank 0)
-    _drain(pending, emit)
+    _drain(pending, emit, stop=stop)
     curve.flush(registry)
     ckpt.close()
     registry.close()
@@ -140,8 +148,11 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         dist.barrier()
 
 
-def _drain(pending: list[tuple[int, PendingSave, float]], emit: Emit) -> str | None:
-    """Emit events for finished saves (in order) and return the newest committed id."""
+def _drain(
+    pending: list[tuple[int, PendingSave, float]], emit: Emit, *, stop: bool = False
+) -> str | None:
+    """Emit events for finished saves (in order) and return the newest committed id; with
+    ``stop``, a failed save raises CheckpointCommitError once its event is out."""
     newest = None
     while pending and pending[0][1].committed.done():
         step, p, stall_ms = pending.pop(0)
@@ -158,7 +169,10 @@ def _drain(pending: list[tuple[int, PendingSave, float]], emit: Emit) -> str | N
                 )
             )
         else:
-            emit(CheckpointFailed(step=step, error=str(error)))
+            message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            emit(CheckpointFailed(step=step, error=message))
+            if stop:
+                raise CheckpointCommitError(f"checkpoint at step {step} failed: {message}")
     return newest
 
 

@@ -164,7 +164,7 @@ def test_ray_job_stop_marks_the_run_stopped_and_keeps_its_committed_checkpoints(
         assert follow(client, submission_id) == "STOPPED"
         [run] = registry.runs("stopme")
         assert (run.status, run.ray_job_id) == ("stopped", submission_id)
-        assert run.error == "stopped by signal 15"
+        assert run.error == "stopped by SIGTERM"
         assert run.finished is not None
         # what it committed before the stop stays, whole
         head = registry.get_branch("stopme").head
