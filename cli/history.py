@@ -98,10 +98,34 @@ def render_tree(nodes: dict[str, CheckpointRecord], focus: str) -> list[str]:
 @click.command()
 @click.argument("ref")
 @click.option("--depth", type=click.IntRange(min=0), help="Limit to N generations each way.")
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False),
+    help="Write the graph as one self-contained HTML file.",
+)
+@click.option(
+    "--svg", "svg_out", type=click.Path(dir_okay=False), help="Write the graph as an SVG file."
+)
+@click.option("--metric", "-m", help="Metric shown on each node of --html/--svg.")
 @json_option
 @pass_env
-def lineage(env: Env, ref: str, depth: int | None, as_json: bool) -> None:
-    """Ancestors and descendants of REF as a tree.  Example: tlreg lineage base"""
+def lineage(
+    env: Env,
+    ref: str,
+    depth: int | None,
+    html_out: str | None,
+    svg_out: str | None,
+    metric: str | None,
+    as_json: bool,
+) -> None:
+    """Ancestors and descendants of REF as a tree; --html/--svg write the lanes graph of
+    'tlreg ui' as a file for a report.  Example: tlreg lineage base --html lineage.html"""
+    if html_out or svg_out:
+        from tlreg.cli.visual import write_lineage
+
+        write_lineage(env, ref, html_out=html_out, svg_out=svg_out, metric=metric)
+        return
     focus = env.registry.resolve(ref)
     ancestors = env.registry.ancestors(ref, depth=depth)
     descendants = env.registry.descendants(ref, depth=depth)

@@ -43,7 +43,7 @@ from tlreg.registry.errors import RunNotFound
 from tlreg.registry.gc import GarbageCollection
 from tlreg.registry.leases import Leases
 from tlreg.registry.lineage import Lineage
-from tlreg.registry.metrics import Metrics
+from tlreg.registry.metrics import Browsing, Metrics
 from tlreg.registry.records import Run, from_row
 from tlreg.registry.refs import MIN_PREFIX, Refs, branch_row
 from tlreg.storage_backends.credentials import without_password
@@ -71,7 +71,7 @@ def _reopen(url: str, force: bool | None) -> Registry:
     return Registry(url, force=force)
 
 
-class Registry(Refs, Commits, Lineage, GarbageCollection, Metrics, Leases):
+class Registry(Refs, Commits, Lineage, GarbageCollection, Metrics, Browsing, Leases):
     """The lineage registry: branches, checkpoints, tags, runs and object references.
 
     ``url`` is ``sqlite:///path.db`` (the file and its parent directories are created; WAL mode)

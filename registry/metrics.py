@@ -21,8 +21,8 @@ from sqlmodel import Session, col, select
 from tlreg.registry import models as m
 from tlreg.registry.engine import Database
 from tlreg.registry.errors import RegistryUnavailable, RunNotFound
-from tlreg.registry.records import Run, from_row, utc
-from tlreg.registry.refs import branch_row, unstorable
+from tlreg.registry.records import CheckpointRecord, Run, from_row, utc
+from tlreg.registry.refs import branch_row, records, unstorable
 
 MAX_METRIC_NAME = 200
 """Longest metric name accepted (characters)."""
@@ -345,6 +345,39 @@ class Metrics(Database):
                     )
                 )
             return out
+
+
+class Browsing(Database):
+    """Windows over the whole lineage for the lineage browser (``tlreg ui``): newest first,
+    paged by commit time, so that a page costs the same at 10^2 and 10^5 checkpoints."""
+
+    def recent_checkpoints(
+        self,
+        *,
+        limit: int,
+        before: tuple[datetime, str] | None = None,
+        branches: Sequence[str] | None = None,
+    ) -> list[CheckpointRecord]:
+        """The newest ``limit`` checkpoints (on ``branches``, or all) committed before the
+        cursor ``before`` = (created, id) of the last one of the previous page; newest first,
+        with parents."""
+        with self._session() as s:
+            stmt = select(m.Checkpoint)
+            if branches is not None:
+                stmt = stmt.where(col(m.Checkpoint.branch).in_(list(branches)))
+            if before is not None:
+                when, cid = before
+                stmt = stmt.where(
+                    (col(m.Checkpoint.created) < when)
+                    | ((col(m.Checkpoint.created) == when) & (col(m.Checkpoint.id) < cid))
+                )
+            stmt = stmt.order_by(col(m.Checkpoint.created).desc(), col(m.Checkpoint.id).desc())
+            return records(s, s.exec(stmt.limit(limit)).all())
+
+    def checkpoint_count(self) -> int:
+        """How many checkpoints the registry holds."""
+        with self._session() as s:
+            return int(s.exec(select(func.count()).select_from(m.Checkpoint)).one())
 
 
 class MetricsBacklog:
