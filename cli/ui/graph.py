@@ -20,7 +20,7 @@ from tlreg.registry import CheckpointRecord
 COLLAPSE_MIN = 4
 """Runs of at least this many unremarkable checkpoints on one lane are drawn as one node."""
 
-NODE_W, NODE_H, COL_W, LANE_H, LEFT, TOP = 168, 74, 196, 118, 150, 34
+NODE_W, NODE_H, COL_W, LANE_H, LEFT, TOP = 192, 74, 220, 118, 150, 34
 
 
 @dataclass(slots=True)
@@ -43,8 +43,8 @@ class Node:
     tags: list[str] = field(default_factory=list)
     collapsed: int = 0
     first_step: int = 0
-    changed: int | None = None
-    """Tensors that differ from the first parent, when known."""
+    changed: str | None = None
+    """What differs from the first parent (tensors, bytes shared), when known."""
     outside_parents: list[str] = field(default_factory=list)
     """Parents not on this page."""
 
@@ -80,11 +80,12 @@ def build_graph(
     heads: Mapping[str, Sequence[str]],
     tags: Mapping[str, Sequence[str]],
     metric: str | None,
-    changed: Mapping[str, int | None] | None = None,
+    changed: Mapping[str, str | None] | None = None,
     collapse: bool = True,
 ) -> Graph:
     """Lay out ``records`` (any order) as lanes. ``heads``/``tags`` map checkpoint ids to the
-    names pointing at them; ``changed`` gives tensors changed against the first parent."""
+    names pointing at them; ``changed`` says what differs from the first parent (see
+    ``pages.parent_changes``)."""
     recs = sorted(records, key=lambda r: (r.created, r.id))
     ids = {r.id for r in recs}
     kids: dict[str, list[CheckpointRecord]] = {}
@@ -137,7 +138,7 @@ def build_graph(
             node.collapsed += 1
             node.id, node.step = r.id, r.step
             node.new_bytes += r.new_bytes
-            node.reused_bytes += r.logical_bytes - r.new_bytes
+            node.reused_bytes += max(0, r.logical_bytes - r.new_bytes)
             node.pruned = node.pruned and r.pruned is not None
             node.metric = _metric(r, metric) if metric else None
             continue
@@ -146,7 +147,7 @@ def build_graph(
         node = Node(
             id=r.id, branch=r.branch, step=r.step, lane=lane, col=col,
             metric=_metric(r, metric) if metric else None, new_bytes=r.new_bytes,
-            reused_bytes=r.logical_bytes - r.new_bytes, kind=r.kind,
+            reused_bytes=max(0, r.logical_bytes - r.new_bytes), kind=r.kind,
             pruned=r.pruned is not None, heads=list(heads.get(r.id, ())),
             tags=list(tags.get(r.id, ())), collapsed=1 if key in runs else 0,
             first_step=r.step,
@@ -255,14 +256,14 @@ def render_svg(graph: Graph, *, link: Callable[[str], str] | None = None) -> Mar
             if graph.metric is not None:
                 value = "-" if n.metric is None else _fmt_value(n.metric)
                 lines.append(f"{_cut(graph.metric, 14)} {value}")
-        lines.append(f"new {fmt_size(n.new_bytes)} · shared {fmt_size(n.reused_bytes)}")
+        lines.append(f"new {fmt_size(n.new_bytes)} · reused {fmt_size(n.reused_bytes)}")
         body = [
             f'<rect class="box" x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="6"/>',
         ]
         for k, line in enumerate(lines):
             body.append(f'<text x="{x + 8}" y="{y + 17 + 16 * k}">{e(line)}</text>')
         if not n.collapsed:
-            text = "" if n.changed is None else f"Δ {n.changed} tensors changed"
+            text = n.changed or ""
             body.append(
                 f'<text class="changed" data-id="{e(n.id)}" x="{x + 8}" '
                 f'y="{y + 17 + 16 * len(lines)}">{e(text)}</text>'
@@ -272,7 +273,7 @@ def render_svg(graph: Graph, *, link: Callable[[str], str] | None = None) -> Mar
             cls = "badge-head" if badge.startswith("head") else "badge-tag"
             body.append(
                 f'<text class="badge {cls}" x="{x + 4}" y="{y - 4 - 12 * k}">'
-                f"{e(_cut(badge, 26))}</text>"
+                f"<title>{e(badge)}</title>{e(_cut(badge, 26))}</text>"
             )
         if n.outside_parents:
             body.append(

@@ -86,31 +86,36 @@ class ManifestCache:
         return found
 
 
-def changed_counts(
+def parent_changes(
     registry: Registry, manifests: ManifestCache, records: Sequence[CheckpointRecord]
-) -> dict[str, int | None]:
-    """Tensors of each checkpoint that differ from its first parent (all of them for a root);
-    None where a manifest cannot be read."""
-    parents = {p for r in records for p in r.parents[:1]}
+) -> dict[str, str | None]:
+    """For each checkpoint, what changed against its first parent, from the two manifests:
+    "Δ N tensors · S shared with parent" (S: bytes stored once for both); "root · N tensors"
+    for a root; None where a manifest cannot be read (pruned, or gone from the store)."""
+    from tlreg.cli.visual import shared_bytes
+
     have = {r.id: r for r in records}
-    missing = [p for p in parents if p not in have]
-    for pid in missing:
+    for pid in {p for r in records for p in r.parents[:1]} - have.keys():
         try:
             have[pid] = registry.get(pid)
         except LookupError:
             pass
-    out: dict[str, int | None] = {}
+    out: dict[str, str | None] = {}
     for r in records:
         mine = manifests.get(r)
         if mine is None:
             out[r.id] = None
             continue
         if not r.parents:
-            out[r.id] = len(mine.tensors)
+            out[r.id] = f"root · {len(mine.tensors)} tensors"
             continue
         parent = have.get(r.parents[0])
         theirs = None if parent is None else manifests.get(parent)
-        out[r.id] = None if theirs is None else len(diff_manifests(theirs, mine).changes)
+        if theirs is None:
+            out[r.id] = None
+            continue
+        changed = len(diff_manifests(theirs, mine).changes)
+        out[r.id] = f"Δ {changed} tensors · {fmt_size(shared_bytes(mine, theirs))} shared"
     return out
 
 
@@ -139,7 +144,7 @@ def lineage_graph(
     records: Sequence[CheckpointRecord],
     metric: str | None,
     *,
-    changed: Mapping[str, int | None] | None = None,
+    changed: Mapping[str, str | None] | None = None,
     collapse: bool = True,
 ) -> Graph:
     heads, tags = names_by_checkpoint(registry)
@@ -199,7 +204,7 @@ def lineage_document(
     records = {r.id: r for r in [*registry.ancestors(ref), focus, *registry.descendants(ref)]}
     metric = metric or default_metric(registry)
     cache = ManifestCache(store)
-    changed = changed_counts(registry, cache, list(records.values()))
+    changed = parent_changes(registry, cache, list(records.values()))
     graph = lineage_graph(registry, list(records.values()), metric, changed=changed)
     return render(
         "lineage_file.html",
@@ -219,7 +224,7 @@ def lineage_svg(registry: Registry, store: Store, ref: str, *, metric: str | Non
     focus = registry.resolve(ref)
     records = {r.id: r for r in [*registry.ancestors(ref), focus, *registry.descendants(ref)]}
     metric = metric or default_metric(registry)
-    changed = changed_counts(registry, ManifestCache(store), list(records.values()))
+    changed = parent_changes(registry, ManifestCache(store), list(records.values()))
     graph = lineage_graph(registry, list(records.values()), metric, changed=changed)
     svg = str(render_svg(graph))
     style = f"<style>{stylesheet()}</style>"

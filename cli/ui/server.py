@@ -189,18 +189,18 @@ async def compare_svg(request: web.Request) -> web.StreamResponse:
 
 
 async def changes(request: web.Request) -> web.StreamResponse:
-    """{id: tensors changed against the first parent (or null)} for up to 200 ids."""
+    """{id: what changed against the first parent (or null)} for up to 200 ids."""
     ids = request.query.getall("id", [])[:200]
     registry = request.app[REGISTRY_KEY]
 
-    def count() -> dict[str, int | None]:
+    def count() -> dict[str, str | None]:
         records = []
         for cid in ids:
             try:
                 records.append(registry.get(cid))
             except (RegistryError, LookupError):
                 continue
-        return pages.changed_counts(registry, request.app[MANIFESTS_KEY], records)
+        return pages.parent_changes(registry, request.app[MANIFESTS_KEY], records)
 
     return web.Response(text=json.dumps(await _call(count)), content_type="application/json")
 

@@ -1,4 +1,5 @@
-// tlreg lineage browser: fill in each node's "tensors changed" after the first paint.
+// tlreg lineage browser: after the first paint, fill in each node's line "what changed
+// against its parent, bytes shared with it" (read from the manifests by /api/changes).
 // Read-only: only GET requests to this server. Values are set as text, never as markup.
 "use strict";
 document.addEventListener("DOMContentLoaded", () => {
@@ -13,8 +14,7 @@ document.addEventListener("DOMContentLoaded", () => {
       .then((r) => (r.ok ? r.json() : {}))
       .then((counts) => {
         for (const el of part) {
-          const n = counts[el.dataset.id];
-          el.textContent = n === null || n === undefined ? "" : "Δ " + n + " tensors changed";
+          el.textContent = counts[el.dataset.id] || "";
         }
       })
       .catch(() => {});
