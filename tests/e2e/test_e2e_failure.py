@@ -1,7 +1,8 @@
 """Training on its own local Ray, interrupted: a worker killed mid-training (Ray Train restarts
 the group, which resumes from the last committed checkpoint; nothing committed is lost,
 repeated or damaged), and the whole ``tlreg train`` stopped by SIGTERM (what a batch
-scheduler sends at its time limit: the run is marked stopped and no Ray process survives)."""
+scheduler sends at its time limit) or SIGINT (Ctrl-C): the run is marked stopped, the resume
+command is printed and no Ray process survives."""
 
 from __future__ import annotations
 
@@ -103,30 +104,39 @@ def test_killed_worker_resumes_from_last_commit_without_losing_or_repeating_step
         registry.close()
 
 
-def test_sigterm_stops_the_run_keeps_its_commits_and_leaves_no_ray_process(
-    base_shell: Any,
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_keeps_its_commits_and_leaves_no_ray_process(
+    base_shell: Any, signum: signal.Signals
 ) -> None:
+    """SIGTERM is what a batch scheduler sends at its time limit; SIGINT is Ctrl-C. Either
+    marks the run stopped (not "running" forever), says what was committed and how to resume,
+    and gives the branch's lease back."""
     shell = base_shell
     proc = _train(shell, 5000)
     registry = Registry(shell.env["TLREG_REGISTRY_URL"])
     ray_processes: list[psutil.Process] = []
     try:
         _first_commit(proc, registry)
+        lease = registry.lease("base")
+        assert lease is not None and (lease.run_id, lease.pid) == (1, proc.pid)
         # everything its Ray runs (GCS, raylet, workers, ...), found while still in its tree
         ray_processes = psutil.Process(proc.pid).children(recursive=True)
         assert {"gcs_server", "raylet"} <= {p.name() for p in ray_processes}
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, err[-3000:]
+        head = registry.resolve("base")
         assert err.strip().splitlines()[-1] == (
-            "Error: training branch 'base' was stopped by SIGTERM (run 1); "
-            "its last committed checkpoint is the head of 'base'"
+            f"Error: training branch 'base' was stopped by {signum.name} (run 1); "
+            f"last committed checkpoint {head.id[:12]} at step {head.step}; "
+            "resume with: tlreg train base --steps 5000"
         )
+        assert registry.lease("base") is None
         _, alive = psutil.wait_procs(ray_processes, timeout=30)
         assert alive == [], [" ".join(p.cmdline()[:3]) for p in alive]
 
         [run] = registry.runs("base")
-        assert (run.status, run.error) == ("stopped", "stopped by signal 15")
+        assert (run.status, run.error) == ("stopped", f"stopped by {signum.name}")
         log = registry.log("base")
         step_numbers = [r.step for r in reversed(log)]
         assert step_numbers == list(range(20, 20 * len(log) + 1, 20))
