@@ -8,7 +8,13 @@ before that transaction never becomes visible.
 
 from __future__ import annotations
 
+import atexit
+import os
+import socket
+import sys
 import threading
+import time
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,10 +25,11 @@ import torch
 from torch import nn
 
 from tlreg.ckpt import AsyncCheckpointer, PendingSave
-from tlreg.registry import CheckpointRecord, Registry
+from tlreg.registry import BranchNotFound, CheckpointRecord, Registry
+from tlreg.registry.leases import LeaseKeeper
 from tlreg.storage_backends import Store
 from tlreg.training.config import load_settings
-from tlreg.training.errors import CheckpointMismatch
+from tlreg.training.errors import CheckpointMismatch, ConfigError
 from tlreg.training.freeze import matches_any
 from tlreg.training.signature import common_prefix, prefix_tensor_names, signature
 
@@ -111,40 +118,101 @@ class Checkpointer:
         max_inflight_bytes: int | None = None,
         run_id: int | None = None,
         process_group: Any = None,
+        record_run: bool = False,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.registry = registry
         self._owns_registry = False
+        self._closed = False
+        self._run_status: tuple[str, str | None] | None = None
+        self._keeper: LeaseKeeper | None = None
+        self._pending: list[tuple[int, PendingSave]] = []
+        self._started = time.monotonic()
         found = registry.get_branch(branch)
         self.branch = found.name
-        # a URL is opened (and later closed) by the engine; a Store object stays the caller's
-        self.engine = AsyncCheckpointer(
-            store,
-            lazy=lazy,
-            max_inflight_bytes=max_inflight_bytes,
-            process_group=process_group,
-        )
         self.rank = _rank(process_group)
+        if record_run and run_id is None and self.rank == 0:
+            # rank 0 records the run and holds the branch's lease: a second writer (another
+            # script, a `tlreg train`) is refused here, before any state is saved
+            config = {
+                "source": "python",
+                "argv": list(sys.argv),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                **dict(run_config or {}),
+            }
+            run, lease = registry.start_leased_run(self.branch, config)
+            run_id = run.id
+            self._keeper = LeaseKeeper(registry, lease).start()
+        # a URL is opened (and later closed) by the engine; a Store object stays the caller's
+        try:
+            self.engine = AsyncCheckpointer(
+                store,
+                lazy=lazy,
+                max_inflight_bytes=max_inflight_bytes,
+                process_group=process_group,
+            )
+        except BaseException as e:
+            self._end_run("failed", f"{type(e).__name__}: {e}")
+            raise
         self.run_id = run_id
+        """The Run row checkpoints and :meth:`log_metrics` are recorded under (None: none)."""
         self._expected_head = found.head
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlreg-commit")
         self._lock = threading.Lock()
         self.last_restore = RestoreReport()
         """What the latest :meth:`restore` did."""
+        _flush_at_exit(self)
 
     @classmethod
     def for_branch(
         cls,
         branch: str,
         *,
+        create: bool = False,
+        task: str | None = None,
+        from_: str | None = None,
         home: str | PathLike[str] | None = None,
         lazy: bool = False,
+        record_run: bool = True,
         **kwargs: Any,
     ) -> Checkpointer:
-        """A checkpointer for ``branch`` with the registry and store from tlreg's settings."""
+        """A checkpointer for ``branch`` with the registry and store from tlreg's settings.
+
+        ``create=True`` creates a missing branch (from ``from_``, a branch, tag or checkpoint
+        id, else as an empty root; ``task`` is recorded for ``tlreg train``), as ``tlreg branch
+        NAME [FROM]`` does; an existing branch is used as it is. Without it a missing branch
+        raises BranchNotFound saying how to create it.
+
+        ``record_run`` (default): rank 0 records a Run row (``tlreg runs``) and holds the
+        branch's lease until :meth:`close`, so a second writer (a script or ``tlreg train``)
+        is refused (BranchLeased, naming this run); the run ends ``succeeded``, ``failed``
+        (a save failed, or the ``with`` block raised) or ``stopped`` (KeyboardInterrupt).
+        """
         settings = load_settings(home=home)
         registry = Registry(settings.registry_url)
         try:
-            ckpt = cls(branch, registry=registry, store=settings.store_url, lazy=lazy, **kwargs)
+            _check_store(registry, settings.store_url)
+            try:
+                registry.get_branch(branch)
+            except BranchNotFound:
+                if not create:
+                    raise BranchNotFound(
+                        f"branch {branch!r} does not exist: create it with "
+                        f"Checkpointer.for_branch({branch!r}, create=True) (optionally "
+                        f"task=..., from_=...), or with 'tlreg branch {branch}'"
+                    ) from None
+                registry.create_branch(branch, from_ref=from_, task=task)
+            config = {"task": task} if task else {}
+            ckpt = cls(
+                branch,
+                registry=registry,
+                store=settings.store_url,
+                lazy=lazy,
+                record_run=record_run,
+                run_config=config,
+                **kwargs,
+            )
         except BaseException:
             registry.close()
             raise
@@ -168,6 +236,10 @@ class Checkpointer:
         **stateful: Any,
     ) -> PendingSave:
         """Checkpoint ``model=``, ``optimizer=``, ``scheduler=`` and ``extra=`` at ``step``."""
+        if self._closed:
+            raise RuntimeError(f"Checkpointer for branch {self.branch!r} is closed")
+        if self._keeper is not None and self._keeper.lost.is_set():
+            raise self._keeper.error or RuntimeError("the branch lease was lost")
         state = state_of(stateful)
         optimizer = stateful.get("optimizer")
         if self.engine.lazy and isinstance(optimizer, torch.optim.Optimizer):
@@ -209,7 +281,34 @@ class Checkpointer:
                 outer._finish(None, e)
 
         self._commits.submit(commit)
+        with self._lock:
+            # a failed save stays listed: close() reports it and fails the run
+            self._pending = [
+                (st, p)
+                for st, p in self._pending
+                if not p.committed.done() or p.committed.exception() is not None
+            ]
+            self._pending.append((step, outer))
         return outer
+
+    def log_metrics(self, step: int, **values: float) -> None:
+        """Record metric values at ``step`` in this checkpointer's run (``tlreg runs``, the
+        metric curves of ``tlreg compare``), e.g. ``ckpt.log_metrics(10, loss=0.3, acc=0.9)``.
+
+        Synchronous (one registry transaction). A no-op on ranks other than 0. Raises
+        RuntimeError when there is no run (a checkpointer made with ``record_run=False``
+        and no ``run_id``), ValueError for a bad name or value.
+        """
+        if self.rank != 0:
+            return
+        if self.run_id is None:
+            raise RuntimeError(
+                f"Checkpointer for branch {self.branch!r} records no run: make it with "
+                "Checkpointer.for_branch(...) (record_run=True) or pass run_id="
+            )
+        self.registry.log_metrics(
+            self.run_id, step, values, elapsed_s=time.monotonic() - self._started
+        )
 
     def restore(
         self,
@@ -280,20 +379,143 @@ class Checkpointer:
                 torch.set_rng_state(state["rng"]["torch"])
         return report
 
-    def close(self) -> None:
+    def close(self, *, status: str | None = None, error: str | None = None) -> None:
         """Wait for pending saves and commits, then release the engine, the store it opened
-        and the registry :meth:`for_branch` opened; idempotent."""
-        self.engine.close()
-        self._commits.shutdown(wait=True)
-        if self._owns_registry:
-            self._owns_registry = False
-            self.registry.close()
+        and the registry :meth:`for_branch` opened; idempotent.
+
+        The run this checkpointer recorded ends ``status`` (default: ``failed`` when a save
+        failed, else ``succeeded``) and its branch lease is released.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        failed: list[tuple[int, BaseException]] = []
+        try:
+            self.engine.close()
+            self._commits.shutdown(wait=True)
+            failed = [
+                (step, e) for step, p in self._pending if (e := p.committed.exception()) is not None
+            ]
+        finally:
+            if status is None:
+                status = "failed" if failed else "succeeded"
+            if error is None and failed:
+                step, e = failed[0]
+                error = (
+                    f"{len(failed)} checkpoints failed (first at step {step}: "
+                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                )
+            self._end_run(status, error)
+            self._pending = []
+            if self._owns_registry:
+                self._owns_registry = False
+                self.registry.close()
+
+    def _end_run(self, status: str, error: str | None) -> None:
+        """Finish the run this checkpointer recorded and give its lease back (once)."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is None:
+            return
+        try:
+            keeper.stop(release=False)
+            if self.run_id is not None:
+                self.registry.finish_run(self.run_id, status=status, error=error)
+        finally:
+            if not keeper.lost.is_set():
+                try:
+                    self.registry.release_lease(keeper.lease)
+                except Exception:  # an unreleased lease expires by itself
+                    pass
+
+    def _flush_at_exit(self) -> None:
+        """Interpreter exit with this checkpointer still open: commit what is pending, loudly."""
+        if self._closed:
+            return
+        pending = list(self._pending)
+        waiting = [step for step, p in pending if not p.committed.done()]
+        if waiting:
+            print(
+                f"tlreg: Checkpointer for branch {self.branch!r} was not closed at exit: "
+                f"committing {len(waiting)} pending saves (steps {_steps(waiting)}); call "
+                "close() or use a with block",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            self.close()
+        except BaseException as e:  # the interpreter is ending: say so, do not raise
+            print(f"tlreg: closing branch {self.branch!r} at exit failed: {e}", file=sys.stderr)
+        lost = [
+            (step, err)
+            for step, p in pending
+            if p.committed.done() and (err := p.committed.exception()) is not None
+        ]
+        for step, err in lost:
+            print(
+                f"tlreg: WARNING: the checkpoint at step {step} of branch {self.branch!r} was "
+                f"LOST at exit: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close(status="stopped", error="KeyboardInterrupt")
+        else:
+            self.close(status="failed", error=f"{exc_type.__name__}: {exc}")
+
+
+def _steps(steps: Sequence[int]) -> str:
+    return ", ".join(str(s) for s in steps[:10]) + (", ..." if len(steps) > 10 else "")
+
+
+def _check_store(registry: Registry, store_url: str) -> None:
+    """Refuse a store other than the one the registry records (as every CLI command does)."""
+    from tlreg.storage_backends.credentials import without_password
+
+    recorded = registry.get_meta("store_url")
+    if recorded is not None and without_password(recorded) != without_password(store_url):
+        raise ConfigError(
+            f"registry records store {without_password(recorded)!r}, not "
+            f"{without_password(store_url)!r}: unset TLREG_STORE_URL or use that store"
+        )
+
+
+_open: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+_hook_lock = threading.Lock()
+_hooked = False
+
+
+def _flush_at_exit(ckpt: Checkpointer) -> None:
+    """Register ``ckpt`` to be flushed when the interpreter exits.
+
+    The hook runs in ``threading``'s exit hooks, before ``concurrent.futures`` shuts its
+    worker threads down (plain ``atexit`` would run after, when no commit can run any more).
+    """
+    global _hooked
+    _open.add(ckpt)
+    with _hook_lock:
+        if _hooked:
+            return
+        _hooked = True
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            try:
+                register(_flush_all)
+                return
+            except RuntimeError:  # already shutting down
+                pass
+        atexit.register(_flush_all)
+
+
+def _flush_all() -> None:
+    for ckpt in list(_open):
+        ckpt._flush_at_exit()
 
 
 def _load_model(
