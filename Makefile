@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tlreg-installed
 
-.PHONY: demo test lint bench bench-storage stress clean
+.PHONY: demo test lint bench bench-storage stress clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy storage_backends ckpt registry training cli
 	$(VENV)/bin/mypy bench
 
-test: lint
+# The UI tests drive Debian's Chromium through its chromedriver (no browser can be
+# downloaded by selenium here); installed once, when missing (needs root or sudo).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+
+test: lint browser
 	$(VENV)/bin/pytest
 
 # make bench: the full checkpoint benchmark (1.5 GiB state, ~10 min on 2 cores);
