@@ -187,10 +187,25 @@ def export_weights(
 
     record = registry.resolve(ref)
     with AsyncCheckpointer(open_store(store)) as engine:
-        state = engine.load(record.manifest, prefix="model")
-    tensors = {k: v.contiguous() for k, v in state.get("model", {}).items()}
-    if not tensors:
+        try:
+            model = engine.load(record.manifest, prefix="model").get("model")
+        except KeyError:  # the state has no "model" entry
+            model = None
+    if not isinstance(model, Mapping) or not model:
         raise WeightsFormatError(f"checkpoint {record.id[:12]} has no model tensors to export")
+    tensors: dict[str, torch.Tensor] = {}
+    shared: set[int] = set()
+    for key, value in model.items():
+        if type(key) is not str or not isinstance(value, torch.Tensor):
+            raise WeightsFormatError(
+                f"checkpoint {record.id[:12]}: model entry {str(key)[:80]!r} is not a named "
+                "tensor; safetensors holds a flat mapping of names to tensors"
+            )
+        value = value.contiguous()
+        if value.numel() and value.data_ptr() in shared:
+            value = value.clone()  # tied weights: safetensors stores each name's own bytes
+        shared.add(value.data_ptr())
+        tensors[key] = value
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

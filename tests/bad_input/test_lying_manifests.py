@@ -24,7 +24,7 @@ from tlreg.ckpt.objects import chunk_key, meta_key
 from tlreg.ckpt.tree import flatten_state
 from tlreg.ckpt.validate import ITEMSIZE, MAX_DEPTH
 from tlreg.registry import Registry
-from tlreg.storage_backends import LocalStore
+from tlreg.storage_backends import LocalStore, open_store
 
 SQLITE = pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
 
@@ -293,3 +293,61 @@ def test_the_itemsize_of_every_stored_dtype_is_torchs() -> None:
     assert set(DTYPES) <= set(ITEMSIZE)
     for name, dtype in DTYPES.items():
         assert ITEMSIZE[name] == dtype.itemsize, name
+
+
+@pytest.mark.s3
+@SQLITE
+def test_on_s3_a_lying_manifest_or_a_lost_chunk_is_refused_by_every_command(
+    tlreg: Callable, weights_file: Path, registry_url: str, s3_bucket_url: str, tmp_path: Path
+) -> None:
+    assert tlreg("--store", s3_bucket_url, "init").exit_code == 0
+    checkpoint = json.loads(tlreg("import", str(weights_file), "--name", "base", "--json").output)[
+        "id"
+    ]
+    with Registry(registry_url) as registry:
+        manifest_id = registry.get(checkpoint).manifest
+    store = open_store(s3_bucket_url)
+    original = store.get(manifest_key(manifest_id))
+    out = tmp_path / "out.safetensors"
+    doc = json.loads(original)
+    _absurd_but_consistent(doc)
+    store.put(manifest_key(manifest_id), sealed(doc))
+    for args in (("export", "base", str(out)), ("branch", "copy", "base"), ("tag", "v1", "base")):
+        result = tlreg(*args)
+        assert result.exit_code == 1 and result.output.count("\n") == 1, (args, result.output)
+        assert result.output.startswith("Error: ") and manifest_id in result.output
+    store.put(manifest_key(manifest_id), original)
+    digest = next(iter(json.loads(original)["objects"]))
+    store.delete(chunk_key(digest, 0))
+    for args in (("branch", "copy", "base"), ("tag", "v1", "base")):
+        result = tlreg(*args)
+        assert result.exit_code == 1 and digest in result.output, (args, result.output)
+    with Registry(registry_url) as registry:
+        assert [b.name for b in registry.branches()] == ["base"] and not registry.tags()
+    assert not out.exists()
+
+
+@SQLITE
+def test_export_of_tied_weights_writes_each_name_and_of_no_model_refuses_in_one_line(
+    tlreg: Callable, imported: tuple[LocalStore, str, str], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    store, checkpoint, manifest_id = imported
+    original = store.get(manifest_key(manifest_id))
+    doc = json.loads(original)
+    path = _largest(doc)
+    doc["tree"]["model"]["tied.weight"] = {"$tensor": path}
+    store.put(manifest_key(manifest_id), sealed(doc))
+    out = tmp_path / "tied.safetensors"
+    result = tlreg("export", checkpoint, str(out))
+    assert result.exit_code == 0, result.output
+    exported = load_file(str(out))
+    assert torch.equal(exported["tied.weight"], exported[path.removeprefix("model/")])
+    for tree in ({"extra": doc["tree"]["extra"]}, {"model": [doc["tree"]["model"][path[6:]]]}):
+        doc["tree"] = tree
+        store.put(manifest_key(manifest_id), sealed(doc))
+        result = tlreg("export", checkpoint, str(tmp_path / "none.safetensors"))
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert "no model tensors to export" in result.output
+    assert not (tmp_path / "none.safetensors").exists()
