@@ -131,12 +131,19 @@ def names_by_checkpoint(registry: Registry) -> tuple[dict[str, list[str]], dict[
     return heads, tags
 
 
-def default_metric(registry: Registry) -> str | None:
-    names = registry.metric_names()
-    for preferred in ("val_accuracy", "accuracy", "val_loss", "loss"):
+PREFERRED_METRICS = ("val_accuracy", "accuracy", "val_loss", "loss")
+
+
+def preferred_metric(names: Sequence[str]) -> str | None:
+    """The metric a page shows when none is asked for."""
+    for preferred in PREFERRED_METRICS:
         if preferred in names:
             return preferred
-    return names[0] if names else None
+    return sorted(names)[0] if names else None
+
+
+def default_metric(registry: Registry) -> str | None:
+    return preferred_metric(registry.metric_names())
 
 
 def lineage_graph(
@@ -166,6 +173,10 @@ def lineage_page(
     records = registry.recent_checkpoints(limit=limit + 1, before=before, branches=branches)
     more = len(records) > limit
     records = records[:limit]
+    # The metrics the page's checkpoints carry (not every metric ever logged: that would
+    # scan every evaluation of every run on each page view).
+    choices = sorted({k for r in records for k in r.metrics})
+    metric = metric or preferred_metric(choices)
     graph = lineage_graph(registry, records, metric, collapse=collapse)
     svg = render_svg(graph, link=lambda cid: f"/checkpoint/{cid}")
     older = None
@@ -188,7 +199,7 @@ def lineage_page(
         older=older,
         newest="/lineage" if before is not None else None,
         metric=metric,
-        metrics=registry.metric_names(),
+        metrics=choices if metric is None or metric in choices else [metric, *choices],
         branches=[b.name for b in registry.branches()],
         selected=list(branches or ()),
         static=False,

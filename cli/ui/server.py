@@ -111,7 +111,7 @@ async def lineage(request: web.Request) -> web.StreamResponse:
     if not 1 <= limit <= pages.MAX_PAGE_SIZE:
         return _bad_request(f"limit is between 1 and {pages.MAX_PAGE_SIZE}")
     branches = q.getall("branch", []) or None
-    metric = q.get("metric") or await _call(pages.default_metric, registry)
+    metric = q.get("metric") or None
     text = await _call(
         pages.lineage_page,
         registry,
