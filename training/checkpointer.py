@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tlreg.ckpt import AsyncCheckpointer, PendingSave
-from tlreg.registry import BranchNotFound, CheckpointRecord, Registry
+from tlreg.registry import BranchExists, BranchNotFound, CheckpointRecord, Registry
 from tlreg.registry.leases import LeaseKeeper
 from tlreg.storage_backends import Store
 from tlreg.training.config import load_settings
@@ -173,6 +173,8 @@ class Checkpointer:
         task: str | None = None,
         from_: str | None = None,
         home: str | PathLike[str] | None = None,
+        registry_url: str | None = None,
+        store_url: str | None = None,
         lazy: bool = False,
         record_run: bool = True,
         **kwargs: Any,
@@ -182,14 +184,18 @@ class Checkpointer:
         ``create=True`` creates a missing branch (from ``from_``, a branch, tag or checkpoint
         id, else as an empty root; ``task`` is recorded for ``tlreg train``), as ``tlreg branch
         NAME [FROM]`` does; an existing branch is used as it is. Without it a missing branch
-        raises BranchNotFound saying how to create it.
+        raises BranchNotFound saying how to create it. Every rank of a process group may pass
+        ``create=True``: one creates the branch, the others use it.
+
+        ``home``, ``registry_url`` and ``store_url`` override tlreg's settings (flags > environment
+        > ``tlreg.toml``), e.g. to hand Ray workers the driver's locations.
 
         ``record_run`` (default): rank 0 records a Run row (``tlreg runs``) and holds the
         branch's lease until :meth:`close`, so a second writer (a script or ``tlreg train``)
         is refused (BranchLeased, naming this run); the run ends ``succeeded``, ``failed``
         (a save failed, or the ``with`` block raised) or ``stopped`` (KeyboardInterrupt).
         """
-        settings = load_settings(home=home)
+        settings = load_settings(home=home, registry_url=registry_url, store_url=store_url)
         registry = Registry(settings.registry_url)
         try:
             _check_store(registry, settings.store_url)
@@ -202,7 +208,10 @@ class Checkpointer:
                         f"Checkpointer.for_branch({branch!r}, create=True) (optionally "
                         f"task=..., from_=...), or with 'tlreg branch {branch}'"
                     ) from None
-                registry.create_branch(branch, from_ref=from_, task=task)
+                try:
+                    registry.create_branch(branch, from_ref=from_, task=task)
+                except BranchExists:
+                    pass  # another rank (or process) created it first: use it
             config = {"task": task} if task else {}
             ckpt = cls(
                 branch,
