@@ -273,8 +273,13 @@ def _to_v6(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _to_v7(conn: Connection) -> None:
+    """v7: an index on checkpoint (created, id), for pages of the newest checkpoints."""
+    conn.execute(text("CREATE INDEX ix_checkpoint_created ON checkpoint (created, id)"))
+
+
 STEPS: dict[int, Callable[[Connection], None]] = {
-    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6,
+    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6, 7: _to_v7,
 }  # fmt: skip
 """``STEPS[n]`` migrates a version ``n - 1`` database to version ``n``."""
 

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Column, Index, String
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bumped with every schema change; stored in ``meta`` under ``schema_version``. Each bump comes
 with a step in :mod:`tlreg.registry.migrations` that brings the previous version here."""
 
@@ -66,6 +66,9 @@ class Checkpoint(SQLModel, table=True):
             "ix_checkpoint_lane", "lane", "lane_pos", unique=True,
             postgresql_include=["id", "step", "created"],
         ),
+        # Schema v7: the newest checkpoints of the whole registry by an index scan (the
+        # lineage browser's pages, newest first, paged by (created, id)).
+        Index("ix_checkpoint_created", "created", "id"),
     )  # fmt: skip
     id: str = Field(primary_key=True, sa_type=ID_TYPE)
     # Plain text, not a foreign key: deleting a branch keeps its checkpoints.
