@@ -242,3 +242,58 @@ def test_a_backlog_keeps_points_while_the_registry_is_down_and_sends_them_in_ord
             (2, 0.2, 1.0),
             (3, 0.3, 1.5),
         ]
+
+
+def test_recent_checkpoints_pages_newest_first_without_gaps_or_repeats(
+    registry: Registry,
+) -> None:
+    registry.create_branch("a")
+    registry.create_branch("b")
+    for i in range(7):
+        commit(registry, "a" if i % 2 else "b", f"c{i:02d}", i)
+    seen: list[str] = []
+    before = None
+    while True:
+        page = registry.recent_checkpoints(limit=3, before=before)
+        if not page:
+            break
+        seen += [r.id for r in page]
+        before = (page[-1].created, page[-1].id)
+    assert seen == [f"c{i:02d}" for i in reversed(range(7))]
+    only_a = registry.recent_checkpoints(limit=10, branches=["a"])
+    assert [(r.id, r.parents) for r in only_a] == [
+        ("c05", ("c03",)), ("c03", ("c01",)), ("c01", ()),
+    ]  # fmt: skip
+    assert registry.checkpoint_count() == 7
+
+
+def test_the_newest_page_is_read_through_the_created_index(registry_url: str) -> None:
+    with Registry(registry_url) as reg:
+        engine = create_engine(registry_url)
+        try:
+            with engine.connect() as conn:
+                if registry_url.startswith("sqlite"):
+                    plan = " ".join(
+                        str(row[-1])
+                        for row in conn.execute(
+                            text(
+                                "EXPLAIN QUERY PLAN SELECT * FROM checkpoint "
+                                "ORDER BY created DESC, id DESC LIMIT 5"
+                            )
+                        )
+                    )
+                else:
+                    conn.execute(text("SET enable_seqscan = off"))
+                    plan = " ".join(
+                        str(row[0])
+                        for row in conn.execute(
+                            text(
+                                "EXPLAIN SELECT * FROM checkpoint "
+                                "ORDER BY created DESC, id DESC LIMIT 5"
+                            )
+                        )
+                    )
+        finally:
+            engine.dispose()
+        assert "ix_checkpoint_created" in plan
+        assert reg.recent_checkpoints(limit=5) == []
