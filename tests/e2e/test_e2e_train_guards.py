@@ -59,7 +59,9 @@ def test_a_checkpoint_that_fails_to_commit_stops_the_run_with_exit_1(
     assert code == 1, err[-3000:]
     lines = err.strip().splitlines()
     # Reported when it happened (before the run's end), then the run's one Error line.
-    [failed] = [line for line in out.splitlines() if line.startswith("checkpoint at step 5")]
+    found = [line for line in out.splitlines() if line.startswith("checkpoint at step 5")]
+    assert len(found) == 1, out + err[-3000:]
+    failed = found[0]
     assert failed.startswith("checkpoint at step 5 failed: ")
     assert "Read-only file system" in failed
     assert lines[-1] == (
