@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tlreg.ckpt.errors import CheckpointError
-from tlreg.ckpt.manifest import Manifest, TensorEntry, read_manifest, utc_now
+from tlreg.ckpt.manifest import (
+    MANIFESTS,
+    Manifest,
+    TensorEntry,
+    flat_manifest_key,
+    manifest_key,
+    read_manifest,
+    utc_now,
+)
 from tlreg.ckpt.objects import is_stored, read_layout, read_relocation, stored_objects
 from tlreg.ckpt.repack import Span, live_bytes
 from tlreg.ckpt.validate import object_problem
@@ -241,3 +249,23 @@ def verify_checkpoint(store: Store, manifest_id: str, *, threads: int = 8) -> Ve
     report = found.broken.get(manifest_id, VerifyReport(manifest_id))
     report.checked_bytes = found.checked_bytes
     return report
+
+
+def upgrade_store(store: Store, *, on_item: Callable[[int], None] | None = None) -> int:
+    """Move manifests kept flat (``manifests/<id>.json``, tlreg before the fan-out) to their
+    fanned-out keys; returns how many moved. Each is copied, then the flat file deleted, so a
+    crash leaves at most a duplicate that the next run removes; readers find either."""
+    moved = 0
+    flat = [
+        key
+        for key in store.list(MANIFESTS)
+        if key.count("/") == 1 and key in {flat_manifest_key(key[len(MANIFESTS) + 1 : -5])}
+    ]
+    for key in flat:
+        manifest_id = key[len(MANIFESTS) + 1 : -5]
+        store.put(manifest_key(manifest_id), store.get(key))
+        store.delete(key)
+        moved += 1
+        if on_item is not None:
+            on_item(1)
+    return moved

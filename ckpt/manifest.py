@@ -438,17 +438,26 @@ def format_version(tensors: Mapping[str, TensorEntry]) -> int:
 
 
 def manifest_key(manifest_id: str) -> str:
-    """The store key of a manifest."""
+    """The store key of a manifest, ``manifests/<id[-2:]>/<id[-4:-2]>/<id>.json``: fanned out
+    like ``objects/``, so no directory holds millions of files (ids begin with their creation
+    time; their last digits are random). Stores written before the fan-out keep
+    :func:`flat_manifest_key` until ``tlreg upgrade`` moves them; readers look in both."""
+    return f"{MANIFESTS}/{manifest_id[-2:]}/{manifest_id[-4:-2]}/{manifest_id}.json"
+
+
+def flat_manifest_key(manifest_id: str) -> str:
+    """Where tlreg before the fan-out kept a manifest: ``manifests/<id>.json``."""
     return f"{MANIFESTS}/{manifest_id}.json"
 
 
 def stored_manifests(store: Store) -> set[str]:
-    """Ids of every manifest in ``store`` (for garbage collection)."""
-    return {
-        key.removeprefix(f"{MANIFESTS}/").removesuffix(".json")
-        for key in store.list(MANIFESTS)
-        if key.endswith(".json") and ID.fullmatch(key.removeprefix(f"{MANIFESTS}/")[:-5])
-    }
+    """Ids of every manifest in ``store``, fanned out or flat (for garbage collection)."""
+    found = set()
+    for key in store.list(MANIFESTS):
+        name = key.rsplit("/", 1)[-1].removesuffix(".json")
+        if ID.fullmatch(name) and key in (manifest_key(name), flat_manifest_key(name)):
+            found.add(name)
+    return found
 
 
 def read_manifest(store: Store, manifest_id: str) -> Manifest:
@@ -465,7 +474,11 @@ def read_manifest(store: Store, manifest_id: str) -> Manifest:
     name = f"manifest {manifest_id} in {store.url}"
     key = manifest_key(manifest_id)
     try:
-        size = store.size(key)  # before reading: a huge file is refused, not allocated
+        try:
+            size = store.size(key)  # before reading: a huge file is refused, not allocated
+        except ObjectNotFound:  # a store not yet upgraded to the fanned-out layout
+            key = flat_manifest_key(manifest_id)
+            size = store.size(key)
         if size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpoint(
                 f"{name} is {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may be; "

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import click
 
-from tlreg.ckpt.fsck import check_store
+from tlreg.ckpt.fsck import check_store, upgrade_store
 from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env, resolve_live
 from tlreg.cli.progress import progress
 from tlreg.registry import Registry
@@ -156,12 +156,21 @@ def verify_store(env: Env, ref: str | None, quick: bool, as_json: bool) -> None:
 @click.command()
 @pass_env
 def upgrade(env: Env) -> None:
-    """Migrate the registry's schema to this tlreg's version.  Example: tlreg upgrade"""
+    """Migrate the registry's schema and the store's layout to this tlreg's version.
+
+    Example: tlreg upgrade
+    """
     before, after = Registry.upgrade(env.settings.registry_url)
     if before == after:
         click.echo(f"registry schema is up to date (version {after})")
     else:
         click.echo(f"registry schema upgraded from version {before} to {after}")
+    with progress("manifests", total=None) as bar:
+        moved = upgrade_store(env.store, on_item=bar.update)
+    if moved:
+        click.echo(f"store layout upgraded: {moved} manifests moved under manifests/<xx>/<yy>/")
+    else:
+        click.echo("store layout is up to date")
 
 
 COMMANDS = [gc, upgrade]

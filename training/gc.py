@@ -23,7 +23,13 @@ from datetime import timedelta
 from typing import Any
 
 from tlreg.ckpt.fsck import StoreReport, check_store
-from tlreg.ckpt.manifest import Manifest, manifest_key, read_manifest, stored_manifests
+from tlreg.ckpt.manifest import (
+    Manifest,
+    flat_manifest_key,
+    manifest_key,
+    read_manifest,
+    stored_manifests,
+)
 from tlreg.ckpt.objects import delete_object, stored_objects
 from tlreg.ckpt.repack import DEFAULT_MAX_UNUSED, Span, live_bytes, live_spans, repack
 from tlreg.registry import GcPlan, Registry
@@ -141,6 +147,7 @@ def _delete(
             bar.update(1)
         for manifest_id in done.orphan_manifests:
             store.delete(manifest_key(manifest_id))
+            store.delete(flat_manifest_key(manifest_id))  # a store written before the fan-out
             bar.update(1)
     registry.forget_objects(keys, manifests=done.orphan_manifests)
     return done

@@ -158,7 +158,7 @@ def test_ranks_share_the_writes_and_any_layout_restores_on_any_number_of_ranks(t
     assert reports[1]["sharded"] == sharded_id
     dtensor_id = reports[0]["dtensor"]
     assert reports[1]["dtensor"] == dtensor_id
-    manifests = sorted(p.name for p in (tmp_path / "store" / "manifests").iterdir())
+    manifests = sorted(p.name for p in (tmp_path / "store" / "manifests").rglob("*.json"))
     ids = (one_rank_id, replicated_id, sharded_id, dtensor_id)
     assert manifests == sorted(f"{i}.json" for i in ids)  # no partial manifests left behind
 
