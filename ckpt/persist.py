@@ -47,6 +47,13 @@ hash (hashed once; a pack is hashed per tensor and as a whole), so another proce
 same tensor finds it by name without any index. Why 16 MiB: docs/performance.md, "Object
 sizes"."""
 
+SMALL_BYTES = 64 << 10
+"""Tensors below this size are packed apart from larger ones (the pack policy). Small tensors
+are often the ones that never change (an RNG state, a step counter, a frozen norm), and an
+unchanged tensor keeps the object it was first stored in alive: packed with the large
+weights of its first save, it would pin all of them. Packed apart, it pins a small pack at
+most (see docs/performance.md, "Repacking and the pack policy")."""
+
 _HASH_BATCH_BYTES = 4 << 20  # small tensors are hashed in batches to amortise task overhead
 _HASH_BATCH_COUNT = 512
 
@@ -376,7 +383,7 @@ class Persister:
         objects: dict[str, int] = {}
         # one per new object: (its digest and layout if written, the object, bytes, tensors)
         writes: list[tuple[Future[tuple[str, ObjectLayout | None]], str | Pack, int, int]] = []
-        pack = Pack()
+        packs = {False: Pack(), True: Pack()}  # large tensors' pack, small tensors' pack
         reused = 0
 
         def seal(p: Pack) -> None:
@@ -401,12 +408,15 @@ class Persister:
                     where[i] = seen[digest] = (digest, 0)
                     writes.append((ops.write_object(digest, [span(i)], nbytes), digest, nbytes, 1))
                 else:
+                    small = nbytes < SMALL_BYTES
+                    pack = packs[small]
                     if pack.members and pack.size + nbytes > PACK_BYTES:
                         seal(pack)
-                        pack = Pack()
+                        pack = packs[small] = Pack()
                     where[i] = seen[digest] = (pack, pack.add(i, nbytes))
-        if pack.members:
-            seal(pack)
+        for pack in packs.values():
+            if pack.members:
+                seal(pack)
         ops.wait()
 
         # Every chunk is durable: now mark each new object complete; the manifest follows.
