@@ -34,6 +34,9 @@ def test_cli_exposes_exactly_the_commands_of_this_release() -> None:
             "tag",
             "export",
             "verify",
+            "compare",
+            "plot",
+            "ui",
         ]
     )
 
