@@ -81,8 +81,8 @@ def resolve_row(s: Session, ref: str) -> m.Checkpoint:
     if branch is not None:
         if branch.head is None:
             raise EmptyBranch(
-                f"branch {shown(ref)} has no checkpoint yet: commit to it, or branch from a "
-                "ref that has one"
+                f"branch {shown(ref)} has no checkpoint yet: train it ('tlreg train {ref}'), "
+                "or branch from a ref that has one"
             )
         target = branch.head
     else:

@@ -103,3 +103,8 @@ def test_a_misspelled_ref_suggests_the_close_names(tlreg: Callable, base: str) -
     _error(tlreg("show", "relase-1"), "(did you mean 'release-1'?)")
     line = _error(tlreg("show", "zzzzzz"))
     assert "did you mean" not in line
+
+
+def test_an_empty_branch_says_to_train_it(tlreg: Callable, base: str) -> None:
+    assert tlreg("branch", "empty").exit_code == 0
+    _error(tlreg("show", "empty"), "has no checkpoint yet: train it ('tlreg train empty')")

@@ -1,4 +1,4 @@
-"""Random create_branch / commit / merge / tag / branch -d / garbage-collection sequences keep
+"""Random create_branch / commit / merge / tag / branch -d/-D/-m / garbage-collection sequences keep
 the lineage invariants, checked against a Python model of the DAG."""
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from hypothesis.stateful import (
 from tlreg.registry import (
     BeingCollected,
     BranchExists,
+    BranchNotFound,
     CheckpointPruned,
     HeadMoved,
     Registry,
     TagExists,
 )
+from tlreg.registry.errors import BranchHasDescendants
 
 OBJECT_SIZES = {f"obj{i}": 2**i for i in range(8)}
 
@@ -183,8 +185,37 @@ class LineageMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def delete_branch(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.heads)), label="branch")
-        self.reg.delete_branch(name)
+        made_from = sorted(
+            b
+            for b, base in self.bases.items()
+            if b != name and base is not None and self.branch_of.get(base) == name
+        )
+        assert self.reg.branched_from(name) == made_from
+        force = data.draw(st.booleans(), label="force")
+        if made_from and not force:  # git branch -d refuses; -D deletes
+            with pytest.raises(BranchHasDescendants):
+                self.reg.delete_branch(name)
+            return
+        self.reg.delete_branch(name, force=force)
         del self.heads[name], self.bases[name]
+
+    @precondition(lambda self: self.heads)
+    @rule(data=st.data())
+    def rename_branch(self, data: st.DataObject) -> None:
+        old = data.draw(st.sampled_from(sorted(self.heads)), label="branch")
+        new = self._fresh("renamed")
+        log = [r.id for r in self.reg.log(old)] if self.heads[old] else []
+        renamed = self.reg.rename_branch(old, new)
+        assert (renamed.name, renamed.head, renamed.base) == (new, self.heads[old], self.bases[old])
+        self.heads[new] = self.heads.pop(old)
+        self.bases[new] = self.bases.pop(old)
+        for cid, branch in self.branch_of.items():
+            if branch == old:
+                self.branch_of[cid] = new
+        assert ([r.id for r in self.reg.log(new)] if self.heads[new] else []) == log
+        assert all(r.branch == new for r in self.reg.log(new) if self.branch_of[r.id] == new)
+        with pytest.raises(BranchNotFound):
+            self.reg.get_branch(old)
 
     @precondition(lambda self: self.parents)
     @rule(keep_last=st.sampled_from([None, 1, 2]), forget=st.booleans())
