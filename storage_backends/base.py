@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeAlias
 
+from tlreg.storage_backends.credentials import without_password
 from tlreg.storage_backends.errors import InvalidKey
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -70,6 +71,9 @@ class Store(abc.ABC):
     - ``delete`` of a missing key is not an error.
     - Instances pickle (Ray ships them to workers); credentials are never part of the state
       that pickles, they are read from the environment again on the other side.
+    - ``url`` is the URL as it may be shown and written down: without the password of a
+      ``//user:password@`` login or a secret query parameter (see
+      :func:`~tlreg.storage_backends.credentials.without_password`). Messages name it.
     """
 
     #: whether ``put`` makes data durable (fsync) before returning
@@ -78,7 +82,7 @@ class Store(abc.ABC):
     supports_local_path: bool = False
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.url = without_password(url)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -13,7 +14,12 @@ import fsspec.core
 from fsspec.registry import known_implementations
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
-from tlreg.storage_backends.credentials import secret_options
+from tlreg.storage_backends.credentials import (
+    has_login_without_password,
+    scrub,
+    secret_options,
+    without_password,
+)
 from tlreg.storage_backends.errors import (
     BackendMissing,
     ObjectNotFound,
@@ -30,6 +36,10 @@ OBJECT_STORE_PROTOCOLS = frozenset(
 
 _TMP_MARK = ".tmp-"
 
+# Protocols whose filesystem object talks over one connection (ftplib, paramiko's SFTP
+# channel, an SMB session) that concurrent threads would interleave.
+_ONE_CONNECTION = frozenset({"ftp", "sftp", "ssh", "smb"})
+
 
 def url_protocol(url: str) -> str:
     """The fsspec protocol of ``url`` ('file' for a plain path; the outermost of a chain)."""
@@ -44,12 +54,22 @@ def check_protocol(url: str) -> None:
         fsspec.get_filesystem_class(protocol)
     except ImportError as e:
         hint = known_implementations.get(protocol, {}).get("err") or _first_line(e)
-        raise BackendMissing(f"cannot open {url}: {hint} (pip install it into this env)") from None
+        raise BackendMissing(
+            f"cannot open {without_password(url)}: {hint} (pip install it into this env)"
+        ) from None
     except ValueError:
         raise UnknownScheme(
             f"unknown store URL scheme '{protocol}://': use a path, file://, memory://, s3:// "
             "or an installed fsspec protocol"
         ) from None
+
+
+def _configured_password(url: str) -> bool:
+    """Whether fsspec's configuration (``FSSPEC_<PROTOCOL>_PASSWORD``, ``~/.config/fsspec``)
+    gives the password of ``url``'s protocol."""
+    import fsspec.config
+
+    return bool(fsspec.config.conf.get(url_protocol(url), {}).get("password"))
 
 
 def _first_line(error: BaseException) -> str:
@@ -71,37 +91,71 @@ class FsspecStore(Store):
     credential (``key``, ``secret``, ``token``, ``password``, ``account_key``, ...: see
     :mod:`~tlreg.storage_backends.credentials`) are refused: they would travel with every
     pickled store.
+
+    A password in the URL (``ftp://user:password@host/path``, as fsspec reads it) opens this
+    store and is kept nowhere else: ``url``, messages and the pickled state hold the URL
+    without it. A store opened from that URL (the next command reading ``tlreg.toml``, a
+    copy unpickled on a Ray worker) takes the password from fsspec's configuration:
+    ``FSSPEC_<PROTOCOL>_PASSWORD`` (e.g. ``FSSPEC_FTP_PASSWORD``) or ``~/.config/fsspec/``;
+    for sftp also ssh keys and the agent.
     """
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         check_protocol(url)
+        shown = without_password(url)
         secrets = secret_options(storage_options)
         if secrets:
             raise StoreUnavailable(
-                f"store {url}: credentials cannot be storage options ({', '.join(secrets)}): "
+                f"store {shown}: credentials cannot be storage options ({', '.join(secrets)}): "
                 "they would travel with the store; set them in the environment or the "
                 "provider's config file (e.g. AWS_*, GOOGLE_APPLICATION_CREDENTIALS, "
                 "AZURE_STORAGE_*, ~/.ssh/config)"
             )
         super().__init__(url)
         self.storage_options = storage_options
+        self._connect_url = url  # with its password: used here, never pickled or shown
+        self._local = threading.local()
         try:
-            self._fs, root = fsspec.core.url_to_fs(url, **storage_options)
+            fs, root = fsspec.core.url_to_fs(url, **storage_options)
         except ImportError as e:
-            raise BackendMissing(f"cannot open {url}: {_first_line(e)}") from None
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
-            # the filesystem's client could not start (no JVM for hdfs://, bad options, ...)
+            raise BackendMissing(f"cannot open {shown}: {scrub(_first_line(e), url)}") from None
+        except Exception as e:
+            # the filesystem's client could not start or log in (no JVM for hdfs://, bad
+            # options, a refused login: ftplib's and paramiko's errors are no OSError)
+            why = f"{type(e).__name__}: {scrub(_first_line(e), url)}"
+            if has_login_without_password(url) and not _configured_password(url):
+                protocol = url_protocol(url)
+                raise StoreUnavailable(
+                    f"cannot open store {shown} ({why}): the URL names a user but no password, "
+                    "and tlreg never saves one; set "
+                    f"FSSPEC_{protocol.upper()}_PASSWORD or pass the URL with its password again"
+                ) from None
             raise StoreUnavailable(
-                f"cannot open store {url}: {type(e).__name__}: {_first_line(e)}; check the URL, "
+                f"cannot open store {shown}: {why}; check the URL, "
                 "the storage options and that the filesystem's client is set up"
             ) from None
+        self._shared_fs = fs
+        self._local.fs = fs
         self.root = root.rstrip("/")
-        protocols = self._fs.protocol
+        protocols = fs.protocol
         names = {protocols} if isinstance(protocols, str) else set(protocols)
         self.atomic_put = bool(names & OBJECT_STORE_PROTOCOLS)
+        self._per_thread = bool(names & _ONE_CONNECTION)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen, (self.url, self.storage_options))
+
+    @property
+    def _fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem; for protocols whose client holds one connection that threads
+        cannot share (ftp, sftp, smb), one per thread (fsspec caches instances per thread)."""
+        if not self._per_thread:
+            return self._shared_fs
+        fs = getattr(self._local, "fs", None)
+        if fs is None:
+            fs, _ = fsspec.core.url_to_fs(self._connect_url, **self.storage_options)
+            self._local.fs = fs
+        return fs
 
     def _path(self, key: str) -> str:
         check_key(key)
@@ -158,7 +212,10 @@ class FsspecStore(Store):
 
     def _info(self, key: str) -> dict[str, Any] | None:
         path = self._path(key)
-        self._fs.invalidate_cache(path)  # another process may have written since
+        # another process may have written since; filesystems that answer info() from their
+        # parent's listing (ftp, sftp) cache it under the parent
+        self._fs.invalidate_cache(path)
+        self._fs.invalidate_cache(path.rpartition("/")[0])
         try:
             info: dict[str, Any] = self._fs.info(path)
         except FileNotFoundError:

@@ -28,7 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.loaders import Loader, create_loader
 
 from tlreg.storage_backends.base import Data, Store, as_parts, check_key, check_prefix
-from tlreg.storage_backends.credentials import secret_options
+from tlreg.storage_backends.credentials import secret_options, without_password
 from tlreg.storage_backends.errors import ObjectNotFound, StoreError, StoreUnavailable
 from tlreg.storage_backends.s3_transfer import (
     BODY_ERRORS,
@@ -131,7 +131,15 @@ class S3Store(Store):
     ) -> None:
         split = urlsplit(url)
         if split.scheme not in ("s3", "s3a") or not split.netloc:
-            raise ValueError(f"not an S3 URL: {url!r}; use s3://bucket/prefix")
+            raise ValueError(f"not an S3 URL: {without_password(url)!r}; use s3://bucket/prefix")
+        if "@" in split.netloc:
+            # s3fs reads no login from a URL: "AK:SECRET@bucket" would be the bucket's name
+            bucket = split.netloc.rpartition("@")[2]
+            raise StoreUnavailable(
+                f"store {without_password(url)}: S3 credentials cannot be part of the URL; "
+                "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE and use "
+                f"{split.scheme}://{bucket}{split.path}"
+            )
         secrets = secret_options(options, s3=True)
         if secrets:
             raise ValueError(
