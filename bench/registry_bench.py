@@ -192,6 +192,7 @@ def run(
         ("descendants + all records", lambda i: list(reg.descendants(roots[i % len(roots)])), slow),
         ("common_ancestor", lambda i: reg.common_ancestor(heads[1], heads[2 + i % 7]), slow),
         ("best_ancestor", lambda i: reg.best_ancestor(sig), slow),
+        ("repack_candidates", lambda i: reg.repack_candidates(), slow),
         ("gc_plan", lambda i: reg.gc_plan(), 3 if quick else 5),
         ("gc_plan (keep_last=10)", lambda i: reg.gc_plan(keep_last=10), 3 if quick else 5),
     ]
