@@ -205,9 +205,6 @@ class TrainConfig:
     on_checkpoint_error: str = "stop"
     """What a checkpoint that fails to commit does: "stop" the run (it fails, with the
     cause) or "continue" training (each failure is reported when it happens)."""
-    on_checkpoint_error: str = "stop"
-    """What a checkpoint that fails to commit does: "stop" the run (it fails, with the
-    cause) or "continue" training (each failure is reported when it happens)."""
 
     def __post_init__(self) -> None:
         # Each rule is checked here once so that workers never start with a bad config.
@@ -223,11 +220,6 @@ class TrainConfig:
             raise ConfigError(f"--backbone-lr-mult must be >= 0, got {self.backbone_lr_mult}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.on_checkpoint_error not in ("stop", "continue"):
-            raise ConfigError(
-                f"--on-checkpoint-error must be 'stop' or 'continue', "
-                f"got {self.on_checkpoint_error!r}"
-            )
         if self.on_checkpoint_error not in ("stop", "continue"):
             raise ConfigError(
                 f"--on-checkpoint-error must be 'stop' or 'continue', "
