@@ -278,8 +278,19 @@ def _to_v7(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_checkpoint_created ON checkpoint (created, id)"))
 
 
+def _to_v8(conn: Connection) -> None:
+    """v8: ``object_move`` (old, new): where a repack copied an object's live bytes."""
+    md = MetaData()
+    Table(
+        "object_move", md,
+        Column("old", _ID, primary_key=True),
+        Column("new", _ID, primary_key=True),
+    )  # fmt: skip
+    md.create_all(conn)
+
+
 STEPS: dict[int, Callable[[Connection], None]] = {
-    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6, 7: _to_v7,
+    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6, 7: _to_v7, 8: _to_v8,
 }  # fmt: skip
 """``STEPS[n]`` migrates a version ``n - 1`` database to version ``n``."""
 

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Column, Index, String
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Bumped with every schema change; stored in ``meta`` under ``schema_version``. Each bump comes
 with a step in :mod:`tlreg.registry.migrations` that brings the previous version here."""
 
@@ -186,6 +186,19 @@ class GcCandidate(SQLModel, table=True):
     doomed: datetime | None = Field(default=None, sa_type=UTCDateTime())
 
 
+class ObjectMove(SQLModel, table=True):
+    """A repack copied the live bytes of object ``old`` into object ``new`` (schema v8).
+
+    Manifests are immutable, so a checkpoint committed with a manifest that names ``old``
+    (a save that deduplicated against it while gc repacked it) also gets a reference to each
+    ``new``: the bytes its readers reach through the store's relocation record stay alive.
+    """
+
+    __tablename__ = "object_move"
+    old: str = Field(primary_key=True, sa_type=ID_TYPE)
+    new: str = Field(primary_key=True, sa_type=ID_TYPE)
+
+
 class MetricPoint(SQLModel, table=True):
     """One evaluation of a run (schema v5): ``metric`` was ``value`` at ``step``.
 
@@ -228,6 +241,6 @@ def tables() -> list[Any]:
     """The registry's tables (SQLModel's metadata is shared with any other table model)."""
     models: list[Any] = [
         Meta, Run, Checkpoint, Edge, Branch, Tag, Object, CheckpointObject, LayerPrefix,
-        GcCandidate, LaneLink, MetricPoint, BranchLease,
+        GcCandidate, LaneLink, MetricPoint, BranchLease, ObjectMove,
     ]  # fmt: skip
     return [model.__table__ for model in models]

@@ -194,6 +194,7 @@ def test_upgraded_schema_equals_a_fresh_one(registry_url: str) -> None:
                 conn.execute(text(f"DROP TABLE {table.name}"))
             conn.execute(text("DROP TABLE gc_candidate"))
             conn.execute(text("DROP TABLE lane_link"))
+            conn.execute(text("DROP TABLE object_move"))  # v8
     finally:
         engine.dispose()
     Registry(registry_url).close()
