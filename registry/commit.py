@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import EllipsisType
 from typing import TypeVar
 
-from sqlalchemy import exists, or_, text
+from sqlalchemy import bindparam, exists, or_, text
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
@@ -174,7 +174,10 @@ class Commits(Database):
                     )
             if run_id is not None and s.get(m.Run, run_id) is None:
                 raise RunNotFound(f"run {run_id} does not exist: start one with start_run()")
-            self._refuse_doomed(s, manifest_id, sorted(sizes))
+            # objects a repack moved (the manifest may name one that gc repacked while this
+            # save ran): reference where their bytes went too, so those stay alive
+            moved_to = self._moved_targets(s, sorted(sizes))
+            self._refuse_doomed(s, manifest_id, sorted({*sizes, *moved_to}))
 
             # The lane rule of migrations.lane_labels. Only a commit on the first parent's
             # own branch extends its lane, and those hold that branch's row lock, so two
@@ -212,7 +215,7 @@ class Commits(Database):
                     f"checkpoint {manifest_id!r} is already committed: "
                     "write a new manifest, or tag the existing one"
                 ) from None
-            refs = list(sizes)
+            refs = list(sizes) + sorted(set(moved_to) - set(sizes))
             kinds = [_edge_kind(branch, parent_info[p][0], len(parent_ids)) for p in parent_ids]
             prefixes = prefix_hashes(sig) if sig else []
             if self._dialect == "postgresql":
@@ -286,6 +289,19 @@ class Commits(Database):
                 f"deleting ({keys_shown}): save the checkpoint again once 'tlreg gc' has finished"
             )
 
+    def _moved_targets(self, s: Session, hashes: Sequence[str]) -> list[str]:
+        """Registered objects that repacks copied any of ``hashes`` into, transitively."""
+        found: list[str] = []
+        for chunk in chunks(hashes):
+            found += [
+                str(h)
+                for (h,) in s.connection().execute(
+                    text(_MOVED_TARGETS).bindparams(bindparam("old", expanding=True)),
+                    {"old": list(chunk)},
+                )
+            ]
+        return sorted(set(found))
+
     def _insert_objects(self, s: Session, sizes: Mapping[str, int]) -> int:
         """Insert unseen objects; return the bytes of those that were new.
 
@@ -309,6 +325,14 @@ class Commits(Database):
             total += sum(int(n) for (n,) in s.connection().execute(stmt).all())
         return total
 
+
+# Where repacks moved some objects' bytes, following repacks of the targets too.
+_MOVED_TARGETS = """
+WITH RECURSIVE mv(h) AS (
+    SELECT new FROM object_move WHERE old IN :old
+    UNION SELECT om.new FROM object_move om JOIN mv ON om.old = mv.h
+)
+SELECT o.hash FROM mv JOIN object o ON o.hash = mv.h"""
 
 # A parent's branch, lane and lane position, and whether its lane already goes on past it.
 _NEXT = aliased(m.Checkpoint)

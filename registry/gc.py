@@ -226,7 +226,9 @@ class GarbageCollection(Database):
         Each move is ``(old object, the checkpoints whose manifests the repack read, new
         objects hash -> nbytes)``. In one transaction under the GC lock, every unpruned
         checkpoint that references the old object gets references to the new ones instead,
-        and the old object is then unreferenced (the next :meth:`gc_plan` deletes it). A move
+        and the old object is then unreferenced (the next :meth:`gc_plan` deletes it); the
+        move is recorded, so that a later commit naming the old object (a save that
+        deduplicated against it meanwhile) references the new ones as well. A move
         is skipped, changing nothing, when an unpruned checkpoint the repack did not read
         references the old object (a save committed meanwhile may use bytes the repack did
         not copy) or when a new object is being deleted. Returns the old objects moved.
@@ -263,6 +265,11 @@ class GarbageCollection(Database):
                     self._insert(m.CheckpointObject)
                     .values([{"checkpoint": c, "object": h} for c in sorted(users) for h in new])
                     .on_conflict_do_nothing(index_elements=["checkpoint", "object"])
+                )
+                conn.execute(
+                    self._insert(m.ObjectMove)
+                    .values([{"old": old, "new": h} for h in new])
+                    .on_conflict_do_nothing(index_elements=["old", "new"])
                 )
                 conn.execute(
                     delete(m.CheckpointObject).where(

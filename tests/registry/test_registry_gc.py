@@ -285,3 +285,19 @@ def test_criss_cross_merge_picks_a_lowest_common_ancestor(registry: Registry) ->
     lca = registry.common_ancestor("x2", "y2")
     assert lca is not None and lca.id in {"x1", "y1"}
     assert registry.common_ancestor("x2", "y1") == registry.get("y1")
+
+
+def test_a_commit_naming_a_repacked_object_also_references_where_its_bytes_went(
+    forked: Registry,
+) -> None:
+    forked.apply_gc(forked.gc_plan(keep_last=1, now=T0))
+    users = forked.repack_candidates()["shared"][1]
+    assert forked.relocate([("shared", users, {"new": 40})]) == ["shared"]
+    # a save that deduplicated against 'shared' before the repack deleted it commits now
+    commit(forked, "main", "late", {"shared": 100, "o-late": 1})
+    assert forked.objects_of("late") == {"shared": 100, "o-late": 1, "new": 40}
+    # repacked again: the chain is followed
+    forked.apply_gc(forked.gc_plan(keep_last=1, now=T0))
+    forked.relocate([("new", ["ck-a", "ck-b", "ck-c", "ck-e", "late"], {"newer": 20})])
+    commit(forked, "main", "later", {"shared": 100})
+    assert forked.objects_of("later") == {"shared": 100, "new": 40, "newer": 20}
