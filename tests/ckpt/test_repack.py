@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from tlreg.ckpt import AsyncCheckpointer, read_manifest
+from tlreg.ckpt.fsck import check_store
 from tlreg.ckpt.objects import read_layout, read_relocation, stored_objects
 from tlreg.ckpt.repack import live_bytes, live_spans
-from tlreg.registry import Registry
+from tlreg.registry import BeingCollected, Registry
 from tlreg.storage_backends import Store, open_store
 from tlreg.training import Checkpointer
 from tlreg.training.gc import collect_garbage
@@ -190,3 +191,49 @@ def test_a_restore_running_during_a_repack_returns_correct_bytes(
     assert plan.repacked and not failures, failures[:1]
     assert loads >= 1
     assert_restores(store, head, states[head])
+
+
+def test_saves_running_during_a_repack_commit_whole_checkpoints(
+    registry: Registry, tmp_path: Path
+) -> None:
+    url = str(tmp_path / "store")
+    ids, states = save_pinned(registry, url, saves=4)
+    store = open_store(url)
+    registry.create_branch("side", from_ref=ids[-1])
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def save_loop() -> None:
+        model = Pinned()  # the same frozen buffer: every save deduplicates against its pack
+        with Registry(registry.url) as own, Checkpointer("side", registry=own, store=url) as ckpt:
+            ckpt.restore(model=model)
+            step = 100
+            while not stop.is_set() and step < 130:
+                with torch.no_grad():
+                    model.fc.weight.add_(1.0)
+                step += 1
+                try:
+                    mid = ckpt.save(step, model=model).result()
+                except BeingCollected:
+                    continue  # refused while gc deletes what it named: "save again"
+                except BaseException as e:
+                    failures.append(e)
+                    return
+                states[mid] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    thread = threading.Thread(target=save_loop)
+    thread.start()
+    try:
+        for _ in range(3):
+            collect_garbage(registry, store, keep_last=1, grace=timedelta(0))
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures[:1]
+    collect_garbage(registry, store, keep_last=1, grace=timedelta(0))
+    kept = registry.kept_manifests()
+    assert len(kept) >= 2
+    for mid in kept:
+        assert_restores(store, mid, states[mid])
+    report = check_store(store, kept)
+    assert report.ok, report.problems
