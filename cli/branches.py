@@ -5,14 +5,23 @@ from __future__ import annotations
 import click
 
 from tlreg.ckpt.verify import quick_check
-from tlreg.cli.common import Env, echo_json, json_option, pass_env, short, table
+from tlreg.cli.common import (
+    Env,
+    complete_branches,
+    complete_refs,
+    echo_json,
+    json_option,
+    pass_env,
+    short,
+    table,
+)
 from tlreg.registry import RefNotFound, validate_name
 from tlreg.training import best_ancestor_for, load_task
 
 
 @click.command()
-@click.argument("name", required=False)
-@click.argument("from_ref", metavar="[FROM]", required=False)
+@click.argument("name", required=False, shell_complete=complete_branches)
+@click.argument("from_ref", metavar="[FROM]", required=False, shell_complete=complete_refs)
 @click.option("--task", help="Task the branch trains (MODULE:ATTR), recorded for `tlreg train`.")
 @click.option(
     "-d",
@@ -139,7 +148,7 @@ def _list_branches(env: Env, as_json: bool) -> None:
 
 @click.command()
 @click.argument("name", required=False)
-@click.argument("ref", required=False)
+@click.argument("ref", required=False, shell_complete=complete_refs)
 @click.option("-d", "--delete", "delete_name", metavar="NAME", help="Delete tag NAME.")
 @json_option
 @pass_env

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.shell_completion import CompletionItem
 from sqlalchemy.exc import DBAPIError
 
 from tlreg.ckpt.errors import CheckpointError
@@ -91,6 +93,42 @@ def check_store_matches(registry: Registry, settings: Settings) -> None:
         f"{without_password(recorded)!r}, not {without_password(settings.store_url)!r}: "
         f"drop --store and TLREG_STORE_URL, or pass --store {without_password(recorded)}"
     )
+
+
+def _names(ctx: click.Context, *, tags: bool) -> list[str]:
+    """Branch (and tag) names of the registry the command line names, for shell completion;
+    [] when it cannot be read. A SQLite registry file that does not exist is not created."""
+    given = ctx.find_root().params
+    try:
+        settings = load_settings(
+            home=given.get("home"),
+            registry_url=given.get("registry_url"),
+            store_url=given.get("store_url"),
+        )
+        url = settings.registry_url
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+            return []
+        with Registry(url) as registry:
+            names = [b.name for b in registry.branches()]
+            if tags:
+                names += [t.name for t in registry.tags()]
+            return names
+    except Exception:  # completion must never print a traceback into the user's shell
+        return []
+
+
+def complete_branches(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Shell completion of branch names (``_TLREG_COMPLETE=bash_source tlreg``)."""
+    return [CompletionItem(n) for n in _names(ctx, tags=False) if n.startswith(incomplete)]
+
+
+def complete_refs(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Shell completion of refs: branch and tag names."""
+    return [CompletionItem(n) for n in _names(ctx, tags=True) if n.startswith(incomplete)]
 
 
 class TlregGroup(click.Group):

@@ -11,6 +11,8 @@ from tlreg.ckpt.diff import diff_manifests
 from tlreg.cli.common import (
     Env,
     checkpoint_line,
+    complete_branches,
+    complete_refs,
     decorations,
     echo_json,
     fmt_bytes,
@@ -25,7 +27,7 @@ from tlreg.registry import CheckpointRecord
 
 
 @click.command()
-@click.argument("branch")
+@click.argument("branch", shell_complete=complete_branches)
 @click.option("-n", "--limit", type=click.IntRange(min=1), help="Show at most N checkpoints.")
 @json_option
 @pass_env
@@ -96,7 +98,7 @@ def render_tree(nodes: dict[str, CheckpointRecord], focus: str) -> list[str]:
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_refs)
 @click.option("--depth", type=click.IntRange(min=0), help="Limit to N generations each way.")
 @click.option(
     "--html",
@@ -146,7 +148,7 @@ def lineage(
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_refs)
 @click.option("--tensors", is_flag=True, help="List every tensor.")
 @json_option
 @pass_env
@@ -211,8 +213,8 @@ def _show_pruned(r: CheckpointRecord, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", shell_complete=complete_refs)
+@click.argument("b", shell_complete=complete_refs)
 @json_option
 @pass_env
 def diff(env: Env, a: str, b: str, as_json: bool) -> None:
@@ -240,7 +242,7 @@ def diff(env: Env, a: str, b: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("branch", required=False)
+@click.argument("branch", required=False, shell_complete=complete_branches)
 @json_option
 @pass_env
 def runs(env: Env, branch: str | None, as_json: bool) -> None:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import click
 
 from tlreg.ckpt.fsck import verify_checkpoint
-from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env, resolve_live, short
+from tlreg.cli.common import (
+    Env,
+    complete_refs,
+    echo_json,
+    fmt_bytes,
+    json_option,
+    pass_env,
+    resolve_live,
+    short,
+)
 from tlreg.cli.maintenance import verify_store
 from tlreg.training import export_weights, import_weights
 
@@ -32,7 +41,7 @@ def import_(env: Env, path: str, name: str, task: str | None, as_json: bool) -> 
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_refs)
 @click.argument("out", type=click.Path(dir_okay=False))
 @pass_env
 def export(env: Env, ref: str, out: str) -> None:
@@ -48,7 +57,7 @@ def export(env: Env, ref: str, out: str) -> None:
 
 
 @click.command()
-@click.argument("ref", required=False)
+@click.argument("ref", required=False, shell_complete=complete_refs)
 @click.option("--all", "all_", is_flag=True, help="Every kept checkpoint; each object read once.")
 @click.option("--quick", is_flag=True, help="Check manifests and object sizes; read no bytes.")
 @json_option

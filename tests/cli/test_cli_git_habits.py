@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from tlreg.cli.main import cli
 from tlreg.registry import Registry
@@ -108,3 +109,34 @@ def test_a_misspelled_ref_suggests_the_close_names(tlreg: Callable, base: str) -
 def test_an_empty_branch_says_to_train_it(tlreg: Callable, base: str) -> None:
     assert tlreg("branch", "empty").exit_code == 0
     _error(tlreg("show", "empty"), "has no checkpoint yet: train it ('tlreg train empty')")
+
+
+def _complete(home: Path, registry_url: str, *words: str) -> list[str]:
+    """What ``tlreg WORDS<TAB>`` completes to in bash (click's completion protocol)."""
+    env = {
+        "_TLREG_COMPLETE": "bash_complete",
+        "COMP_WORDS": " ".join(["tlreg", *words]),
+        "COMP_CWORD": str(len(words)),
+        "TLREG_HOME": str(home),
+        "TLREG_REGISTRY_URL": registry_url,
+    }
+    result = CliRunner().invoke(cli, [], prog_name="tlreg", env=env)
+    assert result.exit_code == 0, result.output
+    return [line.split(",", 1)[1] for line in result.output.splitlines() if line]
+
+
+def test_branch_and_tag_names_complete_in_the_shell(
+    tlreg: Callable, base: str, home: Path, registry_url: str
+) -> None:
+    assert tlreg("branch", "base-two", "base").exit_code == 0
+    assert tlreg("tag", "v1", "base").exit_code == 0
+    assert _complete(home, registry_url, "log", "ba") == ["base", "base-two"]
+    assert _complete(home, registry_url, "show", "v") == ["v1"]  # refs: tags too
+    assert _complete(home, registry_url, "log", "v") == []  # log takes a branch
+    assert _complete(home, registry_url, "branch", "new", "v") == ["v1"]  # FROM is a ref
+
+
+def test_completion_creates_no_registry(tmp_path: Path) -> None:
+    home = tmp_path / "nowhere"
+    assert _complete(home, f"sqlite:///{home / 'registry.db'}", "log", "") == []
+    assert not home.exists()
