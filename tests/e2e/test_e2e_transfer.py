@@ -56,6 +56,12 @@ def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
         (summary["run_id"], "succeeded", 20),
         (resumed["run_id"], "succeeded", 30),
     ]
+    assert [(r["steps"], r["checkpoints"], r["kept"]) for r in runs] == [(20, 2, 2), (30, 1, 1)]
+    # Every evaluation of both runs is stored: the branch's curve is the two runs joined.
+    [curve] = json.loads(tlreg("compare", "upper-head", "-m", "val_accuracy", "--json"))["rows"]
+    evals = summary["evals"] + resumed["evals"]
+    assert (curve["evaluations"], curve["final_step"]) == (len(evals), 30)
+    assert curve["final"] == pytest.approx(evals[-1]["metric"])
     log = json.loads(tlreg("log", "upper-head", "--json"))
     assert [(c["branch"], c["step"]) for c in log] == [
         ("upper-head", 30),
