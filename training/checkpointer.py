@@ -28,6 +28,7 @@ from tlreg.ckpt import AsyncCheckpointer, PendingSave
 from tlreg.registry import BranchExists, BranchNotFound, CheckpointRecord, Registry
 from tlreg.registry.leases import LeaseKeeper
 from tlreg.storage_backends import Store
+from tlreg.storage_backends.credentials import without_password
 from tlreg.training.config import load_settings
 from tlreg.training.errors import CheckpointMismatch, ConfigError
 from tlreg.training.freeze import matches_any
@@ -136,7 +137,7 @@ class Checkpointer:
             # script, a `tlreg train`) is refused here, before any state is saved
             config = {
                 "source": "python",
-                "argv": list(sys.argv),
+                "argv": [without_password(a) for a in sys.argv],  # no URL's password stored
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 **dict(run_config or {}),
@@ -485,8 +486,6 @@ def _steps(steps: Sequence[int]) -> str:
 
 def _check_store(registry: Registry, store_url: str) -> None:
     """Refuse a store other than the one the registry records (as every CLI command does)."""
-    from tlreg.storage_backends.credentials import without_password
-
     recorded = registry.get_meta("store_url")
     if recorded is not None and without_password(recorded) != without_password(store_url):
         raise ConfigError(

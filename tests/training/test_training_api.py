@@ -134,7 +134,7 @@ def test_a_failed_save_fails_the_run(home: Path, registry: Registry) -> None:
     assert run.error is not None and run.error.startswith("1 checkpoints failed (first at step 3")
 
 
-def _script(home: Path, body: str) -> subprocess.CompletedProcess[str]:
+def _script(home: Path, body: str, *args: str) -> subprocess.CompletedProcess[str]:
     code = textwrap.dedent(
         """
         import torch
@@ -143,7 +143,7 @@ def _script(home: Path, body: str) -> subprocess.CompletedProcess[str]:
         """
     ) + textwrap.dedent(body)
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         env=os.environ.copy(),
@@ -211,3 +211,20 @@ def test_restore_of_a_model_resumes_from_the_saved_step(home: Path) -> None:
     assert record is not None and record.step == 7 and ckpt.last_restore.resumed
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_scripts_run_records_its_argv_without_passwords(home: Path, registry: Registry) -> None:
+    registry.create_branch("b")
+    proc = _script(
+        home,
+        """
+        with Checkpointer.for_branch("b"):
+            pass
+        """,
+        "--source",
+        "s3://user:hunter2@bucket/data",
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run,) = registry.runs("b")
+    assert run.config["argv"][1:] == ["--source", "s3://user@bucket/data"]
+    assert "hunter2" not in repr(run.config)
