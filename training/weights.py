@@ -179,7 +179,10 @@ def export_weights(
     registry: Registry,
     store: str | Store,
 ) -> tuple[CheckpointRecord, int]:
-    """Write the model tensors of checkpoint ``ref`` to a safetensors file ``out``.
+    """Write the model tensors of checkpoint ``ref`` to a safetensors file ``out``, with
+    the metadata ``{"format": "pt", "tlreg_checkpoint": ID, "branch": NAME}``: the file
+    loads wherever a PyTorch ``model.safetensors`` does (``transformers``' ``from_pretrained``
+    from a folder holding it and the model's ``config.json``).
 
     Returns the checkpoint and the number of tensors. The file appears atomically.
     """
@@ -211,7 +214,10 @@ def export_weights(
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"tlreg_checkpoint": record.id, "branch": record.branch})
+        # "format": "pt" is what torch's save_file writers put there (transformers' and
+        # safetensors' own): transformers 4.x refuses a file without it.
+        metadata = {"format": "pt", "tlreg_checkpoint": record.id, "branch": record.branch}
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
