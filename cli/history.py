@@ -122,7 +122,12 @@ def lineage(
     as_json: bool,
 ) -> None:
     """Ancestors and descendants of REF as a tree; --html/--svg write the lanes graph of
-    'tlreg ui' as a file for a report.  Example: tlreg lineage base --html lineage.html"""
+    'tlreg ui' as a file for a report.
+
+    \b
+    Example:
+      tlreg lineage base --html lineage.html
+    """
     if html_out or svg_out:
         from tlreg.cli.visual import write_lineage
 
@@ -153,7 +158,12 @@ def lineage(
 @json_option
 @pass_env
 def show(env: Env, ref: str, tensors: bool, as_json: bool) -> None:
-    """Details of checkpoint REF (a branch, tag, id or id prefix).  Example: tlreg show base"""
+    """Details of checkpoint REF (a branch, tag, id or id prefix).
+
+    \b
+    Example:
+      tlreg show base --tensors
+    """
     r = env.registry.resolve(ref)
     if r.pruned is not None:
         _show_pruned(r, as_json)
@@ -247,7 +257,12 @@ def diff(env: Env, a: str, b: str, as_json: bool) -> None:
 @pass_env
 def runs(env: Env, branch: str | None, as_json: bool) -> None:
     """Training runs (all, or of BRANCH), oldest first, with duration, last step, final
-    metrics and checkpoints kept (of those committed).  Example: tlreg runs upper-head"""
+    metrics and checkpoints kept (of those committed).
+
+    \b
+    Example:
+      tlreg runs upper-head
+    """
     rows = env.registry.run_summaries(branch)  # an unknown branch raises BranchNotFound
     if as_json:
         echo_json([r.to_json() for r in rows])

@@ -140,3 +140,16 @@ def test_completion_creates_no_registry(tmp_path: Path) -> None:
     home = tmp_path / "nowhere"
     assert _complete(home, f"sqlite:///{home / 'registry.db'}", "log", "") == []
     assert not home.exists()
+
+
+def test_the_command_list_is_not_cut_off(tlreg: Callable) -> None:
+    out = tlreg("-h").output
+    commands = out.split("Commands:\n", 1)[1]
+    assert not [line for line in commands.splitlines() if line.endswith("...")]
+    assert "branches made" not in commands  # (first sentences only)
+    assert "Tag checkpoint REF as NAME (git's order); with no arguments, list\n" in commands
+
+
+def test_help_examples_keep_their_lines(tlreg: Callable) -> None:
+    assert "\n  Example:\n    tlreg show base --tensors\n" in tlreg("show", "-h").output
+    assert "\n    tlreg init --store s3://bucket/prefix\n" in tlreg("init", "-h").output
