@@ -3,7 +3,9 @@
 It drives the real ``tlreg`` command line in a throw-away home (SQLite registry, local
 store, local Ray): train an ancestor on digits 0-4, branch three ways for digits 5-9
 (frozen features, full fine-tune, from scratch), draw the lineage, then compare steps and
-wall time to a common validation accuracy and the bytes each branch stored.
+wall time to a common validation accuracy and the bytes each branch stored; finally write
+the comparison plot (``tlreg plot``) and the self-contained lineage page (``tlreg lineage
+--html``) to ``--out`` and print their paths.
 """
 
 from __future__ import annotations
@@ -162,16 +164,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--home", help="Keep the demo's tlreg home here instead of a temp dir.")
     parser.add_argument("--steps", type=int, default=200, help="Steps per training run.")
     parser.add_argument("--target", type=float, default=0.95, help="Validation accuracy to reach.")
+    parser.add_argument(
+        "--out",
+        default="demo-output",
+        help="Folder for the comparison plot and the lineage page (default ./demo-output).",
+    )
     args = parser.parse_args(argv)
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="tlreg-demo-"))
     try:
-        run(home, args.steps, args.target)
+        run(home, args.steps, args.target, Path(args.out).resolve())
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def run(home: Path, steps: int, target: float) -> None:
+def run(home: Path, steps: int, target: float, out: Path) -> None:
     print(f"tlreg demo in {home}\n", flush=True)
     tlreg("init", home=home)
     tlreg("branch", "base", "--task", f"{DIGITS}:lower", home=home)
@@ -192,7 +199,21 @@ def run(home: Path, steps: int, target: float) -> None:
         ("ancestor, full fine-tune", "upper-full", full),
     ]
     print("\n".join(comparison(home, rows, target, "digits 5-9", "model/features.")))
-    print("\nSeconds count from the first training step (Ray start-up excluded).")
+    print("\nSeconds count from the first training step (Ray start-up excluded).\n")
+
+    # The same comparison from the stored evaluation curves, as a chart and a lineage page.
+    branches = [branch for _, branch, _ in rows]
+    metric = ("-m", "val_accuracy", "-t", str(target))
+    tlreg("compare", *branches, *metric, home=home)
+    print()
+    plot = tlreg(
+        "plot", "base", *branches, *metric, "-o", str(out / "compare"), home=home, capture=True
+    )
+    page = tlreg("lineage", "base", "--html", str(out / "lineage.html"), home=home, capture=True)
+    print("\nwrote:")
+    for path in [*plot.splitlines(), *page.splitlines()]:
+        print(f"  {path}")
+    print("browse the lineage with: TLREG_HOME=<home> tlreg ui  (keep the home with --home)")
 
 
 if __name__ == "__main__":
