@@ -20,6 +20,7 @@ from tlreg.cli.common import (
     json_option,
     pass_env,
     pruned_mark,
+    resolve_live,
     short,
     table,
 )
@@ -232,7 +233,7 @@ def diff(env: Env, a: str, b: str, as_json: bool) -> None:
 
     Example: tlreg diff base upper-head
     """
-    ra, rb = env.registry.resolve(a), env.registry.resolve(b)
+    ra, rb = resolve_live(env, a, "diff it"), resolve_live(env, b, "diff it")
     result = diff_manifests(
         read_manifest(env.store, ra.manifest), read_manifest(env.store, rb.manifest)
     )

@@ -164,7 +164,11 @@ def test_a_pruned_checkpoint_is_called_pruned_with_its_gc_date_everywhere(
     registry.close()
     assert when is not None
     date = f"{when:%Y-%m-%d %H:%M}"
-    for args in (("export", ids[1], str(tmp_path / "out.safetensors")), ("verify", ids[1])):
+    for args in (
+        ("export", ids[1], str(tmp_path / "out.safetensors")),
+        ("verify", ids[1]),
+        ("diff", ids[1], ids[2]),
+    ):
         line = _error(tlreg(*args), "pruned by garbage collection on", date)
         assert "damaged" not in line and "verify()" not in line
     assert not (tmp_path / "out.safetensors").exists()
@@ -174,6 +178,11 @@ def test_a_pruned_checkpoint_is_called_pruned_with_its_gc_date_everywhere(
     log = tlreg("log", "b").output.splitlines()
     assert f"(pruned {when:%Y-%m-%d})" in log[1] and ids[1][:12] in log[1]
     assert "pruned" not in log[0] + log[2]
+    lineage = tlreg("lineage", ids[1]).output.splitlines()
+    assert [line for line in lineage if "[pruned" in line] == [
+        line for line in lineage if ids[1][:12] in line
+    ]
+    assert f"[pruned {when:%Y-%m-%d}]" in lineage[1]
     with (
         pytest.raises(Exception, match="pruned by garbage collection"),
         Checkpointer.for_branch("b", home=home) as ckpt,
