@@ -214,8 +214,7 @@ def lineage_document(
     focus = registry.resolve(ref)
     records = {r.id: r for r in [*registry.ancestors(ref), focus, *registry.descendants(ref)]}
     metric = metric or default_metric(registry)
-    cache = ManifestCache(store)
-    changed = parent_changes(registry, cache, list(records.values()))
+    changed = _file_changes(registry, store, list(records.values()))
     graph = lineage_graph(registry, list(records.values()), metric, changed=changed)
     return render(
         "lineage_file.html",
@@ -230,12 +229,25 @@ def lineage_document(
     )
 
 
+FILE_CHANGES_LIMIT = 5000
+"""Above this many checkpoints a lineage file leaves out what changed against each parent
+(two manifest reads per node); the registry's new and reused bytes are always shown."""
+
+
+def _file_changes(
+    registry: Registry, store: Store, records: Sequence[CheckpointRecord]
+) -> dict[str, str | None] | None:
+    if len(records) > FILE_CHANGES_LIMIT:
+        return None
+    return parent_changes(registry, ManifestCache(store), records)
+
+
 def lineage_svg(registry: Registry, store: Store, ref: str, *, metric: str | None = None) -> str:
     """``tlreg lineage REF --svg``: the same graph as a standalone SVG file (styles inlined)."""
     focus = registry.resolve(ref)
     records = {r.id: r for r in [*registry.ancestors(ref), focus, *registry.descendants(ref)]}
     metric = metric or default_metric(registry)
-    changed = parent_changes(registry, ManifestCache(store), list(records.values()))
+    changed = _file_changes(registry, store, list(records.values()))
     graph = lineage_graph(registry, list(records.values()), metric, changed=changed)
     svg = str(render_svg(graph))
     style = f"<style>{stylesheet()}</style>"
