@@ -44,6 +44,7 @@ Chunks
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import math
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -68,7 +69,14 @@ from tlreg.ckpt.objects import ObjectReader
 from tlreg.ckpt.verify import quick_check
 from tlreg.storage_backends import Store, open_store
 
-__all__ = ["VIEW_CHUNK_BYTES", "CheckpointStore", "ReadOnlyView", "open_checkpoint"]
+__all__ = [
+    "VIEW_CHUNK_BYTES",
+    "CheckpointStore",
+    "NoWritableView",
+    "ReadOnlyView",
+    "dimension_names",
+    "open_checkpoint",
+]
 
 VIEW_CHUNK_BYTES = 4 << 20
 """Default size of an array chunk in the view: small enough that a slice reads little more
@@ -87,8 +95,18 @@ _NATIVE: dict[str, Any] = {
 }
 
 
-class ReadOnlyView(CheckpointError, PermissionError):
-    """Something tried to write to the read-only view of a checkpoint."""
+class ReadOnlyView(CheckpointError, PermissionError, ValueError):
+    """Something tried to write to the read-only view of a checkpoint. Also a ValueError
+    whose message starts as zarr's own refusal does ("store was opened in read-only mode and
+    does not support writing"): code written for zarr's read-only stores catches it."""
+
+
+class NoWritableView(ReadOnlyView, NotImplementedError):
+    """``with_read_only(False)`` of a checkpoint view: there is no writable one (zarr's
+    convention for stores without a writable twin: NotImplementedError, zarr's message)."""
+
+
+_ZARR_READ_ONLY = "store was opened in read-only mode and does not support writing"
 
 
 def open_checkpoint(
@@ -202,9 +220,18 @@ class _ArrayView:
             "fill_value": _NATIVE[entry.dtype] if native else 0,
             "codecs": [bytes_codec],
             "attributes": {"tlreg": {"path": path, "torch_dtype": entry.dtype, "hash": entry.hash}},
+            "dimension_names": dimension_names(path, len(entry.shape)),
             "storage_transformers": [],
         }
         return json.dumps(meta, indent=2).encode()
+
+
+def dimension_names(path: str, ndim: int) -> list[str]:
+    """The names of the axes of the array at state path ``path``: ``NAME#0``, ``NAME#1``,
+    ... (``NAME`` its last part). Tensors share no axes, so no two arrays of a group share a
+    name: xarray (which needs names) opens a group as one Dataset whatever the shapes."""
+    name = path.rpartition("/")[2]
+    return [f"{name}#{axis}" for axis in range(ndim)]
 
 
 def _omission(path: str) -> str | None:
@@ -225,6 +252,16 @@ class CheckpointStore(ZarrStore):
     ``store`` is the tlreg store (or its URL) holding the checkpoint; the manifest is read once,
     here. ``chunk_bytes`` is the largest chunk of the synthesised arrays. Open it with
     ``zarr.open_group(CheckpointStore(...), mode="r")`` or use :func:`open_checkpoint`.
+
+    It follows zarr's conventions for a read-only store (and passes zarr's own
+    ``zarr.testing.store.StoreTests`` in their read-only form): ``read_only=True`` is its
+    constructor's default and ``read_only=False`` a ValueError; every write raises
+    :class:`ReadOnlyView`, a ValueError with zarr's message; ``with_read_only(True)`` is an
+    equal view and ``with_read_only(False)`` raises NotImplementedError; a byte request that
+    is no ``ByteRequest`` is a TypeError "Unexpected byte_range, got ...". Every array has
+    ``dimension_names`` (see :func:`dimension_names`) and every group its descendants'
+    metadata inline (consolidated), so ``xarray.open_zarr(view, group="model",
+    zarr_format=3)`` and ``dask.array.from_zarr(view, component=PATH)`` read it.
     """
 
     supports_writes = False
@@ -237,7 +274,13 @@ class CheckpointStore(ZarrStore):
         manifest_id: str,
         *,
         chunk_bytes: int = VIEW_CHUNK_BYTES,
+        read_only: bool = True,
     ) -> None:
+        if not read_only:
+            raise ValueError(
+                "a checkpoint view is read-only: open it with read_only=True (the default); "
+                "save a new checkpoint with AsyncCheckpointer.save instead"
+            )
         super().__init__(read_only=True)
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
@@ -287,10 +330,32 @@ class CheckpointStore(ZarrStore):
                         "omitted": self.omitted,
                     }
                 }
-            doc = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
-            self._docs[_join(group, _META)] = json.dumps(doc, indent=2).encode()
+            self._docs[_join(group, _META)] = json.dumps(
+                {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+            ).encode()
         for path, view in self._arrays.items():
             self._docs[_join(path, _META)] = view.zarr_json(path)
+        self._consolidate(groups)
+
+    def _consolidate(self, groups: set[str]) -> None:
+        """Give every group's document the metadata of every node below it, inline (Zarr v3's
+        consolidated metadata, as ``zarr.consolidate_metadata`` writes it): readers that look
+        for it (xarray by default) open a group from one document, without listing."""
+        nodes = {key[: -len(_META)].rstrip("/"): json.loads(doc) for key, doc in self._docs.items()}
+        for group in groups:
+            head = f"{group}/" if group else ""
+            below = {
+                node[len(head) :]: meta
+                for node, meta in sorted(nodes.items())
+                if node and node.startswith(head) and node != group
+            }
+            doc = dict(nodes[group])
+            doc["consolidated_metadata"] = {
+                "kind": "inline",
+                "must_understand": False,
+                "metadata": below,
+            }
+            self._docs[_join(group, _META)] = json.dumps(doc, indent=2).encode()
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.store.url!r}, {self.manifest.id!r})"
@@ -317,8 +382,14 @@ class CheckpointStore(ZarrStore):
     def with_read_only(self, read_only: bool = False) -> CheckpointStore:
         # docstring inherited
         if not read_only:
-            raise ReadOnlyView(f"{self!r} is a read-only view of a checkpoint; it cannot write")
-        return self
+            raise NoWritableView(
+                f"with_read_only is not implemented for the {type(self)} store type. "
+                f"{self!r} is a read-only view of a checkpoint: save a new checkpoint with "
+                "AsyncCheckpointer.save instead"
+            )
+        view = copy.copy(self)  # a new store over the same checkpoint, closed as zarr's are
+        view._is_open = False
+        return view
 
     # -- reads --------------------------------------------------------------------------
 
@@ -466,7 +537,7 @@ class CheckpointStore(ZarrStore):
 
     def _refuse(self, what: str) -> ReadOnlyView:
         return ReadOnlyView(
-            f"cannot {what}: {self} is a read-only view of a checkpoint; "
+            f"{_ZARR_READ_ONLY}: cannot {what}: {self} is a read-only view of a checkpoint; "
             "save a new checkpoint with AsyncCheckpointer.save instead"
         )
 
@@ -505,4 +576,4 @@ def _resolve(byte_range: ByteRequest | None, size: int) -> tuple[int, int]:
         return min(byte_range.offset, size), size
     if isinstance(byte_range, SuffixByteRequest):
         return max(0, size - byte_range.suffix), size
-    raise TypeError(f"unexpected byte request {byte_range!r}")
+    raise TypeError(f"Unexpected byte_range, got {byte_range}.")  # zarr's own words
