@@ -16,7 +16,7 @@ from tlreg.ckpt.errors import CheckpointError
 from tlreg.registry import CheckpointRecord, Registry
 from tlreg.registry.errors import RegistryError
 from tlreg.storage_backends import Store, StoreError, open_store
-from tlreg.storage_backends.credentials import without_password
+from tlreg.storage_backends.credentials import scrub, without_password
 from tlreg.training import ConfigError, Settings, TrainingError, load_settings
 
 USER_ERRORS = (RegistryError, CheckpointError, StoreError, TrainingError)
@@ -68,11 +68,14 @@ class Env:
         url = self.settings.store_url
         try:
             return open_store(url)
+        except StoreError:
+            raise  # already one line naming the store (without its password) and what to do
         except (NotImplementedError, ValueError, OSError) as e:
             # fsspec backends that cannot serve as a store (http:// is read-only), bad URLs
+            why = scrub(str(e).splitlines()[0], url) if str(e) else ""
             raise ConfigError(
                 f"cannot use {without_password(url)!r} as a store ({type(e).__name__}"
-                f"{': ' + str(e).splitlines()[0] if str(e) else ''}): "
+                f"{': ' + why if why else ''}): "
                 "pass a directory path or a URL like s3://bucket/prefix"
             ) from e
 
