@@ -160,20 +160,20 @@ class Restorer:
         """:class:`CorruptCheckpoint` unless the chunk files of every object hold the bytes
         ``reads`` take from it (the store's listing and sizes, on the I/O pool): a manifest
         that lies about sizes must not make a restore allocate what no object backs."""
-        ends: dict[str, tuple[int, str]] = {}
+        members: dict[str, list[str]] = {}
         for name, entry in reads.items():
-            if entry.nbytes and entry.offset + entry.nbytes > ends.get(entry.object, (0, ""))[0]:
-                ends[entry.object] = (entry.offset + entry.nbytes, name)
-        found = self._io_pool.map(lambda d: object_chunks(self.store, d), list(ends))
-        for (digest, (end, name)), chunks in zip(ends.items(), found, strict=True):
+            if entry.nbytes:
+                members.setdefault(entry.object, []).append(name)
+        found = self._io_pool.map(lambda d: object_chunks(self.store, d), list(members))
+        for (digest, names), chunks in zip(members.items(), found, strict=True):
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            subject = f"tensor {names[0]!r}{more}"
             if isinstance(chunks, str):
-                raise reader.damaged(f"tensor {name!r}", digest, chunks)
-            if end > chunks[0] * chunks[1]:
-                raise reader.damaged(
-                    f"tensor {name!r}",
-                    digest,
-                    f"holds at most {chunks[0] * chunks[1]} bytes, too few for {end}",
-                )
+                raise reader.damaged(subject, digest, chunks)
+            end, room = max(reads[n].offset + reads[n].nbytes for n in names), chunks[0] * chunks[1]
+            if end > room:
+                why = f"holds at most {room} bytes, too few for {end}"
+                raise reader.damaged(subject, digest, why)
 
     def _read_once(
         self,
