@@ -161,6 +161,9 @@ def scrub(text: str, url: str) -> str:
 def has_login_without_password(url: str) -> bool:
     """Whether ``url`` names a user (``scheme://user@host``) but no password: a URL as
     tlreg writes it down, whose password has to come from somewhere else."""
-    netloc = urlsplit(url.split("::", 1)[0]).netloc if "://" in url else ""
-    user, at, _ = netloc.rpartition("@")
-    return bool(at) and bool(user) and ":" not in user
+    for part in url.split("::"):  # each URL of an fsspec chain
+        netloc = urlsplit(part).netloc if "://" in part else ""
+        user, at, _ = netloc.rpartition("@")
+        if at and user and ":" not in user:
+            return True
+    return False

@@ -345,3 +345,29 @@ def test_a_store_password_is_used_never_kept_and_asked_for_by_name(
     found = [name for name, data in artifacts if STORE_PASSWORD.encode() in data]
     assert found == []
     assert len(artifacts) > 15
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ftp://alice@127.0.0.1/store", True),
+        ("simplecache::ftp://alice@127.0.0.1/store", True),
+        (f"ftp://alice:{STORE_PASSWORD}@127.0.0.1/store", False),
+        ("ftp://127.0.0.1/store", False),
+        ("/data/store", False),
+    ],
+)
+def test_a_login_without_password_is_told_apart(url: str, expected: bool) -> None:
+    from tlreg.storage_backends.credentials import has_login_without_password
+
+    assert has_login_without_password(url) is expected
+
+
+def test_a_library_message_quoting_the_url_is_scrubbed() -> None:
+    from tlreg.storage_backends.credentials import scrub
+
+    url = f"ftp://alice:{STORE_PASSWORD.replace('-', '%2D')}@h/x?token=tok-PLANTED"
+    message = f"530 login failed for {url} (password {STORE_PASSWORD}, token tok-PLANTED)"
+    assert scrub(message, url) == (
+        "530 login failed for ftp://alice:***@h/x?token=*** (password ***, token ***)"
+    )
