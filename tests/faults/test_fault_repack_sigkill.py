@@ -72,6 +72,7 @@ def _kept_restore(registry: Registry, store_url: str, states: dict, tally: Count
     assert report.ok, report.problems
 
 
+@pytest.mark.timeout(1800)  # the long setting: a real gc process per round
 def test_sigkill_at_random_points_of_a_repack_loses_no_kept_checkpoint(
     registry: Registry, registry_url: str, tmp_path: Path
 ) -> None:
