@@ -15,12 +15,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cli_harness import home, snapshot, tlreg, weights_file
 from demo_registry import Demo, build_demo
+from ui_harness import HOSTILE_BRANCH, HOSTILE_METRIC, HOSTILE_TAG, Served
 
 from tlreg.registry import Registry
 from tlreg.training import Settings, write_settings
@@ -28,19 +28,6 @@ from tlreg.training import Settings, write_settings
 __all__ = ["home", "snapshot", "tlreg", "weights_file"]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".pytest-artifacts" / "ui"
-HOSTILE_BRANCH = "<svg/onload=document.title='pwned'>"
-"""A branch name the name rules allow, that is markup if pasted into HTML unescaped."""
-HOSTILE_METRIC = "<img src=x onerror=\"document.title='pwned'\">"
-HOSTILE_TAG = '"><script>document.title=1</script>'
-
-
-@dataclass
-class Served:
-    url: str
-    home: Path
-    demo: Demo
-    registry_url: str
-    pid: int
 
 
 @pytest.fixture(scope="session")

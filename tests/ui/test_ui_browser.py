@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HOSTILE_BRANCH, Served
 from demo_registry import CURVES
+from ui_harness import HOSTILE_BRANCH, Served
 
 from tlreg.ckpt import read_manifest
 from tlreg.cli.visual import shared_bytes

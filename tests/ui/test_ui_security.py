@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import HOSTILE_BRANCH, HOSTILE_METRIC, HOSTILE_TAG, Served
+from ui_harness import HOSTILE_BRANCH, HOSTILE_METRIC, HOSTILE_TAG, Served
 
 from tlreg.cli.main import cli
 
