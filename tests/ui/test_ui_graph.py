@@ -90,3 +90,24 @@ def test_layout_draws_every_checkpoint_once_with_edges_left_to_right(
     assert {e.dst for e in graph.edges if e.kind == "merge"} <= merges
     svg = str(render_svg(graph))
     assert svg.count('<g class="node') == len(graph.nodes)
+
+
+def test_pruned_checkpoints_and_merges_look_different_and_names_are_text() -> None:
+    a = _record(0, "main", ())
+    b = _record(1, "<b>x</b>", (a.id,))
+    pruned = CheckpointRecord(**{**_fields(_record(2, "main", (a.id,))), "pruned": T0})
+    merge = _record(3, "main", (pruned.id, b.id))
+    graph = build_graph(
+        [a, b, pruned, merge], heads={merge.id: ["main"]}, tags={a.id: ["<i>v1"]}, metric="acc"
+    )
+    svg = str(render_svg(graph, link=lambda cid: f"/checkpoint/{cid}"))
+    assert f'<g class="node kind-train pruned" data-id="{pruned.id}"' in svg
+    assert "step 2  (pruned)" in svg
+    assert f'<g class="node kind-merge" data-id="{merge.id}"' in svg
+    assert sorted(e.kind for e in graph.edges) == ["branch", "continue", "merge", "merge"]
+    assert "&lt;b&gt;x&lt;/b&gt;" in svg and "<b>" not in svg and "<i>" not in svg
+    assert f'href="/checkpoint/{merge.id}"' in svg
+
+
+def _fields(r: CheckpointRecord) -> dict[str, object]:
+    return {f: getattr(r, f) for f in r.__dataclass_fields__}
