@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from tlreg.ckpt.errors import UnsupportedFormat
 from tlreg.ckpt.hashing import hasher
 from tlreg.ckpt.manifest import Manifest, TensorEntry, read_manifest
-from tlreg.ckpt.objects import iter_chunks, read_layout
+from tlreg.ckpt.objects import iter_chunks, read_layout, relocation_key
 from tlreg.ckpt.validate import check_objects
 from tlreg.storage_backends import ObjectNotFound, Store, open_store
 
@@ -124,12 +124,8 @@ def quick_check(store: str | Store, manifest_id: str, *, threads: int = 8) -> Ma
     return manifest
 
 
-def _relocated(store: Store) -> Callable[[str], bool] | None:
+def _relocated(store: Store) -> Callable[[str], bool]:
     """Whether a missing object was moved by a repack (its relocation record exists)."""
-    try:
-        from tlreg.ckpt.objects import relocation_key  # written by ckpt/repack.py
-    except ImportError:  # a tlreg whose gc does not repack: a missing object is missing
-        return None
     return lambda digest: store.exists(relocation_key(digest))
 
 
