@@ -336,6 +336,14 @@ def test_a_store_password_is_used_never_kept_and_asked_for_by_name(
     printed.append(shell.run("verify", "head"))
     del shell.env["FSSPEC_FTP_PASSWORD"]
 
+    # a store shipped elsewhere (Ray pickles stores) carries the URL without the password
+    store = open_store(ftp_server.url(STORE_PASSWORD))
+    assert next(iter(store.list("manifests")), None) is not None  # it reads, here
+    shipped = pickle.dumps(store)
+    assert STORE_PASSWORD.encode() not in shipped
+    with pytest.raises(StoreError, match="set FSSPEC_FTP_PASSWORD"):
+        pickle.loads(shipped)
+
     with Registry(registry_url) as registry:
         assert registry.get_meta("store_url") == shown
     artifacts = list(_files(ftp_server.root)) + list(_files(shell.home))
