@@ -389,17 +389,18 @@ WHERE NOT EXISTS (
     SELECT 1 FROM checkpoint_object r JOIN live l ON l.id = r.checkpoint WHERE r.object = o.hash
 )"""
 # Objects referenced by a pruned checkpoint and by an unpruned one, with the unpruned ones.
+# From the pruned checkpoints (a partial index, schema v9) to their references: CROSS JOIN
+# keeps SQLite from driving the join from every reference instead.
 _REPACK_CANDIDATES = """
 WITH cand AS (
     SELECT DISTINCT r.object FROM checkpoint c
-    JOIN checkpoint_object r ON r.checkpoint = c.id
-    WHERE c.pruned IS NOT NULL
+    CROSS JOIN checkpoint_object r
+    WHERE c.pruned IS NOT NULL AND r.checkpoint = c.id
 )
 SELECT o.hash, o.nbytes, r.checkpoint FROM cand
-JOIN object o ON o.hash = cand.object
-JOIN checkpoint_object r ON r.object = cand.object
-JOIN checkpoint c ON c.id = r.checkpoint
-WHERE c.pruned IS NULL AND NOT EXISTS (
+CROSS JOIN object o CROSS JOIN checkpoint_object r CROSS JOIN checkpoint c
+WHERE o.hash = cand.object AND r.object = cand.object AND c.id = r.checkpoint
+    AND c.pruned IS NULL AND NOT EXISTS (
     SELECT 1 FROM gc_candidate g WHERE g.kind = 'object' AND g.key = o.hash
         AND g.doomed IS NOT NULL
 )

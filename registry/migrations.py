@@ -289,8 +289,15 @@ def _to_v8(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _to_v9(conn: Connection) -> None:
+    """v9: a partial index on the pruned checkpoints (where repack planning starts)."""
+    conn.execute(
+        text("CREATE INDEX ix_checkpoint_pruned ON checkpoint (pruned) WHERE pruned IS NOT NULL")
+    )
+
+
 STEPS: dict[int, Callable[[Connection], None]] = {
-    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6, 7: _to_v7, 8: _to_v8,
+    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6, 7: _to_v7, 8: _to_v8, 9: _to_v9,
 }  # fmt: skip
 """``STEPS[n]`` migrates a version ``n - 1`` database to version ``n``."""
 

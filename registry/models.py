@@ -10,11 +10,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, String
+from sqlalchemy import JSON, BigInteger, Column, Index, String, text
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 """Bumped with every schema change; stored in ``meta`` under ``schema_version``. Each bump comes
 with a step in :mod:`tlreg.registry.migrations` that brings the previous version here."""
 
@@ -69,6 +69,11 @@ class Checkpoint(SQLModel, table=True):
         # Schema v7: the newest checkpoints of the whole registry by an index scan (the
         # lineage browser's pages, newest first, paged by (created, id)).
         Index("ix_checkpoint_created", "created", "id"),
+        # Schema v9: the pruned checkpoints alone (repack planning starts from them).
+        Index(
+            "ix_checkpoint_pruned", "pruned",
+            sqlite_where=text("pruned IS NOT NULL"), postgresql_where=text("pruned IS NOT NULL"),
+        ),
     )  # fmt: skip
     id: str = Field(primary_key=True, sa_type=ID_TYPE)
     # Plain text, not a foreign key: deleting a branch keeps its checkpoints.
