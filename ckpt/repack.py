@@ -171,7 +171,8 @@ def repack(
 
     Returns the objects repacked, and one line per object left as it was (damaged or
     missing: repacking must not give damaged bytes a new, valid-looking name; ``tlreg verify
-    --all`` reports them). ``on_bytes`` is called with the bytes copied, for progress.
+    --all`` reports them). An object whose every byte is live is left alone. ``on_bytes``
+    is called with the bytes copied, for progress.
     """
     done: list[Repacked] = []
     skipped: list[str] = []
@@ -195,7 +196,9 @@ def repack(
         pack = _Pack()
 
     for old in sorted(objects):
-        spans = objects[old][1]
+        nbytes, spans = objects[old]
+        if live_bytes(spans) >= nbytes:
+            continue  # nothing to free (and the copy would be the object itself)
         reused = _reusable(store, old, spans)
         if reused is not None:
             done.append(reused)
