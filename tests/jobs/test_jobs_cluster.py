@@ -121,13 +121,17 @@ def test_a_failed_job_exits_1_naming_it_and_pointing_to_its_logs(
         ray_cluster,
         {**home, "PYTHONPATH": str(tmp_path)},
         "plain",
-        *("--task", "only_on_my_laptop:task", "--steps", "2", "--wait"),
+        # --steps above the branch's 2 (an earlier test trained it): submit refuses a target
+        # step already reached before it submits anything.
+        *("--task", "only_on_my_laptop:task", "--steps", "4", "--wait"),
     )
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     submission_id = done.stdout.splitlines()[0].split()[3]
     assert submission_id.startswith("raysubmit_")
     assert "only_on_my_laptop" in done.stdout  # the job's log, followed
-    error = done.stderr.strip().splitlines()
+    # The resume's note (the options branch 'plain' was trained with), then one Error line.
+    note, *error = done.stderr.strip().splitlines()
+    assert note.startswith("note: resuming 'plain' as run 1 trained it: ")
     assert len(error) == 1
     assert error[0].startswith(f"Error: Ray job {submission_id} FAILED")
     assert error[0].endswith(f"see ray job logs {submission_id} --address {ray_cluster.address}")
