@@ -8,6 +8,7 @@ refusal that came after Ray would show up as that failure, not as the expected e
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,9 +76,13 @@ def test_a_second_train_on_a_branch_with_a_live_run_is_refused_before_ray(
 ) -> None:
     run, lease = base.start_leased_run("base", {"steps": 400})  # the first train, running
     line = _error_line(tlreg("train", "base", "--steps", "400"))
+    # the heartbeat's age is whole seconds since the lease was taken: 0, or more on a busy machine
+    age = re.search(r", heartbeat (\d+) s ago; ", line)
+    assert age is not None and int(age.group(1)) < 60, line
     assert line == (
         f"Error: branch 'base' already has a live run: run {run.id} on host {lease.host} "
-        f"(pid {lease.pid}) since {lease.acquired:%Y-%m-%d %H:%M:%S} UTC, heartbeat 0 s ago; "
+        f"(pid {lease.pid}) since {lease.acquired:%Y-%m-%d %H:%M:%S} UTC, "
+        f"heartbeat {age.group(1)} s ago; "
         "wait for it to end, or stop it (a holder that died is taken over 60 s after its last "
         "heartbeat)"
     )
