@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import timedelta
 from types import TracebackType
@@ -344,6 +344,7 @@ class AsyncCheckpointer:
         prefix: str | None = None,
         shards: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
         into: Mapping[str, Any] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> dict[Any, Any]:
         """Read checkpoint ``manifest_id`` back: the saved state, tensors bit-exact on the CPU.
 
@@ -369,11 +370,16 @@ class AsyncCheckpointer:
         tensors, and shards, load into new tensors. The filled tensors' version counters
         are bumped, so a later save copies them again. If the load raises, the tensors of
         ``into`` may hold part of the checkpoint: load again, from this or another one.
+
+        ``on_bytes(n)`` is called from the I/O threads as each read of ``n`` tensor bytes
+        completes (a progress bar's update; a save's live count is ``SaveStats.bytes_done``).
         """
         if self._closed:
             raise CheckpointError(f"{self!r} is closed; create a new AsyncCheckpointer to load")
         manifest = self.manifest(manifest_id)
-        state, entries = self._restorer.load(manifest, prefix=prefix, shards=shards, into=into)
+        state, entries = self._restorer.load(
+            manifest, prefix=prefix, shards=shards, into=into, on_bytes=on_bytes
+        )
         self._index.seed(manifest.objects, entries)
         return state
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,7 @@ from tlreg.ckpt.objects import (
     write_unless_stored,
     zero_pad,
 )
+from tlreg.ckpt.pending import SaveStats
 from tlreg.ckpt.plan import SavePlan, Signature, Stored, WriteItem
 from tlreg.ckpt.staging import Stager, align, place
 from tlreg.ckpt.tasks import Tasks, then
@@ -114,6 +115,13 @@ class Ops(abc.ABC):
         """Write each object's ``zarr.json`` (its chunks are durable); blocks."""
 
     @abc.abstractmethod
+    def when_durable(
+        self, written: Future[tuple[str, ObjectLayout | None]], callback: Callable[[], None]
+    ) -> None:
+        """Call ``callback()`` (from any thread) once the object of ``written`` is durable:
+        every chunk written, or found stored. Not called if the write fails."""
+
+    @abc.abstractmethod
     def wait(self) -> None:
         """Wait for every submitted operation; re-raise the first error."""
 
@@ -129,6 +137,8 @@ class LocalOps(Ops):
         self._store = store
         self._tasks = tasks
         self._buffers = buffers
+        self._lock = threading.Lock()
+        self._puts: dict[str, list[Future[None]]] = {}  # object -> its chunk puts
 
     def _part(self, span: Span) -> memoryview:
         source, offset, nbytes = span
@@ -142,13 +152,27 @@ class LocalOps(Ops):
 
     def _write(self, name: str, spans: list[Span], nbytes: int) -> ObjectLayout | None:
         parts = [self._part(s) for s in spans]
-        return write_unless_stored(
-            self._store,
-            name,
-            parts,
-            nbytes,
-            lambda key, chunk: self._tasks.submit(self._store.put, key, chunk),
-        )
+        puts: list[Future[None]] = []
+
+        def put(key: str, chunk: list[memoryview]) -> None:
+            puts.append(self._tasks.submit(self._store.put, key, chunk))
+
+        layout = write_unless_stored(self._store, name, parts, nbytes, put)
+        with self._lock:
+            self._puts[name] = puts
+        return layout
+
+    # docstring inherited
+    def when_durable(
+        self, written: Future[tuple[str, ObjectLayout | None]], callback: Callable[[], None]
+    ) -> None:
+        def chunks_submitted(f: Future[tuple[str, ObjectLayout | None]]) -> None:
+            if f.exception() is None:
+                with self._lock:
+                    puts = self._puts.pop(f.result()[0], [])
+                when_all(puts, callback)
+
+        written.add_done_callback(chunks_submitted)
 
     # docstring inherited
     def write_object(
@@ -214,6 +238,13 @@ class RemoteOps(Ops):
     def write_pack(self, spans: list[Span], nbytes: int) -> Future[tuple[str, ObjectLayout | None]]:
         sent = self._call("pack", spans=self._spans(spans), nbytes=nbytes)
         return then(sent, lambda reply: (str(reply[0]), _layout(nbytes, reply[1])))
+
+    # docstring inherited
+    def when_durable(
+        self, written: Future[tuple[str, ObjectLayout | None]], callback: Callable[[], None]
+    ) -> None:
+        # the writer process answers once the object's chunks are written
+        written.add_done_callback(lambda f: None if f.exception() else callback())
 
     # docstring inherited
     def write_meta(self, finals: Mapping[str, ObjectLayout]) -> None:
@@ -296,6 +327,44 @@ class DedupIndex:
         with self._lock:
             for h in [h for h, (loc, _) in self._index.items() if loc.object == name]:
                 del self._index[h]
+
+
+class _LiveCount:
+    """Adds stored bytes to a save's live ``SaveStats.bytes_done``, from any thread."""
+
+    def __init__(self, stats: SaveStats) -> None:
+        self.stats = stats
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.stats.bytes_done += nbytes
+
+    def when(self, ops: Ops, written: Future[Any], nbytes: int) -> None:
+        """Add ``nbytes`` once the object of ``written`` is durable."""
+        ops.when_durable(written, lambda: self.add(nbytes))
+
+
+def when_all(futures: list[Future[Any]], callback: Callable[[], None]) -> None:
+    """Call ``callback()`` once every one of ``futures`` has succeeded (at once for none)."""
+    if not futures:
+        callback()
+        return
+    left = len(futures)
+    lock = threading.Lock()
+
+    def one(f: Future[Any]) -> None:
+        nonlocal left
+        if f.exception() is not None:
+            return
+        with lock:
+            left -= 1
+            last = left == 0
+        if last:
+            callback()
+
+    for future in futures:
+        future.add_done_callback(one)
 
 
 class Persister:
@@ -386,8 +455,12 @@ class Persister:
         packs = {False: Pack(), True: Pack()}  # large tensors' pack, small tensors' pack
         reused = 0
 
+        done = _LiveCount(plan.stats)
+
         def seal(p: Pack) -> None:
-            writes.append((ops.write_pack(pack_spans(p), p.size), p, p.size, len(p.members)))
+            future = ops.write_pack(pack_spans(p), p.size)
+            done.when(ops, future, sum(items[index].nbytes for index, _ in p.members))
+            writes.append((future, p, p.size, len(p.members)))
 
         for batch, hashed in batches:
             for i, digest in zip(batch, hashed.result(), strict=True):
@@ -398,15 +471,19 @@ class Persister:
                 if digest in seen:
                     where[i] = seen[digest]
                     reused += 1
+                    done.add(nbytes)
                     continue
                 known = self._known(digest, checked)
                 if known is not None:
                     where[i] = seen[digest] = (known.object, known.offset)
                     objects[known.object] = known.object_nbytes
                     reused += 1
+                    done.add(nbytes)
                 elif nbytes >= SOLO_BYTES:
                     where[i] = seen[digest] = (digest, 0)
-                    writes.append((ops.write_object(digest, [span(i)], nbytes), digest, nbytes, 1))
+                    future = ops.write_object(digest, [span(i)], nbytes)
+                    done.when(ops, future, nbytes)
+                    writes.append((future, digest, nbytes, 1))
                 else:
                     small = nbytes < SMALL_BYTES
                     pack = packs[small]

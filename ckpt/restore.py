@@ -9,7 +9,7 @@ pool through :class:`~tlreg.ckpt.objects.ObjectReader` and every tensor's hash i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,6 +65,7 @@ class Restorer:
         prefix: str | None = None,
         shards: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
         into: Mapping[str, Any] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> tuple[dict[Any, Any], list[TensorEntry]]:
         """The state of ``manifest`` (see ``AsyncCheckpointer.load``), and the entries read
         (their locations seed the dedup index)."""
@@ -111,7 +112,9 @@ class Restorer:
                     reads[key] = shard.piece(entry.dtype)
                     pieces.append((key, shard))
             assemble[path] = (want, pieces)
-        raw = self._read_raw(manifest, reads, {path: _byte_view(t) for path, t in in_place.items()})
+        raw = self._read_raw(
+            manifest, reads, {path: _byte_view(t) for path, t in in_place.items()}, on_bytes
+        )
         for dest in in_place.values():
             if not dest.is_inference():  # (those keep no version counter)
                 torch.autograd.graph.increment_version(dest)
@@ -145,16 +148,17 @@ class Restorer:
         manifest: Manifest,
         reads: Mapping[str, TensorEntry],
         buffers: Mapping[str, torch.Tensor] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """:meth:`_read_once`, read again through the relocation records when an object went
         missing (``tlreg gc`` repacked it, maybe while this read ran; see ckpt/repack.py)."""
         try:
-            return self._read_once(manifest, reads, buffers)
+            return self._read_once(manifest, reads, buffers, on_bytes)
         except CorruptCheckpoint:
             moved = follow_relocations(self.store, reads)
             if moved is None:
                 raise
-            return self._read_once(manifest, moved, buffers)
+            return self._read_once(manifest, moved, buffers, on_bytes)
 
     def _check_sizes(self, reader: ObjectReader, reads: Mapping[str, TensorEntry]) -> None:
         """:class:`CorruptCheckpoint` unless the chunk files of every object hold the bytes
@@ -180,10 +184,12 @@ class Restorer:
         manifest: Manifest,
         reads: Mapping[str, TensorEntry],
         buffers: Mapping[str, torch.Tensor] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Read and verify the bytes of ``reads`` (name -> entry) in parallel on the I/O pool;
         returns each as a flat uint8 tensor: the one in ``buffers`` under its name if any
-        (exactly ``entry.nbytes`` long), else a new one."""
+        (exactly ``entry.nbytes`` long), else a new one. ``on_bytes(n)`` is called from the
+        I/O threads as each read of ``n`` tensor bytes completes."""
         reader = ObjectReader(self.store, manifest.id, self._layouts)
         self._check_sizes(reader, reads)  # before any memory is allocated for the bytes
         outs: dict[str, torch.Tensor] = {}
@@ -225,6 +231,8 @@ class Restorer:
             entry = reads[path]
             out = outs[path].numpy().data
             reader.read_into(entry.object, entry.offset, out, f"tensor {path!r}")
+            if on_bytes is not None:
+                on_bytes(entry.nbytes)
             # hashed while the other reads go on (a damaged one is reported below, in order)
             verified[path] = hash_bytes(out) == entry.hash
 
@@ -236,6 +244,8 @@ class Restorer:
             )
             for path, offset, n, at in pieces:
                 outs[path].numpy().data[at : at + n] = src[offset - lo : offset - lo + n]
+            if on_bytes is not None:
+                on_bytes(sum(n for _, _, n, _ in pieces))
 
         verified: dict[str, bool] = {}  # large tensors, hashed by the task that read them
         tasks = Tasks(self._io_pool)

@@ -57,7 +57,8 @@ class Progress:
 
     ``total`` may be None when it is not known; then no ETA is shown. ``initial`` is where
     counting starts (a resumed run starts at its checkpoint's step): the rate and the ETA
-    count only the work done by this process. ``clock`` is for tests.
+    count only the work done by this process. With ``announce`` False, plain mode waits
+    ``every_s`` before its first line. ``clock`` is for tests.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class Progress:
         plain: bool | None = None,
         every_s: float = PLAIN_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
+        announce: bool = True,
     ) -> None:
         self.desc = desc
         self.total = total
@@ -88,7 +90,10 @@ class Progress:
         self._closed = False
         self._bar: tqdm[Any] | None = None
         if self.plain:
-            self._line(force=True)
+            if announce:
+                self._line(force=True)
+            else:  # the first line only once the work has gone on for every_s
+                self._last_line = self.started
         else:
             self._bar = tqdm(
                 desc=desc,
@@ -135,6 +140,12 @@ class Progress:
             self._bar.write(message, file=self.file)
         else:
             print(message, file=self.file, flush=True)
+
+    def abandon(self) -> None:
+        """End the report of work that failed: plain mode prints no last line."""
+        if self._bar is None:
+            self._closed = True
+        self.close()
 
     def close(self) -> None:
         """End the report: the bar stays as it was drawn last; plain mode prints a last line."""
@@ -193,9 +204,15 @@ class Progress:
 
 @contextmanager
 def progress(desc: str, *, total: float | None, **options: Any) -> Iterator[Progress]:
-    """A :class:`Progress` closed on exit (see the module docstring for an example)."""
-    bar = Progress(desc, total=total, **options)
+    """A :class:`Progress` closed on exit (see the module docstring for an example).
+
+    In plain mode it prints nothing for work shorter than ``every_s`` but its last line, and
+    no last line when the work raises: a command that fails says so in its one error line.
+    """
+    bar = Progress(desc, total=total, **{"announce": False, **options})
     try:
         yield bar
-    finally:
-        bar.close()
+    except BaseException:
+        bar.abandon()
+        raise
+    bar.close()

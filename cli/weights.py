@@ -16,6 +16,7 @@ from tlreg.cli.common import (
     short,
 )
 from tlreg.cli.maintenance import verify_store
+from tlreg.cli.progress import progress
 from tlreg.training import export_weights, import_weights
 
 
@@ -30,7 +31,14 @@ def import_(env: Env, path: str, name: str, task: str | None, as_json: bool) -> 
 
     Example: tlreg import resnet.safetensors --name base
     """
-    record = import_weights(path, name, registry=env.registry, store=env.store, task=task)
+    record = import_weights(
+        path,
+        name,
+        registry=env.registry,
+        store=env.store,
+        task=task,
+        progress=None if as_json else progress,
+    )
     if as_json:
         echo_json(record.to_json())
     else:
@@ -50,7 +58,9 @@ def export(env: Env, ref: str, out: str) -> None:
     Example: tlreg export upper-head head.safetensors
     """
     ref = resolve_live(env, ref, "export it").id  # pruned is said so, not "damaged"
-    record, count = export_weights(ref, out, registry=env.registry, store=env.store)
+    record, count = export_weights(
+        ref, out, registry=env.registry, store=env.store, progress=progress
+    )
     click.echo(
         f"exported {count} tensors of {short(record.id)} ({record.branch}@{record.step}) to {out}"
     )

@@ -13,8 +13,29 @@ dispatch on the kind of an event is written once, in :meth:`ProgressListener.on_
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+ProgressFactory = Callable[..., AbstractContextManager[Any]]
+"""``factory(desc, total=..., unit=...)`` -> a context manager whose value has
+``update(n)``: how long library calls (gc, import, export) report progress;
+``tlreg.cli.progress.progress`` is one."""
+
+
+class _NoBar:
+    def update(self, n: float = 1) -> None:
+        pass
+
+
+def open_bar(
+    progress: ProgressFactory | None, desc: str, total: int | None, unit: str = "B"
+) -> AbstractContextManager[Any]:
+    """``progress(desc, total=total, unit=unit)``, or a bar that shows nothing for None."""
+    if progress is None:
+        return nullcontext(_NoBar())
+    return progress(desc, total=total, unit=unit)
 
 
 @dataclass(frozen=True, slots=True)

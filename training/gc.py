@@ -17,10 +17,7 @@ the kept checkpoints are pointed at those, and the old objects are deleted like 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
-from typing import Any
 
 from tlreg.ckpt.fsck import StoreReport, check_store
 from tlreg.ckpt.manifest import (
@@ -34,10 +31,7 @@ from tlreg.ckpt.objects import delete_object, stored_objects
 from tlreg.ckpt.repack import DEFAULT_MAX_UNUSED, Span, live_bytes, live_spans, repack
 from tlreg.registry import GcPlan, Registry
 from tlreg.storage_backends import Store
-
-ProgressFactory = Callable[..., AbstractContextManager[Any]]
-"""``factory(desc, total=..., unit=...)`` -> a context manager whose value has
-``update(n)`` (``tlreg.cli.progress.progress`` is one)."""
+from tlreg.training.events import ProgressFactory, open_bar
 
 
 def collect_garbage(
@@ -82,7 +76,7 @@ def collect_garbage(
             plan, repacked=tuple((h, n, live_bytes(s)) for h, (n, s) in sorted(chosen.items()))
         )
     total = sum(live_bytes(s) for _, s in chosen.values())
-    with _bar(progress, "repack", total) as bar:
+    with open_bar(progress, "repack", total) as bar:
         done, skipped = repack(store, chosen, on_bytes=bar.update)
     if problems is not None:
         problems.extend(skipped)
@@ -123,25 +117,12 @@ def plan_repack(
     return chosen, {d: candidates[d][1] for d in chosen}
 
 
-def _bar(
-    progress: ProgressFactory | None, desc: str, total: int | None
-) -> AbstractContextManager[Any]:
-    if progress is None:
-        return nullcontext(_NoBar())
-    return progress(desc, total=total, unit="B")
-
-
-class _NoBar:
-    def update(self, n: float = 1) -> None:
-        pass
-
-
 def _delete(
     registry: Registry, store: Store, done: GcPlan, progress: ProgressFactory | None
 ) -> GcPlan:
     """Delete what ``apply_gc`` handed out, then let the registry forget it."""
     keys = [h for h, _ in done.objects] + list(done.orphan_objects)
-    with _bar(progress, "delete", len(keys) + len(done.orphan_manifests)) as bar:
+    with open_bar(progress, "delete", len(keys) + len(done.orphan_manifests)) as bar:
         for digest in keys:
             delete_object(store, digest)
             bar.update(1)
@@ -163,7 +144,7 @@ def check_kept(
     """``tlreg verify --all``: every kept (unpruned) checkpoint of ``registry`` and every
     object they use, each once; orphans and pinned bytes reported (see
     :func:`tlreg.ckpt.fsck.check_store`)."""
-    with _bar(progress, "verify", None) as bar:
+    with open_bar(progress, "verify", None) as bar:
         return check_store(
             store,
             registry.kept_manifests(),

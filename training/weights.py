@@ -10,6 +10,8 @@ import json
 import os
 import re
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,10 @@ from tlreg.registry import CheckpointRecord, Registry, validate_name
 from tlreg.registry.errors import BranchExists, BranchNotFound
 from tlreg.storage_backends import Store, open_store
 from tlreg.training.errors import WeightsFormatError
+from tlreg.training.events import ProgressFactory, open_bar
+
+_POLL_S = 0.2
+"""How often an import's progress reads the save's live byte count."""
 
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -138,11 +144,13 @@ def import_weights(
     registry: Registry,
     store: str | Store,
     task: str | None = None,
+    progress: ProgressFactory | None = None,
 ) -> CheckpointRecord:
     """Store the weights at ``path`` as the root checkpoint of a new branch ``branch``.
 
     The weights are read and the name checked before anything is written; the checkpoint
-    becomes visible only when the branch and its first commit exist.
+    becomes visible only when the branch and its first commit exist. ``progress`` reports
+    the bytes stored as they are (see :data:`~tlreg.training.events.ProgressFactory`).
     """
     validate_name(branch, "branch")
     try:
@@ -152,8 +160,17 @@ def import_weights(
         pass
     tensors, info = read_weights(path)
     with AsyncCheckpointer(open_store(store)) as engine:
-        pending = engine.save({"model": tensors, "extra": {"import": info}}, step=0)
-        manifest_id, manifest = pending.result(), pending.manifest()
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open_bar(progress, "import", total) as bar:
+            pending = engine.save({"model": tensors, "extra": {"import": info}}, step=0)
+            shown = 0
+            while not pending.done():
+                time.sleep(_POLL_S)
+                done = pending.stats.bytes_done
+                bar.update(done - shown)
+                shown = done
+            manifest_id, manifest = pending.result(), pending.manifest()
+            bar.update(pending.stats.bytes_done - shown)
     registry.create_branch(branch, task=task)
     try:
         return registry.commit(
@@ -178,6 +195,7 @@ def export_weights(
     *,
     registry: Registry,
     store: str | Store,
+    progress: ProgressFactory | None = None,
 ) -> tuple[CheckpointRecord, int]:
     """Write the model tensors of checkpoint ``ref`` to a safetensors file ``out``, with
     the metadata ``{"format": "pt", "tlreg_checkpoint": ID, "branch": NAME}``: the file
@@ -185,15 +203,25 @@ def export_weights(
     from a folder holding it and the model's ``config.json``).
 
     Returns the checkpoint and the number of tensors. The file appears atomically.
+    ``progress`` reports the bytes read from the store as they arrive.
     """
     from safetensors.torch import save_file
 
     record = registry.resolve(ref)
     with AsyncCheckpointer(open_store(store)) as engine:
-        try:
-            model = engine.load(record.manifest, prefix="model").get("model")
-        except KeyError:  # the state has no "model" entry
-            model = None
+        entries = engine.manifest(record.manifest).tensors
+        total = sum(e.nbytes for path, e in entries.items() if path.startswith("model/"))
+        lock = threading.Lock()
+        with open_bar(progress, "export", total) as bar:
+
+            def read(nbytes: int) -> None:  # from the engine's I/O threads
+                with lock:
+                    bar.update(nbytes)
+
+            try:
+                model = engine.load(record.manifest, prefix="model", on_bytes=read).get("model")
+            except KeyError:  # the state has no "model" entry
+                model = None
     if not isinstance(model, Mapping) or not model:
         raise WeightsFormatError(f"checkpoint {record.id[:12]} has no model tensors to export")
     tensors: dict[str, torch.Tensor] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 
 import pytest
@@ -166,3 +167,26 @@ def test_cuda_tensors_stage_through_pinned_buffers_and_round_trip(store, same):
         pending.staged.result()
         on_gpu["w"].add_(1)
         same(expected, ckpt.load(pending.result()))
+
+
+def test_a_saves_live_byte_count_waits_for_its_writes_and_ends_at_every_staged_byte(gated_store):
+    weight = torch.arange(5000, dtype=torch.float32)
+    state = {"w": weight, "tied": weight, "b": torch.ones(300), "empty": torch.zeros(0)}
+    staged = 2 * 20_000 + 1_200  # a tensor under two paths is staged under each
+    with AsyncCheckpointer(gated_store, writer="thread") as ckpt:
+        gated_store.gate.clear()  # every object write waits
+        try:
+            pending = ckpt.save(state, step=1)
+            time.sleep(0.3)
+            assert not pending.done()
+            assert pending.stats.bytes_done == 20_000  # the second path of the tied tensor
+        finally:
+            gated_store.gate.set()
+        first = pending.result()
+        assert pending.stats.bytes_done == pending.stats.bytes_copied == staged
+        again = ckpt.save(state, step=2)  # everything found stored: counted, nothing written
+        again.result()
+        assert again.stats.bytes_done == staged and again.stats.new_bytes == 0
+        read: list[int] = []
+        ckpt.load(first, on_bytes=read.append)
+        assert sum(read) == staged

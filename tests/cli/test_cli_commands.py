@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -243,3 +244,22 @@ def test_lineage_draws_branches_under_their_branch_point(
     assert text[0].endswith("<-")
     depth1 = json.loads(tlreg("lineage", "base", "--depth", "1", "--json").output)
     assert sorted(d["id"] for d in depth1["descendants"]) == sorted([ids["a", 1], ids["b", 1]])
+
+
+def test_import_and_export_report_progress_up_to_every_byte_on_stderr(
+    tlreg: Callable, weights_file: Path, tmp_path: Path
+) -> None:
+    """Not on a terminal, progress is plain lines on stderr: the last one says all the
+    bytes were done (N/N) and how long it took; stdout keeps the command's one result."""
+    tlreg("init")
+    done = re.compile(r"^(import|export) (\S+ \S+)/\2  \S+ \S+/s  in \d+:\d\d$")
+    imported = tlreg("import", str(weights_file), "--name", "base")
+    assert imported.exit_code == 0 and imported.stdout.startswith("imported ")
+    last = imported.stderr.strip().splitlines()[-1]
+    assert done.match(last) and last.startswith("import "), imported.stderr
+    exported = tlreg("export", "base", str(tmp_path / "out.safetensors"))
+    assert exported.exit_code == 0 and exported.stdout.startswith("exported ")
+    last = exported.stderr.strip().splitlines()[-1]
+    assert done.match(last) and last.startswith("export "), exported.stderr
+    as_json = tlreg("import", str(weights_file), "--name", "again", "--json")
+    assert as_json.stderr == ""  # --json: no progress

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
+
 from tlreg.cli.progress import Progress, fmt_duration, progress
 
 
@@ -15,7 +17,7 @@ class _Tty(io.StringIO):
 
 def test_plain_mode_prints_start_and_end_lines_with_n_of_m_rate_and_duration() -> None:
     out = io.StringIO()  # not a terminal: plain lines
-    with progress("step", total=200, initial=60, file=out, every_s=3600) as bar:
+    with progress("step", total=200, initial=60, file=out, every_s=3600, announce=True) as bar:
         bar.update_to(80, ckpt="01a251e07114")
         bar.update_to(200, ckpt="01a251e081ca")
     lines = out.getvalue().splitlines()
@@ -50,3 +52,14 @@ def test_terminal_mode_draws_a_bar_with_n_of_m_and_messages_above_it() -> None:
 
 def test_durations_read_like_a_clock() -> None:
     assert [fmt_duration(s) for s in (0, 12.4, 185, 3723)] == ["0:00", "0:12", "3:05", "1:02:03"]
+
+
+def test_work_that_fails_prints_no_progress_line_and_short_work_only_its_last() -> None:
+    out = io.StringIO()
+    with pytest.raises(RuntimeError), progress("import", total=100, unit="B", file=out) as bar:
+        bar.update(40)
+        raise RuntimeError("the store refused a write")
+    assert out.getvalue() == ""  # the command's one error line says what happened
+    with progress("import", total=100, unit="B", file=out, plain=True) as bar:
+        bar.update(100)
+    assert out.getvalue().count("\n") == 1 and out.getvalue().startswith("import 100 B/100 B")
