@@ -294,19 +294,25 @@ class Manifest:
         """
         raw = data.encode() if isinstance(data, str) else data
         if isinstance(raw, bytes):
-            check_document(raw, name)  # before parsing: no RecursionError, bounded memory
-        elif value_depth(data) > MAX_DEPTH:
-            raise CorruptCheckpoint(f"{name} nests deeper than {MAX_DEPTH} levels")
+            check_document(raw, name)  # before parsing: bounded memory
         try:
             if isinstance(data, str | bytes):
                 data = json.loads(data)
+            too_deep = value_depth(data) > MAX_DEPTH
             if not isinstance(data, Mapping):
                 raise TypeError("not a JSON object")
-        except (ValueError, TypeError, RecursionError) as e:
+        except RecursionError:
+            too_deep = True  # deeper than the parser goes
+        except (ValueError, TypeError) as e:
             raise CorruptCheckpoint(
                 f"{name} is not valid JSON ({show(str(e))}); the file is damaged, "
                 "restore it from a copy"
             ) from None
+        if too_deep or not isinstance(data, Mapping):
+            raise CorruptCheckpoint(
+                f"{name} nests JSON deeper than {MAX_DEPTH} levels; "
+                "it is damaged or was not written by tlreg"
+            )
         fmt, version = data.get("format"), data.get("version")
         if fmt != FORMAT:
             raise UnsupportedFormat(
