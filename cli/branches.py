@@ -12,6 +12,7 @@ from tlreg.cli.common import (
     echo_json,
     json_option,
     pass_env,
+    resolve_live,
     short,
     table,
 )
@@ -99,8 +100,8 @@ def branch(
             )
     if task is not None:
         load_task(task)  # refuse an unknown task before anything is written
-    if from_ref is not None:  # a damaged checkpoint gets no new name (cheap: no byte reads)
-        quick_check(env.store, env.registry.resolve(from_ref).manifest)
+    if from_ref is not None:  # a pruned or damaged checkpoint gets no new name (no byte reads)
+        quick_check(env.store, resolve_live(env, from_ref, "branch from it").manifest)
     b = env.registry.create_branch(name, from_ref=from_ref, task=task)
     if as_json:
         echo_json(b.to_json())
@@ -180,7 +181,8 @@ def tag(
             f"give the REF to tag as well (tlreg has no current branch): tlreg tag {name} BRANCH"
         )
     _refuse_swapped(env, name, ref)
-    quick_check(env.store, env.registry.resolve(ref).manifest)  # a damaged one is refused
+    # a pruned or damaged checkpoint is refused (no byte reads)
+    quick_check(env.store, resolve_live(env, ref, "tag it").manifest)
     t = env.registry.tag(ref, name)
     if as_json:
         echo_json(t.to_json())

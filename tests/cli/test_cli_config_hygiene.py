@@ -168,10 +168,14 @@ def test_a_pruned_checkpoint_is_called_pruned_with_its_gc_date_everywhere(
         ("export", ids[1], str(tmp_path / "out.safetensors")),
         ("verify", ids[1]),
         ("diff", ids[1], ids[2]),
+        ("branch", "from-pruned", ids[1]),
+        ("tag", "v-pruned", ids[1]),
     ):
         line = _error(tlreg(*args), "pruned by garbage collection on", date)
         assert "damaged" not in line and "verify()" not in line
     assert not (tmp_path / "out.safetensors").exists()
+    assert "from-pruned" not in tlreg("branches").output
+    assert "v-pruned" not in tlreg("tag").output
     shown = tlreg("show", ids[1])
     assert shown.exit_code == 0
     assert f"pruned      {date} UTC by garbage collection" in shown.output
