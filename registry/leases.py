@@ -107,6 +107,17 @@ def leased_error(lease: Lease) -> BranchLeased:
     )
 
 
+def refuse_if_leased(s: Session, branch: str, doing: str) -> None:
+    """BranchLeased when ``branch`` has a live run: ``doing`` (e.g. "delete it") would pull
+    the branch from under it."""
+    row = s.get(m.BranchLease, branch)
+    if row is not None and utc(row.expires) > m.utcnow():
+        raise BranchLeased(
+            f"branch {branch!r} has a live run ({_lease(row).describe()}): cannot {doing} "
+            "while it runs; wait for it to end, or stop it"
+        )
+
+
 class Leases(Database):
     """Taking, heartbeating and releasing branch leases (mixed into ``Registry``)."""
 

@@ -210,10 +210,14 @@ class Refs(Database):
 
         Without ``force`` a branch that other branches were made from is refused
         (BranchHasDescendants), as ``git branch -d`` refuses unmerged work: its task and its
-        name are what those branches' lineage points back to.
+        name are what those branches' lineage points back to. A branch with a live run is
+        refused (BranchLeased), forced or not.
         """
+        from tlreg.registry.leases import refuse_if_leased  # (leases imports this module)
+
         with self._session(write=True) as s:
             branch_row(s, name, lock=True)
+            refuse_if_leased(s, name, "delete it")
             if not force:
                 children = _branched_from(s, name)
                 if children:
@@ -231,11 +235,15 @@ class Refs(Database):
         checkpoints and runs recorded on it move to the new name, in one transaction.
 
         Raises BranchNotFound, InvalidName, BranchExists (also when checkpoints of a deleted
-        branch still carry the name ``new``: they would mix with this branch's).
+        branch still carry the name ``new``: they would mix with this branch's), BranchLeased
+        (the branch has a live run).
         """
+        from tlreg.registry.leases import refuse_if_leased  # (leases imports this module)
+
         validate_name(new, "branch")
         with self._session(write=True) as s:
             row = branch_row(s, old, lock=True)
+            refuse_if_leased(s, old, "rename it")
             taken = s.get(m.Branch, new) is not None or (
                 old != new
                 and s.exec(select(m.Checkpoint.id).where(m.Checkpoint.branch == new)).first()

@@ -109,3 +109,22 @@ def test_a_registry_upgraded_to_v6_leases_branches_of_its_runs(registry_url: str
         assert (run.id, lease.holder) == (1, "run 1")
         with pytest.raises(BranchLeased):
             reg.acquire_lease("main", holder="another")
+
+
+def test_a_branch_with_a_live_run_is_neither_deleted_nor_renamed_until_it_ends(
+    registry: Registry,
+) -> None:
+    registry.create_branch("busy")
+    run, lease = registry.start_leased_run("busy", {})
+    for attempt in (
+        lambda: registry.delete_branch("busy"),
+        lambda: registry.delete_branch("busy", force=True),
+        lambda: registry.rename_branch("busy", "moved"),
+    ):
+        with pytest.raises(BranchLeased, match=rf"live run \(run {run.id} on host .*: cannot"):
+            attempt()
+    assert [b.name for b in registry.branches()] == ["busy"]
+    registry.release_lease(lease)
+    assert registry.rename_branch("busy", "moved").name == "moved"
+    registry.delete_branch("moved")
+    assert registry.branches() == []
