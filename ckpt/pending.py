@@ -51,6 +51,9 @@ class SaveStats:
     not copied)."""
     rank_new_bytes: list[int] = field(default_factory=list)
     """Object bytes written by each rank, by rank (one entry for a single process)."""
+    bytes_done: int = 0
+    """Bytes of this process's staged tensors stored so far (written, or found already
+    stored): live while the save runs, for a progress bar; ``bytes_copied`` once committed."""
 
 
 class PendingSave:
@@ -74,10 +77,18 @@ class PendingSave:
         self.stats = stats if stats is not None else SaveStats()
         self._manifest: Manifest | None = None
         self._fetch: Callable[[str], Manifest] | None = None
+        self.error_seen = False
+        """Whether :meth:`result` has raised the save's error to a caller (an owner that
+        closes with a failure nobody saw must report it)."""
 
     def result(self, timeout: float | None = None) -> str:
         """Wait for the save to commit and return the manifest id (re-raises its error)."""
-        return self.committed.result(timeout)
+        try:
+            return self.committed.result(timeout)
+        except BaseException:
+            if self.committed.done():
+                self.error_seen = True
+            raise
 
     def manifest(self, timeout: float | None = None) -> Manifest:
         """Wait for the save to commit and return the manifest it wrote (re-raises its error).

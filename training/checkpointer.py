@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tlreg.ckpt import AsyncCheckpointer, PendingSave
+from tlreg.ckpt import AsyncCheckpointer, CheckpointError, PendingSave
 from tlreg.registry import BranchExists, BranchNotFound, CheckpointRecord, Registry
 from tlreg.registry.leases import LeaseKeeper
 from tlreg.storage_backends import Store
@@ -394,17 +394,28 @@ class Checkpointer:
         and the registry :meth:`for_branch` opened; idempotent.
 
         The run this checkpointer recorded ends ``status`` (default: ``failed`` when a save
-        failed, else ``succeeded``) and its branch lease is released.
+        failed, else ``succeeded``) and its branch lease is released. Without ``status``, a
+        failed save whose error no ``result()`` raised raises
+        :class:`~tlreg.ckpt.CheckpointError` here once all that is done (so a ``with`` block
+        that ends normally does not hide it); with ``status``, the caller is already
+        reporting its own failure and nothing is raised.
         """
         if self._closed:
             return
         self._closed = True
         failed: list[tuple[int, BaseException]] = []
+        unseen: list[int] = []
+        report = status is None
         try:
             self.engine.close()
             self._commits.shutdown(wait=True)
             failed = [
                 (step, e) for step, p in self._pending if (e := p.committed.exception()) is not None
+            ]
+            unseen = [
+                step
+                for step, p in self._pending
+                if p.committed.exception() is not None and not p.error_seen
             ]
         finally:
             if status is None:
@@ -420,6 +431,11 @@ class Checkpointer:
             if self._owns_registry:
                 self._owns_registry = False
                 self.registry.close()
+        if report and unseen:
+            raise CheckpointError(
+                f"branch {self.branch!r}: {error}; the run is marked failed "
+                f"(unchecked failures at steps {_steps(unseen)})"
+            )
 
     def _end_run(self, status: str, error: str | None) -> None:
         """Finish the run this checkpointer recorded and give its lease back (once)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tlreg.ckpt import CheckpointError
 from tlreg.registry import BranchNotFound, Registry
 from tlreg.registry.leases import BranchLeased
 from tlreg.training import Checkpointer
@@ -134,6 +135,23 @@ def test_a_failed_save_fails_the_run(home: Path, registry: Registry) -> None:
     assert run.error is not None and run.error.startswith("1 checkpoints failed (first at step 3")
 
 
+def test_a_with_block_that_ends_normally_raises_the_saves_that_failed_unchecked(
+    home: Path, registry: Registry
+) -> None:
+    """The README's loop never calls result(): a failed save must not pass in silence."""
+    model = lower.build_model(0)
+    registry.create_branch("b")
+    with pytest.raises(CheckpointError, match=r"failed .*unchecked failures at steps 2, 3"):
+        with Checkpointer.for_branch("b") as ckpt:
+            ckpt.save(1, model=model).result()
+            registry.commit("b", "0" * 32, step=5, objects={})  # the head moves under it
+            ckpt.save(2, model=model)
+            ckpt.save(3, model=model)
+    (run,) = registry.runs("b")
+    assert run.status == "failed" and run.error is not None
+    assert run.error.startswith("2 checkpoints failed (first at step 2")
+
+
 def _script(home: Path, body: str, *args: str) -> subprocess.CompletedProcess[str]:
     code = textwrap.dedent(
         """
@@ -183,7 +201,7 @@ def test_a_save_that_cannot_commit_at_exit_is_reported_lost(home: Path, registry
         ckpt = Checkpointer.for_branch("b")
         ckpt.save(1, model=model).result()
         with Registry(os.environ["TLREG_REGISTRY_URL"]) as r:
-            r.delete_branch("b", force=True)  # its commit at exit cannot land
+            r.commit("b", "0" * 32, step=5, objects={})  # the head moved: step 2 cannot land
         ckpt.save(2, model=model)
         """,
     )
