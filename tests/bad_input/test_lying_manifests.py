@@ -351,3 +351,18 @@ def test_export_of_tied_weights_writes_each_name_and_of_no_model_refuses_in_one_
         assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
         assert "no model tensors to export" in result.output
     assert not (tmp_path / "none.safetensors").exists()
+
+
+@SQLITE
+def test_an_unterminated_string_of_escaped_quotes_is_refused_at_once(
+    tlreg: Callable, imported: tuple[LocalStore, str, str], snapshot: Callable
+) -> None:
+    """200 KB of \\" after an open quote: a regex scan of it took minutes (quadratic); JSON's
+    own parser refuses it in one pass."""
+    store, checkpoint, manifest_id = imported
+    store.put(manifest_key(manifest_id), b'{"format": "' + b'\\"' * 100_000)
+    before = snapshot()
+    result = tlreg("show", checkpoint)
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("Error: ") and "is not valid JSON" in result.output
+    assert snapshot() == before
