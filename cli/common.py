@@ -18,6 +18,7 @@ from tlreg.registry.errors import RegistryError
 from tlreg.storage_backends import Store, StoreError, open_store
 from tlreg.storage_backends.credentials import scrub, without_password
 from tlreg.training import ConfigError, Settings, TrainingError, load_settings
+from tlreg.training.config import same_store
 
 USER_ERRORS = (RegistryError, CheckpointError, StoreError, TrainingError)
 """Errors that are the user's to fix: printed as one line, exit status 1, no traceback."""
@@ -89,7 +90,7 @@ def check_store_matches(registry: Registry, settings: Settings) -> None:
     recorded = registry.get_meta("store_url")
     if recorded is None:
         return
-    if without_password(recorded) == without_password(settings.store_url):
+    if same_store(recorded, settings.store_url):
         return
     raise ConfigError(
         f"registry {without_password(settings.registry_url)} records store "

@@ -15,7 +15,7 @@ from tlreg.registry.core import FORCE_ENV
 from tlreg.storage_backends import Store
 from tlreg.storage_backends.credentials import without_password
 from tlreg.training import write_settings
-from tlreg.training.config import check_home_store
+from tlreg.training.config import check_home_store, same_store
 
 
 @click.group(cls=TlregGroup, context_settings=CONTEXT_SETTINGS)
@@ -75,7 +75,7 @@ def init(env: Env, registry_url: str | None, store_url: str | None, as_json: boo
         try:
             recorded = registry.get_meta("store_url")
             store_shown = without_password(settings.store_url)  # what is recorded and shown
-            if recorded is not None and without_password(recorded) != store_shown:
+            if recorded is not None and not same_store(recorded, store_shown):
                 raise click.ClickException(
                     f"registry {without_password(settings.registry_url)} already records store "
                     f"{without_password(recorded)!r}, not {store_shown!r}: "

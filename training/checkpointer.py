@@ -29,7 +29,7 @@ from tlreg.registry import BranchExists, BranchNotFound, CheckpointRecord, Regis
 from tlreg.registry.leases import LeaseKeeper
 from tlreg.storage_backends import Store
 from tlreg.storage_backends.credentials import without_password
-from tlreg.training.config import load_settings
+from tlreg.training.config import load_settings, same_store
 from tlreg.training.errors import CheckpointMismatch, ConfigError
 from tlreg.training.freeze import matches_any
 from tlreg.training.signature import common_prefix, prefix_tensor_names, signature
@@ -503,7 +503,7 @@ def _steps(steps: Sequence[int]) -> str:
 def _check_store(registry: Registry, store_url: str) -> None:
     """Refuse a store other than the one the registry records (as every CLI command does)."""
     recorded = registry.get_meta("store_url")
-    if recorded is not None and without_password(recorded) != without_password(store_url):
+    if recorded is not None and not same_store(recorded, store_url):
         raise ConfigError(
             f"registry records store {without_password(recorded)!r}, not "
             f"{without_password(store_url)!r}: unset TLREG_STORE_URL or use that store"

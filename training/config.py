@@ -57,16 +57,21 @@ def absolute_store_url(url: str, *, relative_to: Path | None = None) -> str:
         return url
     path = url[len("file://") :] if scheme == "file" else url
     expanded = Path(path).expanduser()
-    if expanded.is_absolute():
-        return url if scheme == "" or path.startswith("/") else str(expanded)
     base = relative_to if relative_to is not None else Path.cwd()
-    return os.path.normpath(base / expanded)
+    # one spelling per folder: no "~", "file://", trailing "/" or "." left to compare
+    return os.path.normpath(expanded if expanded.is_absolute() else base / expanded)
+
+
+def same_store(a: str, b: str) -> bool:
+    """Whether store URLs ``a`` and ``b`` name the same store (passwords aside; local paths
+    compared in the one spelling :func:`absolute_store_url` gives them)."""
+    return absolute_store_url(without_password(a)) == absolute_store_url(without_password(b))
 
 
 def check_home_store(url: str) -> None:
     """Refuse a store URL that cannot be a home's permanent store (``memory://``: it lives only
     as long as one process, so every later command would see an empty store)."""
-    if url.startswith("memory://"):
+    if "memory://" in url:  # also inside an fsspec chain (simplecache::memory://x)
         raise ConfigError(
             f"store {url!r} lives only in this process's memory and cannot be a home's store: "
             "pass a directory path or a URL like s3://bucket/prefix"

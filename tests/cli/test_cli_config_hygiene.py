@@ -86,6 +86,24 @@ def test_every_command_refuses_a_store_the_registry_does_not_record(
     assert tlreg("import", str(weights_file), "--name", "base").exit_code == 0
 
 
+def test_other_spellings_of_the_recorded_store_are_the_same_store(
+    tlreg: Callable, home: Path, weights_file: Path
+) -> None:
+    assert tlreg("init").exit_code == 0
+    store = home / "store"
+    for spelling in (f"{store}/", f"file://{store}", f"{store}/.", f"{store}/../store"):
+        assert tlreg("--store", spelling, "branches").exit_code == 0, spelling
+    assert (
+        tlreg("--store", f"file://{store}/", "import", str(weights_file), "--name", "b").exit_code
+        == 0
+    )
+
+
+def test_a_memory_store_inside_an_fsspec_chain_is_refused_too(tlreg: Callable, home: Path) -> None:
+    _error(tlreg("init", "--store", "simplecache::memory://x"), "memory://x", "directory path")
+    assert not (home / "tlreg.toml").exists()
+
+
 def test_an_http_store_is_one_error_line(tlreg: Callable, home: Path) -> None:
     _error(tlreg("init", "--store", "http://127.0.0.1:9/store"), "http://127.0.0.1:9/store")
     assert not (home / "tlreg.toml").exists()
