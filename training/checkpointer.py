@@ -29,7 +29,12 @@ from tlreg.registry import BranchExists, BranchNotFound, CheckpointRecord, Regis
 from tlreg.registry.leases import LeaseKeeper
 from tlreg.storage_backends import Store
 from tlreg.storage_backends.credentials import without_password
-from tlreg.training.config import load_settings, same_store
+from tlreg.training.config import (
+    absolute_store_url,
+    check_home_store,
+    load_settings,
+    same_store,
+)
 from tlreg.training.errors import CheckpointMismatch, ConfigError
 from tlreg.training.freeze import matches_any
 from tlreg.training.signature import common_prefix, prefix_tensor_names, signature
@@ -501,9 +506,15 @@ def _steps(steps: Sequence[int]) -> str:
 
 
 def _check_store(registry: Registry, store_url: str) -> None:
-    """Refuse a store other than the one the registry records (as every CLI command does)."""
+    """Refuse a store other than the one the registry records (as every CLI command does);
+    a registry that records none yet (a script made it) records this one, as ``tlreg init``
+    does, so that later commands are held to it."""
     recorded = registry.get_meta("store_url")
-    if recorded is not None and not same_store(recorded, store_url):
+    if recorded is None:
+        check_home_store(store_url)
+        registry.set_meta("store_url", without_password(absolute_store_url(store_url)))
+        return
+    if not same_store(recorded, store_url):
         raise ConfigError(
             f"registry records store {without_password(recorded)!r}, not "
             f"{without_password(store_url)!r}: unset TLREG_STORE_URL or use that store"

@@ -16,7 +16,7 @@ import torch
 from tlreg.ckpt import CheckpointError
 from tlreg.registry import BranchNotFound, Registry
 from tlreg.registry.leases import BranchLeased
-from tlreg.training import Checkpointer
+from tlreg.training import Checkpointer, ConfigError
 from tlreg.training.examples.digits import lower, upper
 
 TASK = "tlreg.training.examples.digits:upper"
@@ -47,6 +47,16 @@ def test_for_branch_on_a_missing_branch_says_how_to_create_it(
         Checkpointer.for_branch("nope")
     assert registry.branches() == []
     assert registry.runs() == []
+
+
+def test_a_registry_a_script_made_records_its_store_and_holds_later_users_to_it(
+    home: Path, registry: Registry, tmp_path: Path
+) -> None:
+    with Checkpointer.for_branch("b", create=True) as ckpt:
+        ckpt.save(1, model=lower.build_model(0)).result()
+    assert registry.get_meta("store_url") == str(home / "store")
+    with pytest.raises(ConfigError, match="records store"):
+        Checkpointer.for_branch("b", store_url=str(tmp_path / "other"))
 
 
 def test_for_branch_create_makes_the_branch_from_a_ref_with_its_task(
