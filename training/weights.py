@@ -189,6 +189,26 @@ def import_weights(
         raise
 
 
+def _named_tensors(model: object, record: CheckpointRecord) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor mapping safetensors writes, each name with its own bytes."""
+    if not isinstance(model, Mapping) or not model:
+        raise WeightsFormatError(f"checkpoint {record.id[:12]} has no model tensors to export")
+    tensors: dict[str, torch.Tensor] = {}
+    shared: set[int] = set()
+    for key, value in model.items():
+        if type(key) is not str or not isinstance(value, torch.Tensor):
+            raise WeightsFormatError(
+                f"checkpoint {record.id[:12]}: model entry {str(key)[:80]!r} is not a named "
+                "tensor; safetensors holds a flat mapping of names to tensors"
+            )
+        value = value.contiguous()
+        if value.numel() and value.data_ptr() in shared:
+            value = value.clone()  # tied weights: safetensors stores each name's own bytes
+        shared.add(value.data_ptr())
+        tensors[key] = value
+    return tensors
+
+
 def export_weights(
     ref: str,
     out: str | os.PathLike[str],
@@ -222,21 +242,8 @@ def export_weights(
                 model = engine.load(record.manifest, prefix="model", on_bytes=read).get("model")
             except KeyError:  # the state has no "model" entry
                 model = None
-    if not isinstance(model, Mapping) or not model:
-        raise WeightsFormatError(f"checkpoint {record.id[:12]} has no model tensors to export")
-    tensors: dict[str, torch.Tensor] = {}
-    shared: set[int] = set()
-    for key, value in model.items():
-        if type(key) is not str or not isinstance(value, torch.Tensor):
-            raise WeightsFormatError(
-                f"checkpoint {record.id[:12]}: model entry {str(key)[:80]!r} is not a named "
-                "tensor; safetensors holds a flat mapping of names to tensors"
-            )
-        value = value.contiguous()
-        if value.numel() and value.data_ptr() in shared:
-            value = value.clone()  # tied weights: safetensors stores each name's own bytes
-        shared.add(value.data_ptr())
-        tensors[key] = value
+            # checked inside the bar: a refused export prints its one error line, no progress
+            tensors = _named_tensors(model, record)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
