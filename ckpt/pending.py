@@ -78,8 +78,8 @@ class PendingSave:
         self._manifest: Manifest | None = None
         self._fetch: Callable[[str], Manifest] | None = None
         self.error_seen = False
-        """Whether :meth:`result` has raised the save's error to a caller (an owner that
-        closes with a failure nobody saw must report it)."""
+        """Whether :meth:`result` or :meth:`error` has handed the save's error to a caller
+        (an owner that closes with a failure nobody saw must report it)."""
 
     def result(self, timeout: float | None = None) -> str:
         """Wait for the save to commit and return the manifest id (re-raises its error)."""
@@ -89,6 +89,14 @@ class PendingSave:
             if self.committed.done():
                 self.error_seen = True
             raise
+
+    def error(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the save to end and return its error (None once committed); like
+        :meth:`result`, a returned error counts as seen by the caller."""
+        error = self.committed.exception(timeout)
+        if error is not None:
+            self.error_seen = True
+        return error
 
     def manifest(self, timeout: float | None = None) -> Manifest:
         """Wait for the save to commit and return the manifest it wrote (re-raises its error).

@@ -156,7 +156,7 @@ def _drain(
     newest = None
     while pending and pending[0][1].committed.done():
         step, p, stall_ms = pending.pop(0)
-        error = p.committed.exception()
+        error = p.error()  # seen here: reported as an event, not again at close
         if error is None:
             newest = p.committed.result()
             emit(
