@@ -464,14 +464,17 @@ class Checkpointer:
             return
         pending = list(self._pending)
         waiting = [step for step, p in pending if not p.committed.done()]
-        if waiting:
-            print(
-                f"tlreg: Checkpointer for branch {self.branch!r} was not closed at exit: "
-                f"committing {len(waiting)} pending saves (steps {_steps(waiting)}); call "
-                "close() or use a with block",
-                file=sys.stderr,
-                flush=True,
-            )
+        doing = (
+            f"committing {len(waiting)} pending saves (steps {_steps(waiting)})"
+            if waiting
+            else "closing it"
+        )
+        print(
+            f"tlreg: Checkpointer for branch {self.branch!r} was not closed at exit: {doing}; "
+            "call close() or use a with block",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             self.close()
         except BaseException as e:  # the interpreter is ending: say so, do not raise

@@ -186,7 +186,13 @@ def test_saves_never_awaited_are_committed_at_exit_with_a_warning(
     proc = _script(
         home,
         """
+        import time
         ckpt = Checkpointer.for_branch("b")
+        commit = ckpt.registry.commit
+        def slow_commit(*args, **kwargs):  # both saves are still pending when the script ends
+            time.sleep(1.0)
+            return commit(*args, **kwargs)
+        ckpt.registry.commit = slow_commit
         ckpt.save(1, model=model)
         ckpt.save(2, model=model)
         """,
@@ -197,6 +203,26 @@ def test_saves_never_awaited_are_committed_at_exit_with_a_warning(
         "(steps 1, 2); call close() or use a with block"
     ) in proc.stderr
     assert [r.step for r in registry.log("b")] == [2, 1]
+    (run,) = registry.runs("b")
+    assert run.status == "succeeded"
+
+
+def test_a_checkpointer_left_open_with_nothing_pending_is_closed_at_exit_with_a_warning(
+    home: Path, registry: Registry
+) -> None:
+    registry.create_branch("b")
+    proc = _script(
+        home,
+        """
+        ckpt = Checkpointer.for_branch("b")
+        ckpt.save(1, model=model).result()
+        """,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (
+        "tlreg: Checkpointer for branch 'b' was not closed at exit: closing it; "
+        "call close() or use a with block\n"
+    )
     (run,) = registry.runs("b")
     assert run.status == "succeeded"
 
