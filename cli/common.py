@@ -13,6 +13,7 @@ from click.shell_completion import CompletionItem
 from sqlalchemy.exc import DBAPIError
 
 from tlreg.ckpt.errors import CheckpointError
+from tlreg.cli.units import fmt_bytes as fmt_bytes  # the commands import it from here
 from tlreg.registry import CheckpointRecord, Registry
 from tlreg.registry.errors import RegistryError
 from tlreg.storage_backends import Store, StoreError, open_store
@@ -200,15 +201,6 @@ def fmt_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
     )
-
-
-def fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def pruned_mark(r: CheckpointRecord) -> str:

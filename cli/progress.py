@@ -29,6 +29,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from tlreg.cli.units import fmt_bytes
+
 PLAIN_EVERY_S = 10.0
 """Seconds between two lines of a plain (not a terminal) progress report."""
 
@@ -42,14 +44,7 @@ def fmt_duration(seconds: float) -> str:
 
 
 def _fmt_amount(n: float, unit: str) -> str:
-    if unit != "B":
-        return f"{int(n)}"
-    value = float(n)
-    for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or suffix == "TiB":
-            return f"{int(value)} B" if suffix == "B" else f"{value:.1f} {suffix}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return fmt_bytes(n) if unit == "B" else f"{int(n)}"
 
 
 class Progress:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from markupsafe import Markup, escape
 
+from tlreg.cli.units import fmt_bytes
 from tlreg.registry import CheckpointRecord
 
 COLLAPSE_MIN = 4
@@ -194,15 +195,6 @@ def _metric(r: CheckpointRecord, metric: str | None) -> float | None:
     return None if metric is None else r.metrics.get(metric)
 
 
-def fmt_size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _fmt_value(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else str(v)
 
@@ -256,7 +248,7 @@ def render_svg(graph: Graph, *, link: Callable[[str], str] | None = None) -> Mar
             if graph.metric is not None:
                 value = "-" if n.metric is None else _fmt_value(n.metric)
                 lines.append(f"{_cut(graph.metric, 14)} {value}")
-        lines.append(f"new {fmt_size(n.new_bytes)} · reused {fmt_size(n.reused_bytes)}")
+        lines.append(f"new {fmt_bytes(n.new_bytes)} · reused {fmt_bytes(n.reused_bytes)}")
         body = [
             f'<rect class="box" x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="6"/>',
         ]

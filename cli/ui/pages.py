@@ -21,7 +21,8 @@ from markupsafe import Markup
 from tlreg.ckpt import Manifest, read_manifest
 from tlreg.ckpt.diff import diff_manifests
 from tlreg.ckpt.errors import CheckpointError
-from tlreg.cli.ui.graph import Graph, build_graph, fmt_size, render_svg
+from tlreg.cli.ui.graph import Graph, build_graph, render_svg
+from tlreg.cli.units import fmt_bytes
 from tlreg.registry import CheckpointRecord, Registry
 from tlreg.storage_backends import Store, StoreError
 
@@ -44,7 +45,7 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["size"] = fmt_size
+    env.filters["size"] = fmt_bytes
     env.filters["short"] = lambda cid: (cid or "-")[:12]
     env.filters["num"] = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else v)
     env.filters["when"] = lambda d: "-" if d is None else d.strftime("%Y-%m-%d %H:%M:%S")
@@ -115,7 +116,7 @@ def parent_changes(
             out[r.id] = None
             continue
         changed = len(diff_manifests(theirs, mine).changes)
-        out[r.id] = f"Δ {changed} tensors · {fmt_size(shared_bytes(mine, theirs))} shared"
+        out[r.id] = f"Δ {changed} tensors · {fmt_bytes(shared_bytes(mine, theirs))} shared"
     return out
 
 
