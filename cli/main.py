@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from pathlib import Path
@@ -15,7 +16,8 @@ from tlreg.registry.core import FORCE_ENV
 from tlreg.storage_backends import Store
 from tlreg.storage_backends.credentials import without_password
 from tlreg.training import write_settings
-from tlreg.training.config import check_home_store, same_store
+from tlreg.training.config import absolute_tier, check_home_store, same_store
+from tlreg.training.preflight import check_local_tier
 
 
 @click.group(cls=TlregGroup, context_settings=CONTEXT_SETTINGS)
@@ -55,19 +57,36 @@ def cli(
 @cli.command()
 @click.option("--registry", "registry_url", help="Registry URL to record in tlreg.toml.")
 @click.option("--store", "store_url", help="Store path or URL to record in tlreg.toml.")
+@click.option(
+    "--local-tier",
+    metavar="PATH",
+    help="Node-local directory in front of the store, to record in tlreg.toml "
+    "({node} expands to the Ray node id; default: TLREG_LOCAL_TIER, else none).",
+)
 @json_option
 @pass_env
-def init(env: Env, registry_url: str | None, store_url: str | None, as_json: bool) -> None:
+def init(
+    env: Env,
+    registry_url: str | None,
+    store_url: str | None,
+    local_tier: str | None,
+    as_json: bool,
+) -> None:
     """Create the registry and store, and write tlreg.toml.
 
     \b
     Example:
       tlreg init --store s3://bucket/prefix
       tlreg init --registry postgresql+psycopg://me@db/tlreg --store /data/store
+      tlreg init --store s3://bucket/prefix --local-tier '/local/nvme/tlreg/{node}'
     """
     env.override(registry_url=registry_url, store_url=store_url)
     settings = env.settings
+    if local_tier:
+        settings = dataclasses.replace(settings, local_tier=absolute_tier(local_tier))
     check_home_store(settings.store_url)
+    if settings.local_tier:
+        check_local_tier(settings.local_tier, settings.store_url)
     created = _missing_folders(env.store)
     try:
         _probe(env.store)  # a bad URL, credentials or bucket fails here, before anything is written
@@ -95,6 +114,7 @@ def init(env: Env, registry_url: str | None, store_url: str | None, as_json: boo
         "config": str(path),
         "registry_url": settings.registry_url,
         "store_url": store_shown,
+        "local_tier": settings.local_tier,
     }
     shown = without_password(settings.registry_url)
     info["registry_url"] = shown
@@ -104,6 +124,8 @@ def init(env: Env, registry_url: str | None, store_url: str | None, as_json: boo
         click.echo(f"initialised tlreg in {settings.home}")
         click.echo(f"  registry  {shown}")
         click.echo(f"  store     {store_shown}")
+        if settings.local_tier:
+            click.echo(f"  local tier {settings.local_tier}")
         if shown != settings.registry_url:
             click.echo("  the registry password was not saved: set PGPASSWORD or use ~/.pgpass")
         if store_shown != settings.store_url:

@@ -17,6 +17,7 @@ from tlreg.cli.common import Env, echo_json, fmt_bytes, json_option, pass_env, s
 from tlreg.cli.progress import Progress
 from tlreg.training import TrainConfig
 from tlreg.training import train as run_training
+from tlreg.training.config import absolute_tier
 from tlreg.training.errors import ConfigError
 from tlreg.training.events import (
     Checkpointed,
@@ -68,6 +69,25 @@ def config_option(name: str, help: str, **attrs: Any) -> Callable[[F], F]:
     "on_checkpoint_error",
     "A checkpoint that fails to commit stops the run (it fails), or training continues.",
     type=click.Choice(["stop", "continue"]),
+)
+@click.option(
+    "--local-tier",
+    metavar="PATH",
+    help="Node-local directory in front of the store; {node} expands to the Ray node id "
+    "(default: TLREG_LOCAL_TIER, tlreg.toml's local_tier, else none).",
+)
+@config_option(
+    "persist_every",
+    "With --local-tier: drain every M-th step's checkpoint to the store (a multiple of "
+    "--checkpoint-every; default: every checkpoint).",
+    type=int,
+    metavar="M",
+)
+@config_option("local_keep", "With --local-tier: local-only checkpoints kept on the tier.")
+@config_option(
+    "drain_bytes_per_s",
+    "With --local-tier: each node drains at most this many bytes/s (default: no cap).",
+    type=float,
 )
 @json_option
 @pass_env
@@ -171,11 +191,13 @@ def train_config(
             f"resuming {branch!r} as run {run_id} trained it: {' '.join(reused)} "
             "(give a flag again to override)"
         )
+    tier = merged.pop("local_tier", None)
     return TrainConfig(
         branch=branch,
         task=task,
         registry_url=env.settings.registry_url,
         store_url=env.settings.store_url,
+        local_tier=absolute_tier(tier) if tier else env.settings.local_tier,
         **merged,
     )
 
@@ -229,7 +251,13 @@ class TrainProgress(ProgressListener):
         if event.checkpoint is None:
             self.echo("starting from scratch (empty branch)")
         elif event.resumed:
-            self.echo(f"resuming from {short(event.checkpoint)} at step {event.step}")
+            where = f" from the {event.tier} tier" if event.tier else ""
+            if event.lost:
+                self.echo(
+                    f"{len(event.lost)} local checkpoints lost with their node "
+                    f"({', '.join(short(c) for c in event.lost)}): never served"
+                )
+            self.echo(f"resuming from {short(event.checkpoint)} at step {event.step}{where}")
             self.ckpt = f"{short(event.checkpoint)}@{event.step}"
         else:
             self.echo(

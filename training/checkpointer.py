@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tlreg.ckpt import AsyncCheckpointer, CheckpointError, PendingSave
+from tlreg.ckpt.tiers import expand_tier, node_id
 from tlreg.registry import BranchExists, BranchNotFound, CheckpointRecord, Registry
 from tlreg.registry.leases import LeaseKeeper
 from tlreg.storage_backends import Store
@@ -59,6 +60,20 @@ class RestoreReport:
     matched_layers: int | None = None
     """Layers whose structure matches the checkpoint's architecture signature (transfer from a
     checkpoint that recorded one); only their tensors are candidates for transfer."""
+    tiers: dict[str, int] = field(default_factory=dict)
+    """With a local tier: bytes read from each tier ("local", "peer", "shared")."""
+
+    @property
+    def tier(self) -> str | None:
+        """Where the restore read from with a local tier: "local" (this node's tier or a
+        peer's), "shared" (the store) or "local+shared"; None without a local tier."""
+        if not self.tiers:
+            return None
+        near = self.tiers.get("local", 0) + self.tiers.get("peer", 0)
+        far = self.tiers.get("shared", 0)
+        if far and near:
+            return "local+shared"
+        return "shared" if far else "local"
 
 
 def state_of(stateful: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +141,10 @@ class Checkpointer:
         process_group: Any = None,
         record_run: bool = False,
         run_config: Mapping[str, Any] | None = None,
+        local_tier: str | Store | None = None,
+        persist_every: int | None = None,
+        local_keep: int = 2,
+        drain_bytes_per_s: float | None = None,
     ) -> None:
         self.registry = registry
         self._owns_registry = False
@@ -150,13 +169,33 @@ class Checkpointer:
             run, lease = registry.start_leased_run(self.branch, config)
             run_id = run.id
             self._keeper = LeaseKeeper(registry, lease).start()
+        if local_keep < 1:
+            raise ValueError(f"local_keep must be >= 1, got {local_keep}")
+        if persist_every is not None and persist_every < 1:
+            raise ValueError(f"persist_every must be >= 1, got {persist_every}")
+        # (a script that never imported Ray runs on no Ray node: no Ray import for it)
+        self.node = node_id() if "ray" in sys.modules else socket.gethostname()
+        """This rank's node (the Ray node id inside Ray, else the host name)."""
+        self.local_tier = (
+            expand_tier(local_tier, self.node) if isinstance(local_tier, str) else local_tier
+        )
+        """This rank's node-local tier (``{node}`` expanded), or None."""
+        self.persist_every = persist_every if self.local_tier is not None else None
+        self.local_keep = local_keep
+        self.nodes = _gather_nodes(self.node, process_group)
+        self._tier_saves: list[tuple[bool, PendingSave]] = []
+        """The node of each rank, by rank (every rank learns all of them)."""
         # a URL is opened (and later closed) by the engine; a Store object stays the caller's
         try:
+            tiers: dict[str, Any] = {}
+            if self.local_tier is not None:
+                tiers = {"local_tier": self.local_tier, "drain_bytes_per_s": drain_bytes_per_s}
             self.engine = AsyncCheckpointer(
                 store,
                 lazy=lazy,
                 max_inflight_bytes=max_inflight_bytes,
                 process_group=process_group,
+                **tiers,
             )
         except BaseException as e:
             self._end_run("failed", f"{type(e).__name__}: {e}")
@@ -164,7 +203,12 @@ class Checkpointer:
         self.run_id = run_id
         """The Run row checkpoints and :meth:`log_metrics` are recorded under (None: none)."""
         self._expected_head = found.head
+        self._parent = found.head
+        """The checkpoint the next commit continues from (the head, unless a restore went
+        back behind it)."""
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlreg-commit")
+        # marks drained saves shared, in save order, without holding up the next local commit
+        self._shares = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlreg-shared")
         self._lock = threading.Lock()
         self.last_restore = RestoreReport()
         """What the latest :meth:`restore` did."""
@@ -248,9 +292,18 @@ class Checkpointer:
         step: int,
         *,
         metrics: Mapping[str, float] | None = None,
+        persist: bool | None = None,
         **stateful: Any,
     ) -> PendingSave:
-        """Checkpoint ``model=``, ``optimizer=``, ``scheduler=`` and ``extra=`` at ``step``."""
+        """Checkpoint ``model=``, ``optimizer=``, ``scheduler=`` and ``extra=`` at ``step``.
+
+        With a local tier, the checkpoint is committed to the registry as ``local`` (with the
+        nodes holding its shares) once every rank's share and the manifest are durable on the
+        node-local tiers (``pending.local``), then marked ``shared`` once drained to the store
+        (``pending.committed``) when ``persist`` (default: every ``persist_every``-th step,
+        or every step without ``persist_every``); a local-only save's ``committed`` completes
+        with ``local``. Without a local tier, ``persist`` is ignored.
+        """
         if self._closed:
             raise RuntimeError(f"Checkpointer for branch {self.branch!r} is closed")
         if self._keeper is not None and self._keeper.lost.is_set():
@@ -266,34 +319,71 @@ class Checkpointer:
             # Lets the engine skip frozen, unchanged tensors without copying or hashing them.
             self.engine.attach_model(_unwrap(model))
             arch = signature(_unwrap(model))
-        inner = self.engine.save(state, step=step, metadata={"branch": self.branch})
+        tiered = self.local_tier is not None
+        if persist is None:
+            persist = self.persist_every is None or step % self.persist_every == 0
+        if tiered:
+            self._maybe_prune_local()
+            inner = self.engine.save(
+                state, step=step, metadata={"branch": self.branch}, persist=persist
+            )
+            self._tier_saves.append((persist, inner))
+        else:
+            inner = self.engine.save(state, step=step, metadata={"branch": self.branch})
         if self.rank != 0:
             return inner  # rank 0 alone commits to the registry
         outer = PendingSave(staged=inner.staged, committed=Future(), stats=inner.stats)
         outer.committed.set_running_or_notify_cancel()
+        local: Future[str] = Future()
+        local.set_running_or_notify_cancel()
+        outer.local = local  # the engine's field; here a registry id
+        outer.tier = "shared" if persist or not tiered else "local"
         metrics = dict(metrics or {})
+        nodes = tuple(dict.fromkeys(self.nodes))  # each once, in rank order
 
         def commit() -> None:
             try:
-                manifest = inner.manifest()  # what the commit wrote: no second read
-                manifest_id = inner.result()
+                if tiered:
+                    manifest_id = inner.local.result()
+                    manifest = self.engine.manifest(manifest_id)  # from rank 0's own tier
+                else:
+                    manifest = inner.manifest()  # what the commit wrote: no second read
+                    manifest_id = inner.result()
                 with self._lock:
                     record = self.registry.commit(
                         self.branch,
                         manifest_id,
                         step=step,
-                        parents=[self._expected_head] if self._expected_head else [],
+                        parents=[self._parent] if self._parent else [],
                         objects=manifest.objects,
                         metrics=metrics,
                         expected_head=self._expected_head,
                         logical_bytes=manifest.logical_bytes,
                         run_id=self.run_id,
                         signature=arch,
+                        **({"tier": "local", "nodes": nodes} if tiered else {}),
                     )
-                    self._expected_head = record.id
-                outer._finish(record.id, None, manifest)
+                    self._expected_head = self._parent = record.id
             except BaseException as e:  # surfaced through pending.result()
+                local.set_exception(e)
                 outer._finish(None, e)
+                return
+            local.set_result(record.id)
+            if not tiered:
+                outer._finish(record.id, None, manifest)
+            elif not persist:
+                outer._finish(record.id, None, manifest)
+            else:
+                self._shares.submit(share, record.id, manifest)
+
+        def share(record_id: str, manifest: Any) -> None:
+            try:
+                inner.result()  # drained: every rank's objects, then the manifest, in the store
+                self.registry.mark_shared(record_id)
+            except BaseException as e:  # the checkpoint stays local (and restorable there)
+                outer._finish(None, e)
+                return
+            outer._finish(record_id, None, manifest)
 
         self._commits.submit(commit)
         with self._lock:
@@ -305,6 +395,34 @@ class Checkpointer:
             ]
             self._pending.append((step, outer))
         return outer
+
+    def _load_tiers(self) -> dict[str, int]:
+        if self.local_tier is None:
+            return {}
+        return dict(getattr(self.engine, "last_load_tiers", None) or {})
+
+    def _maybe_prune_local(self) -> None:
+        """Once a save has been drained, drop from this node's tier the local-only
+        checkpoints older than it beyond the last ``local_keep`` (and every object no kept one
+        references). Run before the next save, only while none of this rank's saves is on its
+        way to the tier: a prune never races a write, and the saves from the newest shared
+        one on (the ones a drain may still read) are always kept."""
+        saves = self._tier_saves
+        shared = [i for i, (persist, p) in enumerate(saves) if persist and p.committed.done()]
+        if not shared or not all(p.local.done() for _, p in saves):
+            return
+        newest = shared[-1]
+        if saves[newest][1].committed.exception() is not None:
+            return
+        keep = {p.local.result() for _, p in saves[newest:]}
+        locals_ = self.registry.local_checkpoints(self.branch)
+        keep.update(c.manifest for c in locals_[: self.local_keep])
+        keep.update(p.local.result() for _, p in saves[max(0, newest - self.local_keep) : newest])
+        self._tier_saves = saves[newest:]
+        try:
+            self.engine.prune_local(keep)
+        except Exception as e:  # a tier fuller than it need be is not a failed save
+            print(f"tlreg: pruning the local tier {self.local_tier} failed: {e}", file=sys.stderr)
 
     def log_metrics(self, step: int, **values: float) -> None:
         """Record metric values at ``step`` in this checkpointer's run (``tlreg runs``, the
@@ -353,14 +471,19 @@ class Checkpointer:
             else None
         )
         self._expected_head = branch_head  # (only once the ref resolved)
+        self._parent = branch_head
         if record is None:
             return RestoreReport()
         resumed = record.branch == self.branch
+        if resumed and self.local_tier is not None and record.id != branch_head:
+            # resuming behind the head (its newer checkpoints were lost with their node): the
+            # next commit continues from what was restored, and moves the head past the rest
+            self._parent = record.id
         model = stateful.get("model")
         # resuming, the model's own tensors are read in place (no second copy of the model)
         into = {"model": _unwrap(model).state_dict()} if resumed and model is not None else None
         state = self.engine.load(record.manifest, prefix=None if resumed else "model", into=into)
-        report = RestoreReport(checkpoint=record, resumed=resumed)
+        report = RestoreReport(checkpoint=record, resumed=resumed, tiers=self._load_tiers())
         if model is not None:
             allowed = None
             if not resumed and record.signature is not None:
@@ -414,6 +537,7 @@ class Checkpointer:
         try:
             self.engine.close()
             self._commits.shutdown(wait=True)
+            self._shares.shutdown(wait=True)
             failed = [
                 (step, e) for step, p in self._pending if (e := p.committed.exception()) is not None
             ]
@@ -502,6 +626,21 @@ class Checkpointer:
             self.close(status="stopped", error="KeyboardInterrupt")
         else:
             self.close(status="failed", error=f"{exc_type.__name__}: {exc}")
+
+
+def _gather_nodes(node: str, process_group: Any) -> tuple[str, ...]:
+    """Every rank's node id, by rank: gathered as byte tensors (nothing pickled)."""
+    if process_group is None:
+        return (node,)
+    import torch.distributed as dist
+
+    raw = node.encode()[:255]
+    mine = torch.zeros(256, dtype=torch.uint8)
+    mine[0] = len(raw)
+    mine[1 : 1 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, mine, group=process_group)
+    return tuple(bytes(t[1 : 1 + int(t[0])].tolist()).decode() for t in gathered)
 
 
 def _steps(steps: Sequence[int]) -> str:

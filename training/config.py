@@ -1,8 +1,9 @@
 """Where the registry and the store live, and what one training run does.
 
 Settings precedence, highest first: explicit arguments (CLI flags), environment (``TLREG_HOME``,
-``TLREG_REGISTRY_URL``, ``TLREG_STORE_URL``), ``$TLREG_HOME/tlreg.toml``, then the embedded
-defaults: a SQLite registry and a store directory inside ``TLREG_HOME`` (``~/.tlreg``).
+``TLREG_REGISTRY_URL``, ``TLREG_STORE_URL``, ``TLREG_LOCAL_TIER``), ``$TLREG_HOME/tlreg.toml``,
+then the embedded defaults: a SQLite registry and a store directory inside ``TLREG_HOME``
+(``~/.tlreg``), and no node-local tier.
 Credentials never go here: stores read them from the environment or the provider's config.
 """
 
@@ -31,6 +32,9 @@ class Settings:
     """SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql+psycopg://...``."""
     store_url: str
     """Path or URL of the object store (file path, file://, s3://bucket/prefix, ...)."""
+    local_tier: str | None = None
+    """Node-local directory in front of the store (``{node}`` expands to the node id), or
+    None: every checkpoint goes straight to the store."""
 
     def __post_init__(self) -> None:
         # A relative sqlite path would silently depend on the working directory of each
@@ -93,7 +97,7 @@ def _read_toml(path: Path) -> dict[str, str]:
     section = data.get("tlreg", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [tlreg] must be a table")
-    unknown = set(section) - {"registry_url", "store_url"}
+    unknown = set(section) - {"registry_url", "store_url", "local_tier"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)} in [tlreg]")
     return {k: str(v) for k, v in section.items()}
@@ -104,6 +108,7 @@ def load_settings(
     home: str | os.PathLike[str] | None = None,
     registry_url: str | None = None,
     store_url: str | None = None,
+    local_tier: str | None = None,
 ) -> Settings:
     """Resolve the settings with the precedence described in the module docstring.
 
@@ -129,7 +134,24 @@ def load_settings(
         store = absolute_store_url(file_values["store_url"], relative_to=home_path)
     else:
         store = str(home_path / "store")
-    return Settings(home=home_path, registry_url=registry, store_url=store)
+    tier = (
+        local_tier
+        if local_tier is not None
+        else os.environ.get("TLREG_LOCAL_TIER") or file_values.get("local_tier")
+    )
+    return Settings(
+        home=home_path,
+        registry_url=registry,
+        store_url=store,
+        local_tier=absolute_tier(tier) if tier else None,
+    )
+
+
+def absolute_tier(path: str) -> str:
+    """A local tier path made absolute (``~`` expanded; ``{node}`` kept as written): each Ray
+    worker expands it on its own node, whatever its working directory."""
+    expanded = os.path.expanduser(path)
+    return os.path.normpath(expanded if os.path.isabs(expanded) else os.path.abspath(expanded))
 
 
 def write_settings(settings: Settings) -> Path:
@@ -152,6 +174,8 @@ def write_settings(settings: Settings) -> Path:
         f"registry_url = {_toml_str(without_password(settings.registry_url))}\n"
         f"store_url = {_toml_str(without_password(store_url))}\n"
     )
+    if settings.local_tier:
+        body += f"local_tier = {_toml_str(settings.local_tier)}\n"
     partial = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
     try:
         partial.unlink(missing_ok=True)  # a stale one would keep its mode
@@ -210,6 +234,15 @@ class TrainConfig:
     on_checkpoint_error: str = "stop"
     """What a checkpoint that fails to commit does: "stop" the run (it fails, with the
     cause) or "continue" training (each failure is reported when it happens)."""
+    local_tier: str | None = None
+    """Node-local directory in front of the store (``{node}``: the Ray node id); None: none."""
+    persist_every: int | None = None
+    """With a local tier: drain every M-th step's checkpoint to the store (M a multiple of
+    ``checkpoint_every``); None: every checkpoint is drained."""
+    local_keep: int = 2
+    """With a local tier: local-only checkpoints kept on it once a newer one is shared."""
+    drain_bytes_per_s: float | None = None
+    """With a local tier: each node's drainer copies at most this many bytes/s (None: no cap)."""
 
     def __post_init__(self) -> None:
         # Each rule is checked here once so that workers never start with a bad config.
@@ -230,4 +263,30 @@ class TrainConfig:
                 f"--on-checkpoint-error must be 'stop' or 'continue', "
                 f"got {self.on_checkpoint_error!r}"
             )
+        if self.persist_every is not None:
+            if self.local_tier is None:
+                raise ConfigError(
+                    f"--persist-every {self.persist_every} needs a local tier (every checkpoint "
+                    "goes to the store without one): pass --local-tier PATH or drop --persist-every"
+                )
+            if self.persist_every < 1 or self.persist_every % self.checkpoint_every:
+                raise ConfigError(
+                    f"--persist-every {self.persist_every} is not a multiple of "
+                    f"--checkpoint-every {self.checkpoint_every}: pass e.g. --persist-every "
+                    f"{self.checkpoint_every * max(1, self.persist_every // self.checkpoint_every)}"
+                )
+        if self.local_keep < 1:
+            raise ConfigError(f"--local-keep must be >= 1, got {self.local_keep}")
+        if self.drain_bytes_per_s is not None and self.drain_bytes_per_s <= 0:
+            raise ConfigError(
+                f"--drain-bytes-per-s must be > 0, got {self.drain_bytes_per_s} "
+                "(leave it out for no cap)"
+            )
         self.freeze = tuple(self.freeze)
+
+    def persists(self, step: int) -> bool:
+        """Whether the checkpoint at ``step`` goes on to the shared store (always without a
+        local tier; with one, every ``persist_every``-th step and the last)."""
+        if self.local_tier is None or self.persist_every is None:
+            return True
+        return step % self.persist_every == 0 or step == self.steps

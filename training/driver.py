@@ -58,6 +58,12 @@ class TrainSummary(ProgressListener):
     skipped: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     matched_layers: int | None = None
+    restored_tier: str | None = None
+    """With a local tier: where the last restore read from ("local", "shared", "local+shared")."""
+    lost: list[str] = field(default_factory=list)
+    """Checkpoints marked lost (local-only on a node that is gone) by the run's restores."""
+    restores: int = 0
+    """Restores of the worker group: 1, plus one per restart after a failure."""
     evals: list[Evaluated] = field(default_factory=list)
     checkpoints: list[Checkpointed] = field(default_factory=list)
     checkpoint_errors: list[CheckpointFailed] = field(default_factory=list)
@@ -87,6 +93,9 @@ class TrainSummary(ProgressListener):
         self.skipped = list(event.skipped)
         self.frozen = list(event.frozen)
         self.matched_layers = event.matched_layers
+        self.restored_tier = event.tier
+        self.lost += [c for c in event.lost if c not in self.lost]
+        self.restores += 1
         # A restarted worker group replays from the last commit: drop what it will redo.
         self.evals = [e for e in self.evals if e.step <= event.step]
 

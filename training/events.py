@@ -76,6 +76,11 @@ class Restored:
     """Parameters that do not train."""
     matched_layers: int | None
     """Layers whose structure matched the checkpoint's (a transfer with a signature)."""
+    tier: str | None = None
+    """Where the bytes came from with a local tier: "local" (this node's tier or a peer's),
+    "shared" (the store), "local+shared" (both); None without a local tier."""
+    lost: tuple[str, ...] = ()
+    """Checkpoints marked lost before the restore (local-only on a node that is gone)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tlreg.registry import CheckpointRecord, Registry
 from tlreg.registry.leases import leased_error
 from tlreg.storage_backends import StoreError, open_store
 from tlreg.storage_backends.credentials import without_password
-from tlreg.training.config import TrainConfig
+from tlreg.training.config import TrainConfig, absolute_store_url
 from tlreg.training.errors import ConfigError
 from tlreg.training.freeze import matches_any
 from tlreg.training.task import Task, load_task
@@ -60,8 +64,9 @@ def preflight(config: TrainConfig, registry: Registry, *, probe_store: bool = Tr
     """Check ``config`` against the registry, the task and the store before Ray starts.
 
     Raises TaskNotFound, BranchNotFound, BranchLeased (another run trains the branch),
-    ConfigError (target step already reached; a ``--freeze`` glob that matches no parameter)
-    or StoreError (the store cannot be written).
+    ConfigError (target step already reached; a ``--freeze`` glob that matches no parameter;
+    the store or the local tier cannot be written; a local tier on a network filesystem or
+    overlapping the store) or StoreError.
     """
     task = load_task(config.task)
     branch = registry.get_branch(config.branch)
@@ -78,7 +83,9 @@ def preflight(config: TrainConfig, registry: Registry, *, probe_store: bool = Tr
         )
     if config.freeze:
         check_freeze_globs(config, task)
-    if probe_store:
+    if probe_store:  # (not for `tlreg submit`: the cluster's nodes have their own disks)
+        if config.local_tier is not None:
+            check_local_tier(config.local_tier, config.store_url)
         check_store_writable(config.store_url)
     return Checked(task=task, head=head, resumed=resumed)
 
@@ -114,6 +121,108 @@ def check_store_writable(store_url: str) -> None:
         raise ConfigError(
             f"store {shown} is not writable ({first}): training could keep no checkpoint; "
             "fix its permissions or pass another --store"
+        ) from None
+
+
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "ceph",
+        "fuse.ceph",
+        "fuse.sshfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.glusterfs",
+        "glusterfs",
+        "9p",
+        "afs",
+        "ncpfs",
+        "panfs",
+        "orangefs",
+        "pvfs2",
+        "wekafs",
+    }
+)
+"""Filesystem types (``/proc/self/mounts``) that are not node-local: a tier there would be
+as far away as the shared store, and shared by every node."""
+
+
+def _unescape_mount(field: str) -> str:
+    # /proc/self/mounts escapes space, tab, newline and backslash as octal (\040, ...)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_of(path: str, mounts: str | None = None) -> tuple[str, str]:
+    """(mount point, filesystem type) of the mount holding ``path`` (an existing, resolved
+    path), from ``mounts`` (the text of a mounts table; default: ``/proc/self/mounts``)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return "/", "unknown"
+    best = ("/", "unknown")
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point, fstype = _unescape_mount(fields[1]), fields[2]
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):  # the last of equal points is on top
+            best = (point, fstype)
+    return best
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_local_tier(tier: str, store_url: str, *, mounts: str | None = None) -> None:
+    """Refuse a local tier that cannot be one: on a network filesystem (``mounts``: the text
+    of a mounts table, default ``/proc/self/mounts``), not writable, or overlapping a local
+    store. ``{node}`` is expanded with this machine's name; nothing is created or left."""
+    from tlreg.ckpt.tiers import expand_tier
+
+    path = Path(expand_tier(tier, socket.gethostname())).absolute()
+    existing = _nearest_existing(path)
+    resolved = existing.resolve()
+    point, fstype = mount_of(str(resolved), mounts)
+    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("nfs"):
+        raise ConfigError(
+            f"local tier {tier!r} is on a network filesystem ({fstype} mounted at {point}), "
+            "not on this node's own disk: pass a --local-tier on local disk (NVMe, RAM disk, "
+            "/tmp), or leave it out to write straight to the store"
+        )
+    scheme = urlsplit(store_url).scheme if "://" in store_url else ""
+    if scheme in ("", "file"):
+        store = Path(absolute_store_url(store_url)).resolve()
+        target = resolved / path.relative_to(existing)
+        if target == store or store in target.parents or target in store.parents:
+            raise ConfigError(
+                f"local tier {tier!r} overlaps the store {str(store)!r}: the tier must be a "
+                "directory of its own on node-local disk (pass another --local-tier)"
+            )
+    if not existing.is_dir():
+        raise ConfigError(
+            f"local tier {tier!r} is not writable ({existing} is not a directory): "
+            "pass a --local-tier under a writable directory"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tlreg-tier-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"local tier {tier!r} is not writable ({existing}: {e.strerror or e}): "
+            "fix its permissions or pass another --local-tier"
         ) from None
 
 

@@ -64,9 +64,25 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         run_id=loop_config["run_id"],
         # All ranks write a share of every checkpoint (no rank-0 straggler).
         process_group=dist.group.WORLD if world > 1 else None,
+        local_tier=config.local_tier,
+        persist_every=config.persist_every,
+        local_keep=config.local_keep,
+        drain_bytes_per_s=config.drain_bytes_per_s,
     )
+    lost: tuple[str, ...] = ()
+    if rank == 0:
+        record_nodes = getattr(registry, "record_run_nodes", None)  # (registry schema v10)
+        if record_nodes is not None:
+            record_nodes(loop_config["run_id"], dict(enumerate(ckpt.nodes)))
+        chosen = registry.get_branch(config.branch).head
+        if config.local_tier is not None:
+            # a node that is gone took its local-only checkpoints with it: never serve them
+            lost = tuple(c.id for c in registry.mark_nodes_lost(dead_ray_nodes()))
+            newest = registry.restorable_head(config.branch)
+            if newest is not None:
+                chosen = newest.id
     # Every rank must restore the same checkpoint: rank 0 picks it, the others follow.
-    head = _broadcast_str(registry.get_branch(config.branch).head if rank == 0 else None, rank)
+    head = _broadcast_str(chosen if rank == 0 else None, rank)
     extra: dict[str, Any] = {}
     record = ckpt.restore(
         checkpoint=head, model=model, optimizer=optimizer, extra=extra, reset=task.reset
@@ -82,6 +98,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             skipped=tuple(report.skipped),
             frozen=tuple(frozen),
             matched_layers=report.matched_layers,
+            tier=report.tier,
+            lost=lost,
         )
     )
 
@@ -131,6 +149,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             p = ckpt.save(
                 step,
                 metrics=metrics,
+                persist=config.persists(step),
                 model=model,
                 optimizer=optimizer,
                 extra={"step": step, "task": config.task, "seed": config.seed},
@@ -174,6 +193,13 @@ def _drain(
             if stop:
                 raise CheckpointCommitError(f"checkpoint at step {step} failed: {message}")
     return newest
+
+
+def dead_ray_nodes() -> list[str]:
+    """Ids of the Ray cluster's nodes that are gone (removed, crashed, lost their raylet)."""
+    import ray
+
+    return [str(n["NodeID"]) for n in ray.nodes() if not n.get("Alive", False)]
 
 
 def _broadcast_str(value: str | None, rank: int) -> str | None:
