@@ -21,11 +21,12 @@ copies. ``load`` is :mod:`~tlreg.ckpt.restore`.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import timedelta
 from types import TracebackType
@@ -37,11 +38,13 @@ from tlreg.ckpt.commit import Committer
 from tlreg.ckpt.errors import CheckpointError
 from tlreg.ckpt.manifest import Manifest, read_manifest
 from tlreg.ckpt.objects import LayoutCache
+from tlreg.ckpt.peer import broadcast_manifest, objects_under, share_objects, tiers_of
 from tlreg.ckpt.pending import PendingSave, SaveStats
 from tlreg.ckpt.persist import PACK_BYTES, SOLO_BYTES, DedupIndex, Persister
 from tlreg.ckpt.plan import FrozenSkip, SavePlan, plan_save
 from tlreg.ckpt.restore import Restorer
 from tlreg.ckpt.staging import Event, Stager
+from tlreg.ckpt.tiers import Drainer, PruneStats, TieredStore, prune_local
 from tlreg.ckpt.writer import ProcessWriter, SharedArenas, check_store
 from tlreg.storage_backends import Store, open_store
 
@@ -98,6 +101,13 @@ class AsyncCheckpointer:
     from another process (not ``memory://``). If it dies, the save it served
     fails with :class:`~tlreg.ckpt.errors.WriterError` and no manifest, and the next save
     starts a new one. Both write the same objects and manifests.
+
+    ``local_tier`` (a store or a path on node-local disk) puts a node-local tier in front of
+    ``store`` (:mod:`tlreg.ckpt.tiers`): saves are written there first (``PendingSave.local``)
+    and, unless saved with ``persist=False``, drained to ``store`` in the background under
+    ``drain_bytes_per_s`` (``PendingSave.committed``); loads read the nearest tier that holds
+    each object. With several ranks, each rank drains the objects it wrote, and rank 0 writes
+    the manifest to ``store`` once every rank has drained.
     """
 
     def __init__(
@@ -111,6 +121,8 @@ class AsyncCheckpointer:
         collective_timeout: timedelta | None = None,
         skip_unchanged: bool = True,
         writer: Literal["thread", "process"] = DEFAULT_WRITER,
+        local_tier: str | Store | None = None,
+        drain_bytes_per_s: float | None = None,
     ) -> None:
         if writer not in ("thread", "process"):
             raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
@@ -118,8 +130,17 @@ class AsyncCheckpointer:
             raise ValueError("max_inflight_bytes must be positive (or None for no bound)")
         if io_threads < 1:
             raise ValueError("io_threads must be at least 1")
-        self.store: Store = open_store(store)
+        self.shared: Store = open_store(store)
         self._owns_store = not isinstance(store, Store)  # opened from a URL: closed with us
+        self.local: Store | None = None
+        self._owns_local = False
+        self._drainer: Drainer | None = None
+        self.store: Store = self.shared
+        if local_tier is not None:
+            self.local = open_store(local_tier)
+            self._owns_local = not isinstance(local_tier, Store)
+            self.store = TieredStore(self.local, self.shared)
+            self._drainer = Drainer(self.local, self.shared, bytes_per_s=drain_bytes_per_s)
         self.lazy = lazy
         self.max_inflight_bytes = max_inflight_bytes
         self.skip_unchanged = skip_unchanged
@@ -130,6 +151,14 @@ class AsyncCheckpointer:
             collective = Collective(process_group, timeout=collective_timeout)
             if collective.world > 1:
                 self._collective = collective
+        # Drains exchange on a group of their own, in save order, from the drain thread.
+        self._drain_collective: Collective | None = None
+        if self._collective is not None and self._drainer is not None:
+            from tlreg.ckpt.collective import Collective
+
+            assert process_group is not None
+            self._drain_collective = Collective(process_group, timeout=collective_timeout)
+        self._drain_pool = ThreadPoolExecutor(1, thread_name_prefix="tlreg-ckpt-drain")
         self.writer = writer
         self._writer: ProcessWriter | None = None
         if writer == "process":
@@ -155,6 +184,10 @@ class AsyncCheckpointer:
         self._restorer = Restorer(self.store, self._io_pool, LayoutCache())
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._manifests_lock = threading.Lock()
+        self._newest: str | None = None  # the newest committed save's manifest id
+        self.last_load_tiers: dict[str, int] = {}
+        """Object bytes the last :meth:`load` took from each tier: ``local`` (this node's
+        tier), ``peer`` (another rank's tier) and ``shared`` (the shared store)."""
         self._closed = False
 
     def __repr__(self) -> str:
@@ -198,6 +231,7 @@ class AsyncCheckpointer:
         *,
         step: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        persist: bool = True,
     ) -> PendingSave:
         """Start saving ``state``; returns once it is staged (eager) or at once (lazy).
 
@@ -206,6 +240,9 @@ class AsyncCheckpointer:
         ``TypeError`` naming its path, before anything is written. ``metadata`` is JSON
         stored in the manifest as it is. With several ranks this is collective: rank 0's
         ``step``, ``metadata`` and non-tensor values are the ones recorded.
+
+        With a local tier, ``persist=False`` makes a local-only save (never drained; every
+        rank must pass the same value); without one, ``persist`` is ignored.
         """
         start = time.perf_counter()
         if self._closed:
@@ -220,7 +257,12 @@ class AsyncCheckpointer:
         )
         # (marked here: copies on a side stream follow the work queued so far on the caller's)
         mark = Stager.mark([item.tensor for item in plan.staged if item.tensor is not None])
-        pending = PendingSave(Future(), Future(), plan.stats)
+        if self._drainer is None:
+            pending = PendingSave(Future(), Future(), plan.stats)
+        else:
+            tier: Literal["local", "shared"] = "shared" if persist else "local"
+            pending = PendingSave(Future(), Future(), plan.stats, local=Future(), tier=tier)
+            pending.local.set_running_or_notify_cancel()
         self._reserve(plan.nbytes)
         pending.staged.set_running_or_notify_cancel()
         pending.committed.set_running_or_notify_cancel()
@@ -234,7 +276,7 @@ class AsyncCheckpointer:
         else:
             staged = Future()
             staged.set_result(self._stage(plan, mark, pending))
-        self._persist_pool.submit(self._persist, plan, pending, staged)
+        self._persist_pool.submit(self._persist, plan, pending, staged, start)
         pending.stats.stall_s = time.perf_counter() - start
         return pending
 
@@ -273,7 +315,11 @@ class AsyncCheckpointer:
         return arena
 
     def _persist(
-        self, plan: SavePlan, pending: PendingSave, staged: Future[torch.Tensor | None]
+        self,
+        plan: SavePlan,
+        pending: PendingSave,
+        staged: Future[torch.Tensor | None],
+        begun: float,
     ) -> None:
         """Persist and commit one save (on the persist thread, after the previous save)."""
         start = time.perf_counter()
@@ -304,9 +350,68 @@ class AsyncCheckpointer:
         pending.stats.persist_s = time.perf_counter() - start
         if done is None:
             pending._finish(None, error)
-        else:
-            fetch = functools.partial(read_manifest, self.store)  # (other ranks: read once)
+            return
+        self._newest = done.manifest_id
+        fetch = functools.partial(read_manifest, self.store)  # (other ranks: read once)
+        if self._drainer is None or pending.tier == "local":
+            pending.stats.local_s = time.perf_counter() - begun
             pending._finish(done.manifest_id, None, done.manifest, fetch)
+            return
+        pending.stats.local_s = time.perf_counter() - begun
+        pending._finish_local(done.manifest_id, done.manifest, fetch)
+        objects = list(part.objects) if part is not None else []
+        self._drain_pool.submit(self._drain, pending, done.manifest_id, objects)
+
+    def _drain(self, pending: PendingSave, manifest_id: str, objects: list[str]) -> None:
+        """Copy this rank's objects of a local-safe save to the shared store; then, once every
+        rank has (an exchange on the drain group, in save order), rank 0 copies the manifest.
+        Any failure leaves the checkpoint on the local tier and fails ``committed``."""
+        assert self._drainer is not None
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            stats = self._drainer.drain(objects)
+            pending.stats.drained_bytes = stats.bytes
+        except BaseException as e:
+            error = e
+        try:
+            error = self._agree_drained(error)
+            if error is None and self.rank == 0:
+                pending.stats.drained_bytes += self._drainer.drain([], manifest_id).bytes
+        except BaseException as e:
+            error = error or e
+        pending.stats.drain_s = time.perf_counter() - start
+        if error is None:
+            pending._finish(manifest_id, None)
+            return
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        failure = CheckpointError(
+            f"checkpoint {manifest_id} stayed on the local tier ({self.local!r}): its drain to "
+            f"{self.shared.url} failed: {why}"
+        )
+        failure.__cause__ = error
+        pending._finish(None, failure)
+
+    def _agree_drained(self, error: BaseException | None) -> BaseException | None:
+        """Every rank's drain outcome, agreed: None when all drained, else an error (the same
+        on every rank). Alone, this rank's own ``error``."""
+        collective = self._drain_collective
+        if collective is None:
+            return error
+        mine = {"rank": collective.rank, "error": None if error is None else str(error)}
+        gathered = collective.gather(json.dumps(mine).encode())
+        if gathered is not None:
+            failed = [d for d in map(json.loads, gathered) if d["error"] is not None]
+            verdict = "; ".join(f"rank {d['rank']}: {d['error']}" for d in failed) or None
+            raw = collective.broadcast(json.dumps(verdict).encode())
+        else:
+            raw = collective.broadcast(None)
+        verdict = json.loads(raw)
+        if error is not None:
+            return error
+        if verdict is None:
+            return None
+        return CheckpointError(f"another rank's drain failed: {verdict}")
 
     # -- load ---------------------------------------------------------------------------
 
@@ -373,15 +478,42 @@ class AsyncCheckpointer:
 
         ``on_bytes(n)`` is called from the I/O threads as each read of ``n`` tensor bytes
         completes (a progress bar's update; a save's live count is ``SaveStats.bytes_done``).
+
+        With a local tier, each object is read from the nearest tier that holds it, and
+        :attr:`last_load_tiers` says how many object bytes came from where. With several
+        ranks and a local tier the load is collective (call it on every rank, in the same
+        order): ranks send each other the objects of their local shares first
+        (:mod:`tlreg.ckpt.peer`).
         """
         if self._closed:
             raise CheckpointError(f"{self!r} is closed; create a new AsyncCheckpointer to load")
-        manifest = self.manifest(manifest_id)
+        if self.local is not None and self._collective is not None:
+            manifest = self._share(self._collective, self.local, manifest_id, prefix)
+        else:
+            manifest = self.manifest(manifest_id)
+            needed = objects_under(manifest, prefix)
+            if self.local is not None:
+                self.last_load_tiers = tiers_of(self.local, manifest, needed)
+            else:
+                self.last_load_tiers = {"shared": sum(manifest.objects[d] for d in needed)}
         state, entries = self._restorer.load(
             manifest, prefix=prefix, shards=shards, into=into, on_bytes=on_bytes
         )
         self._index.seed(manifest.objects, entries)
         return state
+
+    def _share(
+        self, collective: Collective, local: Store, manifest_id: str, prefix: str | None
+    ) -> Manifest:
+        """The collective part of a load through local tiers (:mod:`tlreg.ckpt.peer`): rank
+        0's manifest on every rank, and every rank's tier made whole from its peers'."""
+        with self._manifests_lock:
+            cached = self._manifests.get(manifest_id)
+        manifest = broadcast_manifest(collective, self.store, manifest_id, cached)
+        self._cache(manifest)
+        needed = objects_under(manifest, prefix)
+        self.last_load_tiers = share_objects(collective, local, self.shared, manifest, needed)
+        return manifest
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -421,6 +553,25 @@ class AsyncCheckpointer:
         """
         self._frozen.attach(module)
 
+    def prune_local(self, keep: Iterable[str]) -> PruneStats:
+        """Delete from the local tier every checkpoint not in ``keep``, and the objects only
+        they use; the shared store is not touched.
+
+        Waits until the saves in flight are local-safe, and keeps them and the newest save
+        (later saves deduplicate against it). A later save never points at a removed object:
+        the dedup index checks that an object still exists before reusing it.
+        """
+        if self.local is None:
+            raise CheckpointError(f"{self!r} has no local tier to prune")
+        with self._cond:
+            pending = list(self._pending)
+        wait([p.local for p in pending])
+        kept = set(keep)
+        kept.update(p.local.result() for p in pending if p.local.exception() is None)
+        if self._newest is not None:
+            kept.add(self._newest)
+        return prune_local(self.local, kept)
+
     def wait(self) -> None:
         """Wait until every save so far has committed or failed (errors are not raised)."""
         with self._cond:
@@ -438,11 +589,16 @@ class AsyncCheckpointer:
         self._hooks.clear()
         self._stage_pool.shutdown()
         self._persist_pool.shutdown()
+        self._drain_pool.shutdown()
         self._io_pool.shutdown()
         if self._writer is not None:
             self._writer.close()
         self._stager.close()
         if self._collective is not None:
             self._collective.close()
+        if self._drain_collective is not None:
+            self._drain_collective.close()
         if self._owns_store:
-            self.store.close()
+            self.shared.close()
+        if self.local is not None and self._owns_local:
+            self.local.close()

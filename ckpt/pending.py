@@ -2,7 +2,9 @@
 
 A :class:`PendingSave` has two completion points, as in torchsnapshot and torchtitan:
 ``staged`` (the caller may mutate the state again) and ``committed`` (objects and manifest
-are durable); :meth:`PendingSave.manifest` gives the manifest the commit wrote.
+are durable); :meth:`PendingSave.manifest` gives the manifest the commit wrote. A save
+through a node-local tier has a third point between them, ``local`` (durable on the node's
+own disk), and ``committed`` then means durable in the save's final tier (``tier``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from tlreg.ckpt.errors import CheckpointError
 
@@ -54,6 +56,12 @@ class SaveStats:
     bytes_done: int = 0
     """Bytes of this process's staged tensors stored so far (written, or found already
     stored): live while the save runs, for a progress bar; ``bytes_copied`` once committed."""
+    local_s: float = 0.0
+    """With a node-local tier: time from ``save()`` to local-safe (``PendingSave.local``)."""
+    drain_s: float = 0.0
+    """With a node-local tier: time this rank's drain to the shared store took."""
+    drained_bytes: int = 0
+    """With a node-local tier: bytes this rank copied to the shared store."""
 
 
 class PendingSave:
@@ -64,6 +72,13 @@ class PendingSave:
     with the background error, which :meth:`result` re-raises with its original traceback.
     With several ranks, every rank's ``committed`` completes with the same manifest id once
     rank 0 has written the manifest, or fails on every rank when any rank failed.
+
+    With a node-local tier, ``local`` completes with the manifest id once every rank's share
+    and the manifest are durable on the local tiers (local-safe). ``tier`` is where the save
+    ends: ``"shared"`` (``committed`` completes once every rank has drained its share and
+    rank 0 has written the manifest to the shared store; if the drain fails, ``committed``
+    fails and the checkpoint stays on the local tier) or ``"local"`` (a local-only save,
+    ``committed`` completes with ``local``). Without a tier, ``local`` *is* ``committed``.
     """
 
     def __init__(
@@ -71,9 +86,14 @@ class PendingSave:
         staged: Future[None],
         committed: Future[str],
         stats: SaveStats | None = None,
+        *,
+        local: Future[str] | None = None,
+        tier: Literal["local", "shared"] = "shared",
     ) -> None:
         self.staged = staged
         self.committed = committed
+        self.local: Future[str] = local if local is not None else committed
+        self.tier = tier
         self.stats = stats if stats is not None else SaveStats()
         self._manifest: Manifest | None = None
         self._fetch: Callable[[str], Manifest] | None = None
@@ -99,12 +119,18 @@ class PendingSave:
         return error
 
     def manifest(self, timeout: float | None = None) -> Manifest:
-        """Wait for the save to commit and return the manifest it wrote (re-raises its error).
+        """Wait for the save's manifest (committed; with a local tier, local-safe) and return
+        it (re-raises its error).
 
         The committer's own copy, held here: no store read. On a rank other than 0 of a
         collective save, which did not write the manifest, it is read from the store once.
         """
-        manifest_id = self.result(timeout)
+        try:
+            manifest_id = self.local.result(timeout)  # the manifest exists from local-safe on
+        except BaseException:
+            if self.local.done():
+                self.error_seen = True
+            raise
         if self._manifest is None:
             if self._fetch is None:
                 raise CheckpointError(
@@ -121,13 +147,29 @@ class PendingSave:
         manifest: Manifest | None = None,
         fetch: Callable[[str], Manifest] | None = None,
     ) -> None:
-        """Complete ``committed`` (with the manifest, or how to read it, set first)."""
+        """Complete ``committed``, and ``local`` if it is still open (with the manifest, or
+        how to read it, set first)."""
         if error is not None:
-            self.committed.set_exception(error)
+            if not self.local.done():
+                self.local.set_exception(error)
+            if not self.committed.done():
+                self.committed.set_exception(error)
             return
         assert manifest_id is not None
+        if not self.local.done():
+            self._finish_local(manifest_id, manifest, fetch)
+        if not self.committed.done():
+            self.committed.set_result(manifest_id)
+
+    def _finish_local(
+        self,
+        manifest_id: str,
+        manifest: Manifest | None,
+        fetch: Callable[[str], Manifest] | None,
+    ) -> None:
+        """Complete ``local``: the save is durable on the node-local tiers."""
         self._manifest, self._fetch = manifest, fetch
-        self.committed.set_result(manifest_id)
+        self.local.set_result(manifest_id)
 
     def done(self) -> bool:
         """Whether the save has committed or failed."""

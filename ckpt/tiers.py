@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -87,7 +87,10 @@ class TieredStore(Store):
         return f"TieredStore(local={self.local.url!r}, shared={self.shared.url!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TieredStore, (self.local, self.shared))
+        # JSON arguments (each tier's own recipe), as the writer process needs
+        from tlreg.ckpt.writer import store_recipe
+
+        return (_rebuild_tiered, (store_recipe(self.local), store_recipe(self.shared)))
 
     def _read(self, key: str, read: Callable[[Store], T]) -> T:
         try:
@@ -132,6 +135,12 @@ class TieredStore(Store):
     def close(self) -> None:
         self.local.close()
         self.shared.close()
+
+
+def _rebuild_tiered(local: dict[str, Any], shared: dict[str, Any]) -> TieredStore:
+    from tlreg.ckpt.writer import build_store
+
+    return TieredStore(build_store(local), build_store(shared))
 
 
 class TokenBucket:
@@ -302,6 +311,8 @@ class PruneStats:
     manifests: int = 0
     objects: int = 0
     bytes: int = 0
+    removed: set[str] = field(default_factory=set)
+    """The digests of the objects removed."""
 
 
 def prune_local(local: Store, keep_manifests: Iterable[str]) -> PruneStats:
@@ -341,4 +352,5 @@ def prune_local(local: Store, keep_manifests: Iterable[str]) -> PruneStats:
                 pass
             local.delete(key)
         stats.objects += 1
+        stats.removed.add(digest)
     return stats

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import torch
 
-from tlreg.ckpt import AsyncCheckpointer, CheckpointNotFound, CorruptCheckpoint
+from tlreg.ckpt import AsyncCheckpointer, CheckpointError, CheckpointNotFound, CorruptCheckpoint
 from tlreg.ckpt.manifest import manifest_key
 from tlreg.ckpt.objects import chunk_key, meta_key
 from tlreg.ckpt.tiers import Drainer, TieredStore, TokenBucket, expand_tier, prune_local
 from tlreg.ckpt.verify import verify
-from tlreg.storage_backends import Store, open_store
+from tlreg.storage_backends import LocalStore, Store, open_store
+from tlreg.storage_backends.errors import StoreUnavailable
 
 Same = Callable[[Any, Any], None]
 
@@ -229,3 +230,79 @@ def test_pruning_a_local_tier_keeps_exactly_the_kept_checkpoints(
     assert _keys(shared) == set()  # the shared store is never touched
     with AsyncCheckpointer(local) as alone:  # the kept checkpoint is whole on the tier
         same(alone.load(kept.id), kept_state)
+
+
+class _RefusingStore(LocalStore):
+    """A shared store that refuses every write (an outage of the shared tier)."""
+
+    def put(self, key: str, data: Any) -> None:
+        raise StoreUnavailable(f"cannot write {key}: the shared store is down")
+
+
+def test_a_save_is_local_safe_before_it_is_shared(tmp_path: Path, same: Same) -> None:
+    shared_url = str(tmp_path / "shared")
+    state = {"w": torch.randn(1 << 20)}  # 4 MiB, drained at 1 MiB/s: ~3 s after local-safe
+    with AsyncCheckpointer(
+        shared_url, local_tier=str(tmp_path / "local"), drain_bytes_per_s=1 << 20
+    ) as ckpt:
+        pending = ckpt.save(state, step=1)
+        assert pending.tier == "shared"
+        manifest_id = pending.local.result()
+        assert not pending.committed.done()  # local-safe, still draining
+        assert not open_store(shared_url).exists(manifest_key(manifest_id))
+        assert pending.manifest().id == manifest_id  # the manifest is there from local-safe on
+        assert pending.result() == manifest_id
+        assert 0 < pending.stats.local_s < pending.stats.local_s + pending.stats.drain_s
+        assert pending.stats.drained_bytes > 4 << 20
+    with AsyncCheckpointer(shared_url) as plain:
+        same(plain.load(manifest_id), state)
+
+
+def test_a_local_only_save_never_touches_the_shared_store(tmp_path: Path, same: Same) -> None:
+    shared = open_store(str(tmp_path / "shared"))
+    state = _state(5)
+    with AsyncCheckpointer(shared, local_tier=str(tmp_path / "local")) as ckpt:
+        pending = ckpt.save(state, step=5, persist=False)
+        assert pending.tier == "local"
+        assert pending.result() == pending.local.result()
+        same(ckpt.load(pending.result()), state)
+    assert _keys(shared) == set()
+
+
+def test_a_failed_drain_leaves_the_checkpoint_local_and_says_so(tmp_path: Path, same: Same) -> None:
+    shared = _RefusingStore(str(tmp_path / "shared"))
+    state = _state(6)
+    with AsyncCheckpointer(shared, local_tier=str(tmp_path / "local")) as ckpt:
+        pending = ckpt.save(state, step=6)
+        manifest_id = pending.local.result()
+        with pytest.raises(CheckpointError, match=f"checkpoint {manifest_id} stayed on the local"):
+            pending.result()
+        same(ckpt.load(manifest_id), state)  # still restorable from the local tier
+    assert _keys(shared) == set()
+
+
+def test_the_writer_process_saves_through_the_local_tier(tmp_path: Path, same: Same) -> None:
+    shared_url = str(tmp_path / "shared")
+    state = _state(7)
+    with AsyncCheckpointer(shared_url, local_tier=str(tmp_path / "local"), writer="process") as c:
+        manifest_id = c.save(state, step=7).result()
+    with AsyncCheckpointer(shared_url) as plain:
+        same(plain.load(manifest_id), state)
+
+
+def test_pruning_forgets_the_removed_objects_so_no_later_save_points_at_them(
+    tmp_path: Path, same: Same
+) -> None:
+    shared_url = str(tmp_path / "shared")
+    v1, v2 = torch.randn(50_000), torch.randn(50_000)
+    with AsyncCheckpointer(shared_url, local_tier=str(tmp_path / "local")) as ckpt:
+        first = ckpt.save({"x": v1}, step=1, persist=False).result()  # local only
+        second = ckpt.save({"x": v2}, step=2).result()  # shared
+        stats = ckpt.prune_local([second])
+        assert stats.manifests == 1 and stats.removed
+        assert not ckpt.local.exists(manifest_key(first))  # type: ignore[union-attr]
+        pending = ckpt.save({"x": v1}, step=3)  # v1 again: written anew, not deduplicated
+        third = pending.result()  # (pointing at the pruned object, its drain would fail)
+        assert pending.stats.new_bytes == v1.numel() * 4
+    with AsyncCheckpointer(shared_url) as plain:
+        same(plain.load(third), {"x": v1})

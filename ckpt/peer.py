@@ -1,0 +1,144 @@
+"""Restore from the nearest tier with several ranks: peers hand each other their local shares.
+
+With a node-local tier, each rank wrote only its share of a checkpoint to its own node's disk,
+and rank 0 its manifest. A collective load (every rank, in the same order) first makes every
+rank's local tier whole, from the nearest place that has each object:
+
+1. rank 0 reads the manifest (its tier, else the shared store) and broadcasts its bytes;
+   every rank parses and checks it as a reader of the store would;
+2. every rank says which of the manifest's objects its own tier holds (rank 0 gathers);
+3. each object some rank lacks is sent by the lowest rank that holds it, chunk by chunk, as
+   uint8 tensors on the checkpointer's private gloo group (nothing is pickled), and written to
+   the tiers that lacked it; the receivers check its hash before marking it complete;
+4. an object no rank holds is read from the shared store by whoever needs it.
+
+The restore that follows reads each rank's own tier, with the usual hash checks. The copies
+stay: a second restore of the same checkpoint on the same nodes is all local.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from tlreg.ckpt.collective import Collective
+from tlreg.ckpt.errors import CheckpointError, CorruptCheckpoint
+from tlreg.ckpt.hashing import hasher
+from tlreg.ckpt.manifest import Manifest, read_manifest
+from tlreg.ckpt.objects import ObjectLayout, chunk_key, is_stored, read_layout, write_marker
+from tlreg.ckpt.tree import select_subtree, tensor_refs
+from tlreg.storage_backends import Store
+
+TIERS = ("local", "peer", "shared")
+"""Where a restore's bytes came from: this node's tier, another rank's, the shared store."""
+
+
+def broadcast_manifest(
+    collective: Collective, read: Store, manifest_id: str, manifest: Manifest | None
+) -> Manifest:
+    """Rank 0's manifest ``manifest_id`` on every rank (``manifest``: rank 0's copy if it
+    holds one). A failure on rank 0 raises on every rank, with rank 0's reason."""
+    payload: bytes | None = None
+    if collective.rank == 0:
+        try:
+            found = manifest if manifest is not None else read_manifest(read, manifest_id)
+            payload = b"M" + found.to_bytes()
+        except CheckpointError as e:
+            payload = b"E" + str(e).encode()
+    raw = collective.broadcast(payload)
+    if raw[:1] != b"M":
+        raise CheckpointError(f"rank 0 could not read the manifest: {raw[1:].decode()}")
+    if collective.rank == 0 and manifest is not None:
+        return manifest
+    return Manifest.from_json(raw[1:], name=f"manifest {manifest_id} (from rank 0)")
+
+
+def objects_under(manifest: Manifest, prefix: str | None) -> set[str]:
+    """The objects holding the tensors of ``manifest`` under ``prefix`` (all for None)."""
+    if prefix is None:
+        return set(manifest.objects)
+    paths = tensor_refs(select_subtree(manifest.tree, prefix))
+    return {
+        piece.object
+        for path in paths
+        if path in manifest.tensors
+        for piece in manifest.tensors[path].pieces()
+        if piece.object
+    }
+
+
+def tiers_of(local: Store, manifest: Manifest, objects: Iterable[str]) -> dict[str, int]:
+    """Object bytes of ``objects`` by the tier a single rank reads them from."""
+    tiers = dict.fromkeys(TIERS, 0)
+    for digest in objects:
+        tiers["local" if is_stored(local, digest) else "shared"] += manifest.objects[digest]
+    return tiers
+
+
+def share_objects(
+    collective: Collective, local: Store, shared: Store, manifest: Manifest, objects: Iterable[str]
+) -> dict[str, int]:
+    """Make ``local`` hold each of ``objects`` (digests of ``manifest``), from a peer's tier
+    where one holds it; the object bytes by where they come from (:data:`TIERS`)."""
+    wanted = sorted(set(objects))
+    mine = [is_stored(local, d) for d in wanted]
+    gathered = collective.gather(json.dumps(mine).encode())
+    owners: list[int] | None = None
+    if gathered is not None:
+        held = [json.loads(raw) for raw in gathered]
+        owners = [next((r for r, h in enumerate(held) if h[i]), -1) for i in range(len(wanted))]
+        needed = [not all(h[i] for h in held) for i in range(len(wanted))]
+        plan = [o if n else -2 for o, n in zip(owners, needed, strict=True)]
+        raw = collective.broadcast(json.dumps(plan).encode())
+    else:
+        raw = collective.broadcast(None)
+    plan = json.loads(raw)
+    tiers = dict.fromkeys(TIERS, 0)
+    for digest, have, source in zip(wanted, mine, plan, strict=True):
+        nbytes = manifest.objects[digest]
+        if have:
+            tiers["local"] += nbytes
+        elif source >= 0:
+            tiers["peer"] += nbytes
+        else:
+            tiers["shared"] += nbytes  # no rank holds it: read from the shared store
+        if source >= 0:  # some rank lacks it and some rank holds it: send it
+            _send_object(collective, local, digest, nbytes, source, receive=not have)
+    return tiers
+
+
+def _send_object(
+    collective: Collective, local: Store, digest: str, nbytes: int, source: int, *, receive: bool
+) -> None:
+    """Broadcast object ``digest`` from rank ``source``'s tier; a receiving rank writes it to
+    its own ``local`` tier (chunks, then the marker once the bytes hash to ``digest``)."""
+    sending = collective.rank == source
+    layout = read_layout(local, digest) if sending else ObjectLayout.plan(nbytes)
+    size = torch.tensor([layout.chunk], dtype=torch.int64)
+    dist.broadcast(size, group=collective.group, group_src=source)
+    if not sending:
+        layout = ObjectLayout(nbytes, int(size.item()))
+    whole = hasher(nbytes)
+    for index in range(layout.nchunks):
+        data = local.get(chunk_key(digest, index)) if sending else b""
+        length = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(length, group=collective.group, group_src=source)
+        if sending:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            buf = torch.empty(int(length.item()), dtype=torch.uint8)
+        dist.broadcast(buf, group=collective.group, group_src=source)
+        if receive:
+            view = buf.numpy().data.cast("B")
+            whole.update(view[: min(layout.chunk, nbytes - index * layout.chunk)])
+            local.put(chunk_key(digest, index), view)
+    if receive:
+        if whole.hexdigest() != digest:
+            raise CorruptCheckpoint(
+                f"object {digest} sent by rank {source} fails its hash check; restore again "
+                "(it is read from the shared store if no rank holds it intact)"
+            )
+        write_marker(local, digest, layout)

@@ -1,0 +1,102 @@
+"""Two real gloo ranks, each with its own node-local tier: every rank writes its share to its
+own tier, a persisted save is drained by both and its manifest written by rank 0 last, and a
+restart restores from the ranks' tiers (peers send each other their shares) without reading
+the shared store.
+
+One spawn runs the cases in order (spawning is the slow part); each rank writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tlreg.ckpt import AsyncCheckpointer
+from tlreg.ckpt.manifest import manifest_key
+from tlreg.ckpt.verify import verify
+from tlreg.storage_backends import LocalStore
+
+WORLD = 2
+
+
+def _state(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {f"w{i}": torch.randn(1 << 18, generator=g) for i in range(4)}, "step": seed}
+
+
+def _objects_on(store: LocalStore) -> set[str]:
+    return {k.split("/")[3] for k in store.list("objects") if k.endswith("/zarr.json")}
+
+
+def _rank_main(rank: int, root: str) -> None:
+    tmp = Path(root)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=WORLD)
+    report: dict[str, Any] = {}
+    try:
+        shared = LocalStore(str(tmp / "shared"))
+        tier = LocalStore(str(tmp / f"tier-{rank}"))
+        with AsyncCheckpointer(shared, local_tier=tier, process_group=dist.group.WORLD) as ckpt:
+            local = ckpt.save(_state(1), step=1, persist=False)
+            report["local_id"] = local.result()
+            report["tier_objects"] = sorted(_objects_on(tier))
+            report["tier_has_manifest"] = tier.exists(manifest_key(report["local_id"]))
+            report["shared_keys_after_local"] = len(list(shared.list("")))
+            persisted = ckpt.save(_state(2), step=2)
+            report["local_before_shared"] = persisted.local.result() is not None
+            report["shared_id"] = persisted.result()
+        dist.barrier()
+        # a restart: new checkpointers, nothing in memory; the shared store is unreachable
+        # for reads of the local-only checkpoint (it was never drained)
+        with AsyncCheckpointer(shared, local_tier=tier, process_group=dist.group.WORLD) as ckpt:
+            restored = ckpt.load(report["local_id"])
+            report["restored_exact"] = all(
+                torch.equal(restored["model"][k], v) for k, v in _state(1)["model"].items()
+            )
+            report["tiers"] = ckpt.last_load_tiers
+            again = ckpt.load(report["local_id"])  # now every object is on this rank's tier
+            report["tiers_again"] = ckpt.last_load_tiers
+            report["again_exact"] = torch.equal(again["model"]["w0"], _state(1)["model"]["w0"])
+        report["ok"] = True
+    finally:
+        (tmp / f"report-{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+    os._exit(0)  # (see test_ckpt_distributed.py: no interpreter teardown in a spawned rank)
+
+
+def test_ranks_write_their_shares_locally_drain_together_and_restore_from_their_peers(
+    tmp_path: Path, same: Any
+) -> None:
+    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
+    reports = [json.loads((tmp_path / f"report-{r}.json").read_text()) for r in range(WORLD)]
+    assert all(r.get("ok") for r in reports), reports
+    r0, r1 = reports
+    assert r0["local_id"] == r1["local_id"] and r0["shared_id"] == r1["shared_id"]
+    # each rank wrote its own share, on its own tier; rank 0's tier holds the manifest
+    assert r0["tier_objects"] and r1["tier_objects"]
+    assert not set(r0["tier_objects"]) & set(r1["tier_objects"])
+    assert (r0["tier_has_manifest"], r1["tier_has_manifest"]) == (True, False)
+    assert r0["shared_keys_after_local"] == r1["shared_keys_after_local"] == 0
+
+    shared = LocalStore(str(tmp_path / "shared"))
+    # the local-only checkpoint never reached the shared store; the persisted one did, whole
+    assert not shared.exists(manifest_key(r0["local_id"]))
+    assert verify(shared, r0["shared_id"]).ok
+    with AsyncCheckpointer(shared) as plain:
+        same(plain.load(r0["shared_id"]), _state(2))
+
+    # the restart read nothing from the shared store: its own share locally, the other's
+    # from the peer; a second restore is all local
+    for r in reports:
+        assert r["restored_exact"] and r["again_exact"]
+        assert r["tiers"]["shared"] == 0 and r["tiers"]["local"] > 0 and r["tiers"]["peer"] > 0
+        assert r["tiers_again"] == {
+            "local": r["tiers"]["local"] + r["tiers"]["peer"],
+            "peer": 0,
+            "shared": 0,
+        }
