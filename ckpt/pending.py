@@ -156,8 +156,12 @@ class PendingSave:
                 self.committed.set_exception(error)
             return
         assert manifest_id is not None
+        if manifest is not None:
+            self._manifest = manifest
+        if fetch is not None:
+            self._fetch = fetch
         if not self.local.done():
-            self._finish_local(manifest_id, manifest, fetch)
+            self.local.set_result(manifest_id)
         if not self.committed.done():
             self.committed.set_result(manifest_id)
 
