@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tlreg.ckpt.commit import Committer
-from tlreg.ckpt.errors import CheckpointError
+from tlreg.ckpt.errors import CheckpointError, CorruptCheckpoint
 from tlreg.ckpt.manifest import Manifest, read_manifest
 from tlreg.ckpt.objects import LayoutCache
 from tlreg.ckpt.peer import broadcast_manifest, objects_under, share_objects, tiers_of
@@ -186,8 +186,9 @@ class AsyncCheckpointer:
         self._manifests_lock = threading.Lock()
         self._newest: str | None = None  # the newest committed save's manifest id
         self.last_load_tiers: dict[str, int] = {}
-        """Object bytes the last :meth:`load` took from each tier: ``local`` (this node's
-        tier), ``peer`` (another rank's tier) and ``shared`` (the shared store)."""
+        """Where the last :meth:`load` found its objects, in object bytes: ``local`` (this
+        node's tier), ``peer`` (sent by another rank from its tier) and ``shared`` (the shared
+        store). Whole objects are counted, as planned before reading."""
         self._closed = False
 
     def __repr__(self) -> str:
@@ -375,9 +376,7 @@ class AsyncCheckpointer:
         except BaseException as e:
             error = e
         try:
-            error = self._agree_drained(error)
-            if error is None and self.rank == 0:
-                pending.stats.drained_bytes += self._drainer.drain([], manifest_id).bytes
+            error = self._agree_drained(error, pending, manifest_id)
         except BaseException as e:
             error = error or e
         pending.stats.drain_s = time.perf_counter() - start
@@ -392,17 +391,28 @@ class AsyncCheckpointer:
         failure.__cause__ = error
         pending._finish(None, failure)
 
-    def _agree_drained(self, error: BaseException | None) -> BaseException | None:
-        """Every rank's drain outcome, agreed: None when all drained, else an error (the same
-        on every rank). Alone, this rank's own ``error``."""
+    def _agree_drained(
+        self, error: BaseException | None, pending: PendingSave, manifest_id: str
+    ) -> BaseException | None:
+        """Rank 0 copies the manifest once every rank has drained its objects, then tells
+        the others: None when the checkpoint is shared, else an error (on every rank). Alone,
+        the same without the exchange."""
+        assert self._drainer is not None
         collective = self._drain_collective
         if collective is None:
+            if error is None:
+                pending.stats.drained_bytes += self._drainer.drain([], manifest_id).bytes
             return error
         mine = {"rank": collective.rank, "error": None if error is None else str(error)}
         gathered = collective.gather(json.dumps(mine).encode())
         if gathered is not None:
             failed = [d for d in map(json.loads, gathered) if d["error"] is not None]
             verdict = "; ".join(f"rank {d['rank']}: {d['error']}" for d in failed) or None
+            if verdict is None:
+                try:  # the manifest last, before anyone hears "shared"
+                    pending.stats.drained_bytes += self._drainer.drain([], manifest_id).bytes
+                except BaseException as e:
+                    error, verdict = e, f"rank 0 could not write the manifest: {e}"
             raw = collective.broadcast(json.dumps(verdict).encode())
         else:
             raw = collective.broadcast(None)
@@ -482,13 +492,17 @@ class AsyncCheckpointer:
         With a local tier, each object is read from the nearest tier that holds it, and
         :attr:`last_load_tiers` says how many object bytes came from where. With several
         ranks and a local tier the load is collective (call it on every rank, in the same
-        order): ranks send each other the objects of their local shares first
-        (:mod:`tlreg.ckpt.peer`).
+        order, with the same ``prefix``): ranks send each other the objects of their local
+        shares first (:mod:`tlreg.ckpt.peer`). A local copy that fails its hash check is read
+        again from the shared store.
         """
         if self._closed:
             raise CheckpointError(f"{self!r} is closed; create a new AsyncCheckpointer to load")
         if self.local is not None and self._collective is not None:
-            manifest = self._share(self._collective, self.local, manifest_id, prefix)
+            # on the persist thread: the private group's exchanges stay in one order
+            manifest = self._persist_pool.submit(
+                self._share, self._collective, self.local, manifest_id, prefix
+            ).result()
         else:
             manifest = self.manifest(manifest_id)
             needed = objects_under(manifest, prefix)
@@ -496,9 +510,19 @@ class AsyncCheckpointer:
                 self.last_load_tiers = tiers_of(self.local, manifest, needed)
             else:
                 self.last_load_tiers = {"shared": sum(manifest.objects[d] for d in needed)}
-        state, entries = self._restorer.load(
-            manifest, prefix=prefix, shards=shards, into=into, on_bytes=on_bytes
-        )
+        try:
+            state, entries = self._restorer.load(
+                manifest, prefix=prefix, shards=shards, into=into, on_bytes=on_bytes
+            )
+        except CorruptCheckpoint:
+            if self.local is None:
+                raise
+            # a damaged local copy: the shared store's may be whole (else its error stands)
+            shared = Restorer(self.shared, self._io_pool, LayoutCache())
+            state, entries = shared.load(
+                manifest, prefix=prefix, shards=shards, into=into, on_bytes=on_bytes
+            )
+            self.last_load_tiers = {"shared": sum(manifest.objects.values())}
         self._index.seed(manifest.objects, entries)
         return state
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from tlreg.ckpt.collective import Collective
-from tlreg.ckpt.errors import CheckpointError, CorruptCheckpoint
+from tlreg.ckpt.errors import CheckpointError
 from tlreg.ckpt.hashing import hasher
 from tlreg.ckpt.manifest import Manifest, read_manifest
 from tlreg.ckpt.objects import ObjectLayout, chunk_key, is_stored, read_layout, write_marker
@@ -99,33 +99,57 @@ def share_objects(
     tiers = dict.fromkeys(TIERS, 0)
     for digest, have, source in zip(wanted, mine, plan, strict=True):
         nbytes = manifest.objects[digest]
+        sent = source >= 0 and _send_object(  # some rank lacks it, some rank holds it
+            collective, local, digest, nbytes, source, receive=not have
+        )
         if have:
             tiers["local"] += nbytes
-        elif source >= 0:
+        elif sent:
             tiers["peer"] += nbytes
         else:
-            tiers["shared"] += nbytes  # no rank holds it: read from the shared store
-        if source >= 0:  # some rank lacks it and some rank holds it: send it
-            _send_object(collective, local, digest, nbytes, source, receive=not have)
+            tiers["shared"] += nbytes  # no rank holds it whole: read from the shared store
     return tiers
 
 
 def _send_object(
     collective: Collective, local: Store, digest: str, nbytes: int, source: int, *, receive: bool
-) -> None:
+) -> bool:
     """Broadcast object ``digest`` from rank ``source``'s tier; a receiving rank writes it to
-    its own ``local`` tier (chunks, then the marker once the bytes hash to ``digest``)."""
+    its own ``local`` tier (chunks, then the marker once the bytes hash to ``digest``).
+
+    Whether the object arrived whole. A sender that cannot read its copy says so (a length
+    of -1) and every rank moves on; a receiver whose copy fails the hash check removes it.
+    Either way the restore then reads that object from the shared store.
+    """
     sending = collective.rank == source
-    layout = read_layout(local, digest) if sending else ObjectLayout.plan(nbytes)
-    size = torch.tensor([layout.chunk], dtype=torch.int64)
+    layout = ObjectLayout.plan(nbytes)
+    chunk = -1
+    if sending:
+        try:
+            layout = read_layout(local, digest)
+            chunk = layout.chunk
+        except Exception:  # gone or unreadable here: the others read the shared copy
+            chunk = -1
+    size = torch.tensor([chunk], dtype=torch.int64)
     dist.broadcast(size, group=collective.group, group_src=source)
-    if not sending:
-        layout = ObjectLayout(nbytes, int(size.item()))
+    if int(size.item()) < 0:
+        return False
+    layout = ObjectLayout(nbytes, int(size.item()))
     whole = hasher(nbytes)
+    written: list[str] = []
     for index in range(layout.nchunks):
-        data = local.get(chunk_key(digest, index)) if sending else b""
-        length = torch.tensor([len(data)], dtype=torch.int64)
+        key = chunk_key(digest, index)
+        data = b""
+        if sending:
+            try:
+                data = local.get(key)
+            except Exception:
+                data = b""  # a length of -1 below: the object is abandoned on every rank
+        length = torch.tensor([len(data) if data or not sending else -1], dtype=torch.int64)
         dist.broadcast(length, group=collective.group, group_src=source)
+        if int(length.item()) < 0:
+            _remove(local, written)
+            return False
         if sending:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
@@ -134,11 +158,16 @@ def _send_object(
         if receive:
             view = buf.numpy().data.cast("B")
             whole.update(view[: min(layout.chunk, nbytes - index * layout.chunk)])
-            local.put(chunk_key(digest, index), view)
+            local.put(key, view)
+            written.append(key)
     if receive:
         if whole.hexdigest() != digest:
-            raise CorruptCheckpoint(
-                f"object {digest} sent by rank {source} fails its hash check; restore again "
-                "(it is read from the shared store if no rank holds it intact)"
-            )
+            _remove(local, written)
+            return False
         write_marker(local, digest, layout)
+    return True
+
+
+def _remove(local: Store, keys: list[str]) -> None:
+    for key in keys:
+        local.delete(key)

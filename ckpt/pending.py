@@ -123,7 +123,9 @@ class PendingSave:
         it (re-raises its error).
 
         The committer's own copy, held here: no store read. On a rank other than 0 of a
-        collective save, which did not write the manifest, it is read from the store once.
+        collective save, which did not write the manifest, it is read from the store once
+        (with a local tier, only once the save is in the shared store: the manifest is on
+        rank 0's tier until then).
         """
         try:
             manifest_id = self.local.result(timeout)  # the manifest exists from local-safe on

@@ -306,3 +306,21 @@ def test_pruning_forgets_the_removed_objects_so_no_later_save_points_at_them(
         assert pending.stats.new_bytes == v1.numel() * 4
     with AsyncCheckpointer(shared_url) as plain:
         same(plain.load(third), {"x": v1})
+
+
+def test_a_damaged_local_copy_is_read_again_from_the_shared_store(
+    tmp_path: Path, same: Same
+) -> None:
+    shared_url, local = str(tmp_path / "shared"), open_store(str(tmp_path / "local"))
+    state = _state(8)
+    with AsyncCheckpointer(shared_url, local_tier=local) as ckpt:
+        manifest = ckpt.save(state, step=8).manifest()
+        ckpt.wait()
+    (digest,) = manifest.objects
+    path = Path(str(local.local_path(chunk_key(digest, 0))))
+    raw = bytearray(path.read_bytes())
+    raw[3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with AsyncCheckpointer(shared_url, local_tier=local) as ckpt:
+        same(ckpt.load(manifest.id), state)
+        assert ckpt.last_load_tiers == {"shared": sum(manifest.objects.values())}

@@ -62,6 +62,18 @@ def _rank_main(rank: int, root: str) -> None:
             again = ckpt.load(report["local_id"])  # now every object is on this rank's tier
             report["tiers_again"] = ckpt.last_load_tiers
             report["again_exact"] = torch.equal(again["model"]["w0"], _state(1)["model"]["w0"])
+            # rank 1 lost a chunk of its share of the shared checkpoint (its marker stays):
+            # it cannot send it, so both ranks read that object from the shared store
+            if rank == 1:
+                mine = _objects_on(tier) & set(ckpt.manifest(report["shared_id"]).objects)
+                (digest,) = mine
+                tier.delete(f"objects/{digest[:2]}/{digest[2:4]}/{digest}/c/0")
+                report["damaged"] = digest
+            shared_state = ckpt.load(report["shared_id"])
+            report["shared_exact"] = all(
+                torch.equal(shared_state["model"][k], v) for k, v in _state(2)["model"].items()
+            )
+            report["tiers_damaged"] = ckpt.last_load_tiers
         report["ok"] = True
     finally:
         (tmp / f"report-{rank}.json").write_text(json.dumps(report))
@@ -95,6 +107,8 @@ def test_ranks_write_their_shares_locally_drain_together_and_restore_from_their_
     for r in reports:
         assert r["restored_exact"] and r["again_exact"]
         assert r["tiers"]["shared"] == 0 and r["tiers"]["local"] > 0 and r["tiers"]["peer"] > 0
+        assert r["shared_exact"]
+        assert r["tiers_damaged"]["shared"] > 0 or r is r1  # rank 1 counts its marker local
         assert r["tiers_again"] == {
             "local": r["tiers"]["local"] + r["tiers"]["peer"],
             "peer": 0,
