@@ -18,6 +18,7 @@ machine. Every *timed* operation goes through the public API on the populated da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import statistics
@@ -136,6 +137,41 @@ def populate(reg: Registry, n: int) -> dict[str, Any]:
     return info
 
 
+def layout(n: int) -> dict[str, Any]:
+    """The heads and roots :func:`populate` makes for ``n`` checkpoints (for ``--reuse``)."""
+    chains = n // CHAIN
+    return {
+        "heads": {c: cid(c * CHAIN + CHAIN - 1) for c in range(chains)},
+        "roots": [cid(c * CHAIN) for c in range(0, chains, 10)],
+    }
+
+
+def time_migrations(url: str) -> float:
+    """Seconds ``Registry.upgrade`` takes to bring the populated registry from schema v3 to
+    the current one (v4: PostgreSQL's lane index rebuilt over every checkpoint; v7: the
+    created index built; v9: the partial pruned index): the registry is first put back to
+    v3 by dropping what v4-v9 add (v3, the lane labels, is left in place)."""
+    reg = Registry(url)
+    try:
+        with reg._engine.execution_options(tlreg_write=True).begin() as conn:
+            for ddl in (
+                "DROP INDEX IF EXISTS ix_checkpoint_pruned",
+                "DROP INDEX IF EXISTS ix_checkpoint_created",
+                "DROP TABLE IF EXISTS object_move",
+                "DROP TABLE IF EXISTS branch_lease",
+                "DROP TABLE IF EXISTS metric_point",
+            ):
+                conn.exec_driver_sql(ddl)
+            conn.exec_driver_sql("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    finally:
+        reg.close()
+    start = time.perf_counter()
+    found, to = Registry.upgrade(url)
+    elapsed = time.perf_counter() - start
+    assert (found, to) == (3, m.SCHEMA_VERSION), (found, to)
+    return elapsed
+
+
 def measure(fn: Callable[[int], object], repeats: int) -> tuple[float, float]:
     """(p50, p99) in milliseconds over ``repeats`` calls of ``fn(i)`` (after one warm-up)."""
     fn(-1)
@@ -149,11 +185,14 @@ def measure(fn: Callable[[int], object], repeats: int) -> tuple[float, float]:
 
 
 def run(
-    reg: Registry, n: int, quick: bool, skip: tuple[str, ...] = ()
+    reg: Registry, n: int, quick: bool, skip: tuple[str, ...] = (), reuse: bool = False
 ) -> list[tuple[str, float, float]]:
-    start = time.perf_counter()
-    info = populate(reg, n)
-    print(f"  populated {n:,} checkpoints in {time.perf_counter() - start:.1f} s", flush=True)
+    if reuse:
+        info = layout(n)
+    else:
+        start = time.perf_counter()
+        info = populate(reg, n)
+        print(f"  populated {n:,} checkpoints in {time.perf_counter() - start:.1f} s", flush=True)
     heads, roots = info["heads"], info["roots"]
     chains = n // CHAIN
     fast, slow = (50, 10) if quick else (200, 30)
@@ -206,18 +245,30 @@ def run(
 
 
 @contextmanager
-def backend_url(backend: str) -> Iterator[str]:
+def backend_url(backend: str, keep: bool = False) -> Iterator[str]:
+    """A fresh, empty database; ``keep`` leaves it behind (its URL is printed) for ``--reuse``."""
     if backend == "sqlite":
+        if keep:
+            tmp = tempfile.mkdtemp(prefix="tlreg-bench-")
+            url = f"sqlite:///{Path(tmp) / 'registry.db'}"
+            print(f"  kept database: {url}", flush=True)
+            yield url
+            return
         with tempfile.TemporaryDirectory(prefix="tlreg-bench-") as tmp:
             yield f"sqlite:///{Path(tmp) / 'registry.db'}"
         return
     import psycopg
 
     name = f"tlreg_bench_{uuid.uuid4().hex[:12]}"
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
+        if keep:
+            print(f"  kept database: {url} (drop it when done)", flush=True)
+            yield url
+            return
         try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+            yield url
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -235,15 +286,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip", default="", help="comma-separated operation name prefixes to leave out"
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the populated database behind (for --reuse)"
+    )
+    parser.add_argument(
+        "--reuse",
+        metavar="URL",
+        help="time the operations on a database an earlier --keep run populated with the same "
+        "--checkpoints (one backend: the URL's)",
+    )
+    parser.add_argument(
+        "--migrations", action="store_true", help="also time the schema upgrade from v3 (last)"
+    )
     args = parser.parse_args(argv)
     n = 10_000 if args.quick else args.checkpoints
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    if args.reuse:
+        backends = ["sqlite" if args.reuse.startswith("sqlite") else "postgres"]
     table: dict[str, list[tuple[str, float, float]]] = {}
+    skip = tuple(x for x in args.skip.split(",") if x)
     for backend in backends:
         print(f"{backend}, {n:,} checkpoints, load average {_load()}", flush=True)
-        with backend_url(backend) as url, Registry(url) as reg:
-            skip = tuple(x for x in args.skip.split(",") if x)
-            table[backend] = run(reg, n, args.quick, skip)
+        with (
+            contextlib.nullcontext(args.reuse) if args.reuse else backend_url(backend, args.keep)
+        ) as url:
+            with Registry(url) as reg:
+                table[backend] = run(reg, n, args.quick, skip, reuse=bool(args.reuse))
+            if args.migrations:
+                seconds = time_migrations(url)
+                print(f"  schema upgrade v3 -> v{m.SCHEMA_VERSION}: {seconds:.2f} s", flush=True)
+                table[backend].append(
+                    ("schema upgrade v3 -> current", seconds * 1000, seconds * 1000)
+                )
         print(f"  load average after {_load()}", flush=True)
     header = "| operation | " + " | ".join(f"{b} p50 / p99 (ms)" for b in backends) + " |"
     print(f"\n{n:,} checkpoints\n\n{header}\n|---|" + "---|" * len(backends))
