@@ -296,8 +296,39 @@ def _to_v9(conn: Connection) -> None:
     )
 
 
+def _to_v10(conn: Connection) -> None:
+    """v10: tiers. ``checkpoint.tier`` ("local", "shared" or "lost"; existing checkpoints are
+    "shared"), ``checkpoint_node`` (the nodes holding a checkpoint's local shares) and
+    ``run_node`` (the node each rank of a run ran on)."""
+    text_type = AutoString().compile(dialect=conn.dialect)
+    conn.execute(
+        text(f"ALTER TABLE checkpoint ADD COLUMN tier {text_type} NOT NULL DEFAULT 'shared'")
+    )
+    conn.execute(
+        text("CREATE INDEX ix_checkpoint_tier ON checkpoint (branch, tier) WHERE tier <> 'shared'")
+    )
+    md = MetaData()
+    Table("run", md, Column("id", Integer, primary_key=True))
+    Table("checkpoint", md, Column("id", _ID, primary_key=True))
+    Table(
+        "checkpoint_node", md,
+        Column("checkpoint_id", _ID, ForeignKey("checkpoint.id"), primary_key=True),
+        Column("node_id", _ID, primary_key=True),
+        Index("ix_checkpoint_node_node", "node_id"),
+    )  # fmt: skip
+    Table(
+        "run_node", md,
+        Column("run_id", Integer, ForeignKey("run.id"), primary_key=True),
+        Column("rank", Integer, primary_key=True),
+        Column("node_id", AutoString, nullable=False),
+    )  # fmt: skip
+    md.tables["checkpoint_node"].create(conn)
+    md.tables["run_node"].create(conn)
+
+
 STEPS: dict[int, Callable[[Connection], None]] = {
     2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6, 7: _to_v7, 8: _to_v8, 9: _to_v9,
+    10: _to_v10,
 }  # fmt: skip
 """``STEPS[n]`` migrates a version ``n - 1`` database to version ``n``."""
 

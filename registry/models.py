@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Column, Index, String, text
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 """Bumped with every schema change; stored in ``meta`` under ``schema_version``. Each bump comes
 with a step in :mod:`tlreg.registry.migrations` that brings the previous version here."""
 
@@ -74,6 +74,12 @@ class Checkpoint(SQLModel, table=True):
             "ix_checkpoint_pruned", "pruned",
             sqlite_where=text("pruned IS NOT NULL"), postgresql_where=text("pruned IS NOT NULL"),
         ),
+        # Schema v10: the checkpoints not (yet) in the shared store alone, by branch (what
+        # local_checkpoints and mark_nodes_lost look at; normally a handful of rows).
+        Index(
+            "ix_checkpoint_tier", "branch", "tier",
+            sqlite_where=text("tier <> 'shared'"), postgresql_where=text("tier <> 'shared'"),
+        ),
     )  # fmt: skip
     id: str = Field(primary_key=True, sa_type=ID_TYPE)
     # Plain text, not a foreign key: deleting a branch keeps its checkpoints.
@@ -101,6 +107,29 @@ class Checkpoint(SQLModel, table=True):
     # NULL column without a default).
     lane: str | None = Field(default=None, sa_type=ID_TYPE)
     lane_pos: int | None = Field(default=None, sa_type=BigInteger())
+    # Where the checkpoint's bytes are (schema v10): "shared" (in the shared store), "local"
+    # (only on the node-local tiers of the nodes in checkpoint_node) or "lost" (a node holding
+    # a local-only share is gone: never served).
+    tier: str = Field(default="shared", sa_column_kwargs={"server_default": "shared"})
+
+
+class CheckpointNode(SQLModel, table=True):
+    """Node ``node_id`` wrote a local share of checkpoint ``checkpoint_id`` to its node-local
+    tier (schema v10)."""
+
+    __tablename__ = "checkpoint_node"
+    __table_args__ = (Index("ix_checkpoint_node_node", "node_id"),)
+    checkpoint_id: str = Field(primary_key=True, foreign_key="checkpoint.id", sa_type=ID_TYPE)
+    node_id: str = Field(primary_key=True, sa_type=ID_TYPE)
+
+
+class RunNode(SQLModel, table=True):
+    """Rank ``rank`` of run ``run_id`` ran on node ``node_id`` (schema v10)."""
+
+    __tablename__ = "run_node"
+    run_id: int = Field(primary_key=True, foreign_key="run.id")
+    rank: int = Field(primary_key=True)
+    node_id: str
 
 
 class LaneLink(SQLModel, table=True):
@@ -246,6 +275,6 @@ def tables() -> list[Any]:
     """The registry's tables (SQLModel's metadata is shared with any other table model)."""
     models: list[Any] = [
         Meta, Run, Checkpoint, Edge, Branch, Tag, Object, CheckpointObject, LayerPrefix,
-        GcCandidate, LaneLink, MetricPoint, BranchLease, ObjectMove,
+        GcCandidate, LaneLink, MetricPoint, BranchLease, ObjectMove, CheckpointNode, RunNode,
     ]  # fmt: skip
     return [model.__table__ for model in models]

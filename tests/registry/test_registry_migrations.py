@@ -190,6 +190,8 @@ def test_upgraded_schema_equals_a_fresh_one(registry_url: str) -> None:
     try:
         with engine.begin() as conn:
             conn.execute(text("DROP TABLE metric_point"))  # v5; references run
+            conn.execute(text("DROP TABLE run_node"))  # v10; references run
+            conn.execute(text("DROP TABLE checkpoint_node"))  # v10; references checkpoint
             for table in reversed(mig._v1_metadata().sorted_tables):
                 conn.execute(text(f"DROP TABLE {table.name}"))
             conn.execute(text("DROP TABLE gc_candidate"))
