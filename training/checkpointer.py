@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -332,23 +332,25 @@ class Checkpointer:
             inner = self.engine.save(state, step=step, metadata={"branch": self.branch})
         if self.rank != 0:
             return inner  # rank 0 alone commits to the registry
-        outer = PendingSave(staged=inner.staged, committed=Future(), stats=inner.stats)
-        outer.committed.set_running_or_notify_cancel()
+        final_tier: Literal["local", "shared"] = "shared" if persist or not tiered else "local"
         local: Future[str] = Future()
+        outer = PendingSave(
+            staged=inner.staged,
+            committed=Future(),
+            stats=inner.stats,
+            local=local if tiered else None,
+            tier=final_tier,
+        )
+        outer.committed.set_running_or_notify_cancel()
         local.set_running_or_notify_cancel()
-        outer.local = local  # the engine's field; here a registry id
-        outer.tier = "shared" if persist or not tiered else "local"
         metrics = dict(metrics or {})
         nodes = tuple(dict.fromkeys(self.nodes))  # each once, in rank order
 
         def commit() -> None:
             try:
-                if tiered:
-                    manifest_id = inner.local.result()
-                    manifest = self.engine.manifest(manifest_id)  # from rank 0's own tier
-                else:
-                    manifest = inner.manifest()  # what the commit wrote: no second read
-                    manifest_id = inner.result()
+                # what the save wrote, once local-safe (without a tier: committed): no re-read
+                manifest = inner.manifest()
+                manifest_id = inner.local.result()
                 with self._lock:
                     record = self.registry.commit(
                         self.branch,
@@ -365,16 +367,13 @@ class Checkpointer:
                     )
                     self._expected_head = self._parent = record.id
             except BaseException as e:  # surfaced through pending.result()
-                local.set_exception(e)
                 outer._finish(None, e)
                 return
-            local.set_result(record.id)
-            if not tiered:
-                outer._finish(record.id, None, manifest)
-            elif not persist:
-                outer._finish(record.id, None, manifest)
-            else:
+            if tiered and persist:
+                outer._finish_local(record.id, manifest, None)
                 self._shares.submit(share, record.id, manifest)
+            else:
+                outer._finish(record.id, None, manifest)
 
         def share(record_id: str, manifest: Any) -> None:
             try:
@@ -414,10 +413,10 @@ class Checkpointer:
         newest = shared[-1]
         if saves[newest][1].committed.exception() is not None:
             return
-        keep = {p.local.result() for _, p in saves[newest:]}
+        kept = saves[max(0, newest - self.local_keep) :]
+        keep = {p.local.result() for _, p in kept if p.local.exception() is None}
         locals_ = self.registry.local_checkpoints(self.branch)
         keep.update(c.manifest for c in locals_[: self.local_keep])
-        keep.update(p.local.result() for _, p in saves[max(0, newest - self.local_keep) : newest])
         self._tier_saves = saves[newest:]
         try:
             self.engine.prune_local(keep)

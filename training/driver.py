@@ -334,11 +334,16 @@ def _fit_on_ray(
     summary: TrainSummary,
     on_event: Callable[[ProgressEvent], None] | None,
 ) -> None:
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    events: Queue = Queue()
+    # The queue lives on the driver's node, as Ray Train's controller does: losing another
+    # node (and the ranks on it) must not lose the run's events.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events: Queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
