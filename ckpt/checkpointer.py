@@ -353,7 +353,9 @@ class AsyncCheckpointer:
             pending._finish(None, error)
             return
         self._newest = done.manifest_id
-        fetch = functools.partial(read_manifest, self.store)  # (other ranks: read once)
+        fetch: Callable[[str], Manifest] = functools.partial(read_manifest, self.store)
+        if self._drainer is not None:  # (other ranks: the manifest is on rank 0's tier)
+            fetch = functools.partial(self._fetch_drained, pending)
         if self._drainer is None or pending.tier == "local":
             pending.stats.local_s = time.perf_counter() - begun
             pending._finish(done.manifest_id, None, done.manifest, fetch)
@@ -362,6 +364,18 @@ class AsyncCheckpointer:
         pending._finish_local(done.manifest_id, done.manifest, fetch)
         objects = list(part.objects) if part is not None else []
         self._drain_pool.submit(self._drain, pending, done.manifest_id, objects)
+
+    def _fetch_drained(self, pending: PendingSave, manifest_id: str) -> Manifest:
+        """A save's manifest on a rank that did not write it, with a local tier: read from
+        the shared store once the save is there (it is on rank 0's tier until then)."""
+        if pending.tier == "local":
+            raise CheckpointError(
+                f"checkpoint {manifest_id} is a local-only save: its manifest is on rank 0's "
+                "local tier only; read it on rank 0, or load it with AsyncCheckpointer.load "
+                "on every rank"
+            )
+        pending.committed.result()  # (re-raises a failed drain: the save stayed local)
+        return read_manifest(self.shared, manifest_id)
 
     def _drain(self, pending: PendingSave, manifest_id: str, objects: list[str]) -> None:
         """Copy this rank's objects of a local-safe save to the shared store; then, once every

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tlreg.ckpt import AsyncCheckpointer
+from tlreg.ckpt import AsyncCheckpointer, CheckpointError
 from tlreg.ckpt.manifest import manifest_key
 from tlreg.ckpt.verify import verify
 from tlreg.storage_backends import LocalStore
@@ -50,6 +51,13 @@ def _rank_main(rank: int, root: str) -> None:
             persisted = ckpt.save(_state(2), step=2)
             report["local_before_shared"] = persisted.local.result() is not None
             report["shared_id"] = persisted.result()
+            # a rank that did not write the manifest reads it from the shared store, once there
+            report["manifest_id"] = persisted.manifest().id
+            try:
+                local.manifest()
+                report["local_manifest_error"] = ""
+            except CheckpointError as e:
+                report["local_manifest_error"] = str(e)
         dist.barrier()
         # a restart: new checkpointers, nothing in memory; the shared store is unreachable
         # for reads of the local-only checkpoint (it was never drained)
@@ -94,6 +102,12 @@ def test_ranks_write_their_shares_locally_drain_together_and_restore_from_their_
     assert not set(r0["tier_objects"]) & set(r1["tier_objects"])
     assert (r0["tier_has_manifest"], r1["tier_has_manifest"]) == (True, False)
     assert r0["shared_keys_after_local"] == r1["shared_keys_after_local"] == 0
+    assert r0["manifest_id"] == r1["manifest_id"] == r0["shared_id"]
+    assert r0["local_manifest_error"] == ""
+    assert r1["local_manifest_error"] == (
+        f"checkpoint {r0['local_id']} is a local-only save: its manifest is on rank 0's local "
+        "tier only; read it on rank 0, or load it with AsyncCheckpointer.load on every rank"
+    )
 
     shared = LocalStore(str(tmp_path / "shared"))
     # the local-only checkpoint never reached the shared store; the persisted one did, whole
@@ -114,3 +128,44 @@ def test_ranks_write_their_shares_locally_drain_together_and_restore_from_their_
             "peer": 0,
             "shared": 0,
         }
+
+
+def _dying_rank_main(rank: int, root: str) -> None:
+    """Rank 1 dies once the save is local-safe, before its slow drain is done."""
+    tmp = Path(root)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=WORLD)
+    shared = LocalStore(str(tmp / "shared"))
+    tier = LocalStore(str(tmp / f"tier-{rank}"))
+    ckpt = AsyncCheckpointer(
+        shared,
+        local_tier=tier,
+        process_group=dist.group.WORLD,
+        collective_timeout=timedelta(seconds=20),
+        drain_bytes_per_s=None if rank == 0 else 1 << 16,  # rank 1: 1 MiB takes ~16 s
+    )
+    pending = ckpt.save(_state(3), step=3)
+    manifest_id = pending.local.result()
+    if rank == 1:
+        os._exit(0)  # a dead node: no drain, no exchange
+    report: dict[str, Any] = {"local_id": manifest_id}
+    try:
+        pending.result(timeout=60)
+        report["committed"] = ""
+    except CheckpointError as e:
+        report["committed"] = str(e)
+    report["local_done"] = pending.local.exception() is None
+    report["on_tier"] = tier.exists(manifest_key(manifest_id))
+    (tmp / "report-0.json").write_text(json.dumps(report))
+    os._exit(0)  # (the group is broken: no teardown)
+
+
+def test_a_rank_that_dies_before_draining_leaves_the_checkpoint_on_the_local_tier(
+    tmp_path: Path,
+) -> None:
+    mp.start_processes(_dying_rank_main, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
+    report = json.loads((tmp_path / "report-0.json").read_text())
+    manifest_id = report["local_id"]
+    assert report["local_done"] and report["on_tier"]
+    assert report["committed"].startswith(f"checkpoint {manifest_id} stayed on the local tier")
+    # the shared store holds no manifest: nobody sees a checkpoint whose share never arrived
+    assert not LocalStore(str(tmp_path / "shared")).exists(manifest_key(manifest_id))
