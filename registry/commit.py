@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import EllipsisType
 from typing import TypeVar
 
@@ -20,7 +20,7 @@ from sqlalchemy import bindparam, exists, or_, text
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
-from sqlmodel import Session, col, select, update
+from sqlmodel import Session, col, delete, select, update
 
 from tlreg.registry import models as m
 from tlreg.registry.engine import Database, chunks
@@ -35,10 +35,12 @@ from tlreg.registry.errors import (
 from tlreg.registry.gc import gc_lock
 from tlreg.registry.names import shown
 from tlreg.registry.records import CheckpointRecord, encode_metrics
-from tlreg.registry.refs import BRANCHES_HINT, record
+from tlreg.registry.refs import BRANCHES_HINT, branch_row, checkpoint_row, record, records
 
 CHECKPOINT_KINDS = ("train", "import", "merge")
 """Values of ``CheckpointRecord.kind``."""
+TIERS = ("local", "shared", "lost")
+"""Values of ``CheckpointRecord.tier``; a commit is "local" or "shared"."""
 RANK_METRIC = "val_accuracy"
 """The metric ``best_ancestor`` breaks ties with (higher is better)."""
 T = TypeVar("T")
@@ -95,6 +97,8 @@ class Commits(Database):
         signature: Sequence[str] | None = None,
         message: str | None = None,
         run_id: int | None = None,
+        tier: str = "shared",
+        nodes: Sequence[str] = (),
     ) -> CheckpointRecord:
         """Record checkpoint ``manifest_id`` on ``branch`` and move the branch head to it.
 
@@ -108,6 +112,11 @@ class Commits(Database):
         ``parents`` (checkpoint ids, first parent first) default to the current head, or none
         on an empty branch. Edge kinds: "merge" with several parents, else "continue" when the
         parent was committed on this branch and "branch" when not.
+
+        ``tier`` is "shared" (the manifest and every object are in the shared store) or
+        "local": the checkpoint is only on the node-local tiers of ``nodes`` (the node ids
+        holding its shares, at least one) until :meth:`mark_shared`. A local checkpoint is
+        visible and moves the head like any other.
 
         Raises BranchNotFound, RefNotFound (a parent), RunNotFound, CheckpointExists,
         HeadMoved, ValueError (bad arguments).
@@ -125,6 +134,7 @@ class Commits(Database):
         stored_metrics = encode_metrics(metrics)
         rank = stored_metrics.get(RANK_METRIC)
         sig = None if signature is None else [str(x) for x in signature]
+        node_ids = _node_ids(manifest_id, tier, nodes)
 
         with self._session(write=True) as s:
             gc_lock(s, shared=True)
@@ -207,6 +217,7 @@ class Commits(Database):
                 created=created,
                 lane=lane,
                 lane_pos=lane_pos,
+                tier=tier,
             )
             try:
                 conn.execute(self._insert(m.Checkpoint).values(**checkpoint.model_dump()))
@@ -257,6 +268,11 @@ class Commits(Database):
                             for d, h in enumerate(prefixes, start=1)
                         ],
                     )
+            if node_ids:
+                conn.execute(
+                    self._insert(m.CheckpointNode),
+                    [{"checkpoint_id": manifest_id, "node_id": n} for n in node_ids],
+                )
             moved = conn.execute(
                 update(m.Branch)
                 .where(
@@ -268,7 +284,95 @@ class Commits(Database):
             if moved.rowcount != 1:
                 actual = s.exec(select(m.Branch.head).where(m.Branch.name == branch)).first()
                 raise _head_moved(branch, expected, actual)
-            return record(checkpoint, tuple(parent_ids))
+            return record(checkpoint, tuple(parent_ids), node_ids)
+
+    # -- tiers ---------------------------------------------------------------------------
+
+    def mark_shared(self, checkpoint_id: str) -> CheckpointRecord:
+        """Record that checkpoint ``checkpoint_id`` (its exact id) reached the shared store:
+        a "local" (or "lost") checkpoint becomes "shared" and no longer depends on its nodes;
+        a shared one is returned unchanged. Raises RefNotFound."""
+        with self._session(write=True) as s:
+            row = checkpoint_row(s, _exact_id(checkpoint_id))
+            if row.tier != "shared":
+                conn = s.connection()
+                conn.execute(
+                    update(m.Checkpoint).where(col(m.Checkpoint.id) == row.id).values(tier="shared")
+                )
+                conn.execute(
+                    delete(m.CheckpointNode).where(col(m.CheckpointNode.checkpoint_id) == row.id)
+                )
+                s.expire(row)
+            return records(s, [checkpoint_row(s, row.id)])[0]
+
+    def mark_nodes_lost(self, node_ids: Iterable[str]) -> list[CheckpointRecord]:
+        """Every "local" checkpoint with a share on one of ``node_ids`` (nodes that are gone)
+        becomes "lost": it is never served again. Returns those checkpoints, oldest first
+        (none when no local checkpoint had a share there). Shared and already lost
+        checkpoints are left as they are."""
+        nodes = sorted({str(n) for n in node_ids})
+        if not nodes:
+            return []
+        with self._session(write=True) as s:
+            conn = s.connection()
+            hit: set[str] = set()
+            for chunk in chunks(nodes):
+                held = sa_select(m.CheckpointNode.checkpoint_id).where(
+                    col(m.CheckpointNode.node_id).in_(chunk)
+                )
+                # (the tier is tested in the UPDATE itself: a concurrent mark_shared wins)
+                hit.update(
+                    cid
+                    for (cid,) in conn.execute(
+                        update(m.Checkpoint)
+                        .where(col(m.Checkpoint.tier) == "local", col(m.Checkpoint.id).in_(held))
+                        .values(tier="lost")
+                        .returning(col(m.Checkpoint.id))
+                    )
+                )
+            ids = sorted(hit)
+            rows: list[m.Checkpoint] = []
+            for chunk in chunks(ids):
+                rows += s.exec(
+                    select(m.Checkpoint)
+                    .where(col(m.Checkpoint.id).in_(chunk))
+                    .execution_options(populate_existing=True)
+                ).all()
+            rows.sort(key=lambda r: (r.created, r.id))
+            return records(s, rows)
+
+    def restorable_head(self, branch: str) -> CheckpointRecord | None:
+        """The newest checkpoint that can be restored on ``branch``: the first one on the
+        first-parent chain from the branch head that is neither "lost" nor pruned; None for
+        an empty branch or when there is none. Raises BranchNotFound."""
+        with self._session() as s:
+            head = branch_row(s, branch).head
+            if head is None:
+                return None
+            found = s.connection().execute(_RESTORABLE, {"head": head}).first()
+            return None if found is None else records(s, [checkpoint_row(s, found[0])])[0]
+
+    def local_checkpoints(self, branch: str, node: str | None = None) -> list[CheckpointRecord]:
+        """The "local" checkpoints committed on ``branch`` (those with a share on ``node``
+        when given), newest first: what a node-local tier must keep until they are shared.
+        Raises BranchNotFound."""
+        with self._session() as s:
+            branch_row(s, branch)
+            stmt = select(m.Checkpoint).where(
+                m.Checkpoint.branch == branch, m.Checkpoint.tier == "local"
+            )
+            if node is not None:
+                stmt = stmt.where(
+                    col(m.Checkpoint.id).in_(
+                        sa_select(m.CheckpointNode.checkpoint_id).where(
+                            m.CheckpointNode.node_id == node
+                        )
+                    )
+                )
+            rows = s.exec(
+                stmt.order_by(col(m.Checkpoint.created).desc(), col(m.Checkpoint.id).desc())
+            ).all()
+            return records(s, rows)
 
     def _refuse_doomed(self, s: Session, manifest_id: str, hashes: Sequence[str]) -> None:
         """Raise BeingCollected if apply_gc handed out the manifest or an object for deletion
@@ -326,6 +430,22 @@ class Commits(Database):
         return total
 
 
+# The first checkpoint on the first-parent chain from :head that is neither lost nor pruned;
+# the walk stops there (it only goes on past a checkpoint that cannot be restored).
+_RESTORABLE = text(
+    """
+WITH RECURSIVE chain(id, n) AS (
+    SELECT id, 0 FROM checkpoint WHERE id = :head
+    UNION ALL SELECT e.parent, w.n + 1
+    FROM chain w JOIN checkpoint c ON c.id = w.id JOIN edge e ON e.child = w.id
+    WHERE e.position = 0 AND (c.tier = 'lost' OR c.pruned IS NOT NULL)
+)
+SELECT w.id FROM chain w JOIN checkpoint c ON c.id = w.id
+WHERE c.tier <> 'lost' AND c.pruned IS NULL
+ORDER BY w.n
+LIMIT 1"""
+)
+
 # Where repacks moved some objects' bytes, following repacks of the targets too.
 _MOVED_TARGETS = """
 WITH RECURSIVE mv(h) AS (
@@ -371,6 +491,37 @@ INSERT INTO layer_prefix (checkpoint, depth, prefix)
 SELECT :id, l.n, l.prefix FROM unnest(CAST(:prefixes AS text[])) WITH ORDINALITY AS l(prefix, n)
 """
 )
+
+
+def _exact_id(checkpoint_id: object) -> str:
+    if not isinstance(checkpoint_id, str) or not checkpoint_id or "\x00" in checkpoint_id:
+        raise RefNotFound(
+            f"checkpoint {checkpoint_id!r} does not exist: pass the id of a committed checkpoint"
+        )
+    return checkpoint_id
+
+
+def _node_ids(manifest_id: str, tier: str, nodes: Sequence[str]) -> list[str]:
+    """The sorted, distinct node ids of a commit, checked against its tier."""
+    if tier not in TIERS[:2]:
+        raise ValueError(
+            f"checkpoint {manifest_id!r}: a commit's tier is 'local' or 'shared', not {tier!r}"
+        )
+    if isinstance(nodes, str):
+        raise ValueError(f"checkpoint {manifest_id!r}: nodes is a sequence of node ids")
+    node_ids = sorted({str(n) for n in nodes})
+    if any(not n or "\x00" in n for n in node_ids):
+        raise ValueError(f"checkpoint {manifest_id!r}: node ids must be non-empty text")
+    if tier == "local" and not node_ids:
+        raise ValueError(
+            f"local checkpoint {manifest_id!r} needs the ids of the nodes holding its shares"
+        )
+    if tier == "shared" and node_ids:
+        raise ValueError(
+            f"shared checkpoint {manifest_id!r} names nodes {node_ids}: nodes are recorded "
+            "for local checkpoints only (commit it with tier='local')"
+        )
+    return node_ids
 
 
 def _edge_kind(branch: str, parent_branch: str, n_parents: int) -> str:

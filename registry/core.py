@@ -19,13 +19,14 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import col, delete, select
 
 from tlreg.registry import migrations
 from tlreg.registry import models as m
 from tlreg.registry.commit import (
     CHECKPOINT_KINDS,
     RANK_METRIC,
+    TIERS,
     Commits,
     prefix_hashes,
     retry_on_head_moved,
@@ -45,7 +46,7 @@ from tlreg.registry.leases import Leases
 from tlreg.registry.lineage import Lineage
 from tlreg.registry.metrics import Browsing, Metrics
 from tlreg.registry.records import Run, from_row
-from tlreg.registry.refs import MIN_PREFIX, Refs, branch_row
+from tlreg.registry.refs import MIN_PREFIX, Refs, branch_row, run_nodes
 from tlreg.storage_backends.credentials import without_password
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "RANK_METRIC",
     "RUN_STATUSES",
     "SQLITE_BUSY_TIMEOUT",
+    "TIERS",
     "Registry",
     "filesystem_type",
     "prefix_hashes",
@@ -190,7 +192,30 @@ class Registry(Refs, Commits, Lineage, GarbageCollection, Metrics, Browsing, Lea
             row.error = error
             row.finished = m.utcnow()
             s.flush()
-            return _run(row)
+            return _run(row, run_nodes(s, [run_id]).get(run_id, {}))
+
+    def record_run_nodes(self, run_id: int, nodes: Mapping[int, str]) -> Run:
+        """Record the node each rank of run ``run_id`` runs on (rank -> node id), replacing
+        what the run recorded before (a restarted worker group may run elsewhere). Raises
+        RunNotFound, ValueError (a negative rank or an empty node id)."""
+        given = {int(rank): str(node) for rank, node in nodes.items()}
+        bad = [r for r, n in given.items() if r < 0 or not n or "\x00" in n]
+        if bad:
+            raise ValueError(
+                f"run {run_id}: ranks are >= 0 and node ids non-empty text, got "
+                f"{ {r: given[r] for r in sorted(bad)} }"
+            )
+        with self._session(write=True) as s:
+            row = s.get(m.Run, run_id, with_for_update=True)
+            if row is None:
+                raise RunNotFound(f"run {run_id} does not exist: list runs with 'tlreg runs'")
+            s.exec(delete(m.RunNode).where(col(m.RunNode.run_id) == run_id))
+            if given:
+                s.connection().execute(
+                    self._insert(m.RunNode),
+                    [{"run_id": run_id, "rank": r, "node_id": n} for r, n in sorted(given.items())],
+                )
+            return _run(row, given)
 
     def runs(self, branch: str | None = None) -> list[Run]:
         """Every run (or those on ``branch``), oldest first."""
@@ -198,8 +223,10 @@ class Registry(Refs, Commits, Lineage, GarbageCollection, Metrics, Browsing, Lea
             stmt = select(m.Run).order_by(col(m.Run.id))
             if branch is not None:
                 stmt = stmt.where(m.Run.branch == branch)
-            return [_run(r) for r in s.exec(stmt).all()]
+            rows = s.exec(stmt).all()
+            nodes = run_nodes(s, [r.id for r in rows if r.id is not None])
+            return [_run(r, nodes.get(r.id, {}) if r.id is not None else {}) for r in rows]
 
 
-def _run(row: m.Run) -> Run:
-    return from_row(Run, row, config=dict(row.config))
+def _run(row: m.Run, nodes: Mapping[int, str] | None = None) -> Run:
+    return from_row(Run, row, config=dict(row.config), nodes=dict(nodes or {}))

@@ -34,7 +34,14 @@ from tlreg.registry.records import (
     from_row,
     utc,
 )
-from tlreg.registry.refs import branch_row, checkpoint_row, records, resolve_row, unstorable
+from tlreg.registry.refs import (
+    branch_row,
+    checkpoint_row,
+    nodes_of,
+    records,
+    resolve_row,
+    unstorable,
+)
 
 
 class Lineage(Database):
@@ -141,7 +148,8 @@ class Lineage(Database):
                 else:
                     params = {"runs": json.dumps(chunk)}
                 found.update({row[0]: row for row in conn.execute(sql, params).all()})
-        return found
+            nodes = nodes_of(s, [cid for cid, row in found.items() if row[11] != "shared"])
+        return {cid: (*row, nodes.get(cid, ())) for cid, row in found.items()}
 
     def children(self, checkpoint_id: str) -> list[CheckpointRecord]:
         """The direct children of a checkpoint (any ref is accepted), oldest first."""
@@ -316,6 +324,7 @@ def _fetch_records(s: Session, sql: str, params: dict[str, Any]) -> list[Checkpo
             i += 1
         groups.append((row, parents))
     metrics = json.loads("[" + ",".join(row[5] for row, _ in groups) + "]")
+    nodes = nodes_of(s, [row[0] for row, _ in groups if row[14] != "shared"])
     signatures: dict[str | None, tuple[str, ...] | None] = {None: None}
     for row, _ in groups:
         if row[10] not in signatures:
@@ -337,6 +346,8 @@ def _fetch_records(s: Session, sql: str, params: dict[str, Any]) -> list[Checkpo
             signature=signatures[row[10]],
             run_id=row[11],
             pruned=None if row[12] is None else utc(row[12]),
+            tier=row[14],
+            nodes=nodes.get(row[0], ()),
         )
         for (row, parents), stored in zip(groups, metrics, strict=True)
     ]

@@ -38,7 +38,7 @@ LIMIT 1
 RECORDS = """{with_}
 SELECT c.id, c.branch, c.step, c.manifest, c.created, CAST(c.metrics AS TEXT),
        c.logical_bytes, c.new_bytes, c.kind, c.message, CAST(c.signature AS TEXT), c.run_id,
-       c.pruned, p.parent
+       c.pruned, p.parent, c.tier
 FROM {source} w JOIN checkpoint c ON c.id = w.id
 LEFT JOIN edge p ON p.child = c.id
 ORDER BY {order}, p.position"""
@@ -46,7 +46,7 @@ ORDER BY {order}, p.position"""
 ALL_RECORDS = """
 SELECT c.id, c.branch, c.step, c.manifest, c.created, CAST(c.metrics AS TEXT),
        c.logical_bytes, c.new_bytes, c.kind, c.message, CAST(c.signature AS TEXT), c.run_id,
-       c.pruned, p.parent
+       c.pruned, p.parent, c.tier
 FROM checkpoint c
 LEFT JOIN edge p ON p.child = c.id
 ORDER BY {order}, p.position"""
@@ -185,7 +185,8 @@ _LANE_JOIN = {
 # times as UTC text, parsed when a record is built (as SQLite's are), which is cheaper than
 # psycopg's timestamptz parsing (see docs/performance.md, Registry).
 _DEFERRED_COLUMNS = """c.id, c.manifest, {created}, CAST(c.metrics AS TEXT), c.logical_bytes,
-       c.new_bytes, c.kind, c.message, CAST(c.signature AS TEXT), c.run_id, {pruned}"""
+       c.new_bytes, c.kind, c.message, CAST(c.signature AS TEXT), c.run_id, {pruned},
+       c.tier"""
 DEFERRED = {
     False: "SELECT "
     + _DEFERRED_COLUMNS.format(created="c.created", pruned="c.pruned")

@@ -22,7 +22,7 @@ from tlreg.registry import models as m
 from tlreg.registry.engine import Database
 from tlreg.registry.errors import RegistryUnavailable, RunNotFound
 from tlreg.registry.records import CheckpointRecord, Run, from_row, utc
-from tlreg.registry.refs import branch_row, records, unstorable
+from tlreg.registry.refs import branch_row, records, run_nodes, unstorable
 
 MAX_METRIC_NAME = 200
 """Longest metric name accepted (characters)."""
@@ -318,6 +318,7 @@ class Metrics(Database):
                 .group_by(m.MetricPoint.run_id, m.MetricPoint.metric)
                 .subquery()
             )
+            nodes = run_nodes(s, ids)
             final: dict[int, dict[str, float]] = {}
             for run_id, metric, value in s.exec(
                 select(m.MetricPoint.run_id, m.MetricPoint.metric, m.MetricPoint.value)
@@ -337,7 +338,7 @@ class Metrics(Database):
                 last = max(last_step.get(r.id, -1), ck_last)
                 out.append(
                     RunSummary(
-                        run=from_row(Run, r, config=dict(r.config)),
+                        run=from_row(Run, r, config=dict(r.config), nodes=nodes.get(r.id, {})),
                         steps=None if last < 0 else last,
                         final=final.get(r.id, {}),
                         checkpoints=n,

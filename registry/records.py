@@ -99,6 +99,13 @@ class CheckpointRecord:
     run_id: int | None = None
     pruned: datetime | None = None
     """When garbage collection pruned it (its lineage stays; its tensors may be deleted)."""
+    tier: str = "shared"
+    """Where its bytes are: "shared" (in the shared store), "local" (only on the node-local
+    tiers of ``nodes``, not drained yet) or "lost" (a node holding a local-only share is
+    gone: it is never served)."""
+    nodes: tuple[str, ...] = ()
+    """The nodes holding the local shares a "local" or "lost" checkpoint depends on (sorted);
+    empty once it is shared."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (datetimes as ISO-8601, non-finite metrics as strings)."""
@@ -117,12 +124,14 @@ class CheckpointRecord:
             "signature": list(self.signature) if self.signature is not None else None,
             "run_id": self.run_id,
             "pruned": self.pruned.isoformat() if self.pruned is not None else None,
+            "tier": self.tier,
+            "nodes": list(self.nodes),
         }
 
 
 # The deferred columns of a RecordList's rows, by checkpoint id: the id again, manifest,
 # created, metrics (JSON text), logical_bytes, new_bytes, kind, message, signature (JSON text
-# or None), run_id, pruned.
+# or None), run_id, pruned, tier, nodes (a tuple).
 Deferred = Mapping[str, Sequence[Any]]
 
 
@@ -132,11 +141,13 @@ class RecordList(Sequence[CheckpointRecord]):
     The call that returns it reads, in its one transaction, the structure of the answer:
     every checkpoint's ``id``, ``branch``, ``step`` and ``parents``, in order. The other
     fields (``manifest``, ``created``, ``metrics``, ``logical_bytes``, ``new_bytes``,
-    ``kind``, ``message``, ``signature``, ``run_id``, ``pruned``) are *deferred*: the first
+    ``kind``, ``message``, ``signature``, ``run_id``, ``pruned``, ``tier``, ``nodes``) are
+    *deferred*: the first
     access to any record reads them for every record of the list in one more transaction
     (one query per few thousand ids), then keeps them; nothing is cached across lists.
     Checkpoint rows are never deleted and never change, except ``pruned``, which garbage
-    collection sets: a deferred ``pruned`` is the value at that first access.
+    collection sets, and ``tier`` and ``nodes`` (a local checkpoint becomes shared or lost):
+    deferred values are those at that first access.
 
     A record is built (a dataclass, datetimes, decoded JSON) when first accessed, then kept.
     Indexing, slicing (a plain list), ``len``, iteration and ``==`` against any sequence
@@ -278,6 +289,8 @@ class RecordList(Sequence[CheckpointRecord]):
             signature=self._signatures[signature],
             run_id=wide[9],
             pruned=None if wide[10] is None else utc(wide[10]),
+            tier=wide[11],
+            nodes=tuple(wide[12]),
         )
 
 
@@ -349,10 +362,15 @@ class Run:
     ray_job_id: str | None
     created: datetime
     finished: datetime | None
+    nodes: dict[int, str] = field(default_factory=dict, hash=False)
+    """The node each rank ran on (rank -> node id), as the run recorded it last
+    (``Registry.record_run_nodes``); empty when it recorded none."""
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-safe dict (datetimes as ISO-8601)."""
-        return _plain_json(self)
+        """A JSON-safe dict (datetimes as ISO-8601; ``nodes`` keyed by the rank as text)."""
+        out = _plain_json(self)
+        out["nodes"] = {str(rank): node for rank, node in sorted(self.nodes.items())}
+        return out
 
 
 @dataclass(frozen=True, slots=True)

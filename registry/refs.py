@@ -123,19 +123,53 @@ def live(row: m.Checkpoint, action: str) -> m.Checkpoint:
     return row
 
 
-def record(row: m.Checkpoint, parents: tuple[str, ...]) -> CheckpointRecord:
-    """The record of a checkpoint row whose parents are known."""
+def record(
+    row: m.Checkpoint, parents: tuple[str, ...], nodes: Sequence[str] = ()
+) -> CheckpointRecord:
+    """The record of a checkpoint row whose parents (and nodes, for a non-shared one) are
+    known."""
     return from_row(
         CheckpointRecord,
         row,
         parents=parents,
         metrics=decode_metrics(row.metrics),
         signature=None if row.signature is None else tuple(row.signature),
+        nodes=tuple(sorted(nodes)),
     )
 
 
+def nodes_of(s: Session, ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The nodes recorded for each of ``ids`` that has some (checkpoint_node; sorted).
+    Callers pass only the ids of non-shared checkpoints: shared ones have none."""
+    found: dict[str, list[str]] = {}
+    for chunk in chunks(list(ids)):
+        rows = s.connection().execute(
+            select(m.CheckpointNode.checkpoint_id, m.CheckpointNode.node_id)
+            .where(col(m.CheckpointNode.checkpoint_id).in_(chunk))
+            .order_by(col(m.CheckpointNode.checkpoint_id), col(m.CheckpointNode.node_id))
+        )
+        for cid, node in rows:
+            found.setdefault(cid, []).append(node)
+    return {cid: tuple(nodes) for cid, nodes in found.items()}
+
+
+def run_nodes(s: Session, run_ids: Sequence[int]) -> dict[int, dict[int, str]]:
+    """Rank -> node id of each of ``run_ids`` that recorded its nodes (schema v10)."""
+    found: dict[int, dict[int, str]] = {}
+    for chunk in chunks(list(run_ids)):
+        for run_id, rank, node in s.connection().execute(
+            select(m.RunNode.run_id, m.RunNode.rank, m.RunNode.node_id)
+            .where(col(m.RunNode.run_id).in_(chunk))
+            .order_by(col(m.RunNode.run_id), col(m.RunNode.rank))
+        ):
+            found.setdefault(run_id, {})[rank] = node
+    return found
+
+
 def records(s: Session, rows: Sequence[m.Checkpoint]) -> list[CheckpointRecord]:
-    """Detach rows into records, fetching every row's parents in a few batched queries."""
+    """Detach rows into records, fetching every row's parents (and a non-shared row's
+    nodes) in a few batched queries."""
+    nodes = nodes_of(s, [r.id for r in rows if r.tier != "shared"])
     parents: dict[str, list[str]] = {r.id: [] for r in rows}
     for chunk in chunks(list(parents)):
         edges = s.exec(
@@ -145,7 +179,7 @@ def records(s: Session, rows: Sequence[m.Checkpoint]) -> list[CheckpointRecord]:
         ).all()
         for child, parent in edges:
             parents[child].append(parent)
-    return [record(r, tuple(parents[r.id])) for r in rows]
+    return [record(r, tuple(parents[r.id]), nodes.get(r.id, ())) for r in rows]
 
 
 def _branched_from(s: Session, name: str) -> list[str]:
