@@ -24,6 +24,7 @@ import functools
 import json
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,7 +45,7 @@ from tlreg.ckpt.persist import PACK_BYTES, SOLO_BYTES, DedupIndex, Persister
 from tlreg.ckpt.plan import FrozenSkip, SavePlan, plan_save
 from tlreg.ckpt.restore import Restorer
 from tlreg.ckpt.staging import Event, Stager
-from tlreg.ckpt.tiers import Drainer, PruneStats, TieredStore, prune_local
+from tlreg.ckpt.tiers import Drainer, PruneStats, TieredStore, prune_local, write_share
 from tlreg.ckpt.writer import ProcessWriter, SharedArenas, check_store
 from tlreg.storage_backends import Store, open_store
 
@@ -353,6 +354,15 @@ class AsyncCheckpointer:
             pending._finish(None, error)
             return
         self._newest = done.manifest_id
+        if self.local is not None and self._collective is not None and part is not None:
+            try:  # what keeps this rank's share when its tier is pruned (no manifest here)
+                write_share(self.local, done.manifest_id, self._collective.rank, part.objects)
+            except Exception as e:  # (the save stands; only a later prune may drop the share)
+                warnings.warn(
+                    f"could not record the share of checkpoint {done.manifest_id} on the local "
+                    f"tier {self.local.url}: {e}; a prune of the tier will not keep it",
+                    stacklevel=1,
+                )
         fetch: Callable[[str], Manifest] = functools.partial(read_manifest, self.store)
         if self._drainer is not None:  # (other ranks: the manifest is on rank 0's tier)
             fetch = functools.partial(self._fetch_drained, pending)

@@ -15,6 +15,7 @@ local copy is never propagated.
 from __future__ import annotations
 
 import functools
+import json
 import socket
 import threading
 import time
@@ -43,6 +44,8 @@ __all__ = [
     "expand_tier",
     "node_id",
     "prune_local",
+    "share_key",
+    "write_share",
 ]
 
 NODE = "{node}"
@@ -304,6 +307,37 @@ class Drainer:
         self._pool.shutdown(wait=True)
 
 
+SHARES = "shares"
+"""The local tier's records of the rank shares it holds: ``shares/<manifest id>.json``, the
+objects this node's rank wrote or referenced for that checkpoint (JSON). A rank other than 0
+holds no manifest on its tier, so this is what keeps its share when the tier is pruned."""
+
+
+def share_key(manifest_id: str) -> str:
+    """The local-tier key of this node's share record of checkpoint ``manifest_id``."""
+    return f"{SHARES}/{manifest_id}.json"
+
+
+def write_share(local: Store, manifest_id: str, rank: int, objects: Iterable[str]) -> None:
+    """Record on the local tier ``local`` that it holds rank ``rank``'s share of
+    ``manifest_id``: the digests ``objects``."""
+    record = {"manifest": manifest_id, "rank": rank, "objects": sorted(set(objects))}
+    local.put(share_key(manifest_id), json.dumps(record).encode())
+
+
+def _share_objects(local: Store, manifest_id: str) -> set[str] | None:
+    try:
+        record = json.loads(local.get(share_key(manifest_id)))
+    except ObjectNotFound:
+        return None
+    except ValueError:
+        raise CheckpointError(
+            f"the share record {share_key(manifest_id)} on the local tier {local.url} is not "
+            "JSON: delete it (its checkpoint is then pruned like one not kept) and prune again"
+        ) from None
+    return {str(d) for d in record.get("objects", [])}
+
+
 @dataclass
 class PruneStats:
     """What :func:`prune_local` removed from a local tier."""
@@ -319,18 +353,26 @@ def prune_local(local: Store, keep_manifests: Iterable[str]) -> PruneStats:
     """Delete from the local tier ``local`` every manifest not in ``keep_manifests`` and every
     object that no kept manifest references (the shared store is never touched).
 
-    The kept manifests must be on the local tier; one that is not keeps nothing of its own.
+    A kept checkpoint keeps the objects of its manifest, if the tier holds it (rank 0's node),
+    and of this node's share record (:func:`write_share`; the other ranks' nodes). One that
+    is on the tier in neither form keeps nothing here.
     """
     from tlreg.ckpt.manifest import read_manifest
 
     keep = set(keep_manifests)
     live: set[str] = set()
     for manifest_id in keep:
+        share = _share_objects(local, manifest_id)  # this node's share (ranks other than 0)
+        live.update(share or ())
         try:
             live.update(read_manifest(local, manifest_id).objects)
         except CheckpointError:
-            continue  # not on this tier (or unreadable): it pins nothing here
+            continue  # not on this tier (or unreadable): it pins nothing more here
     stats = PruneStats()
+    for key in list(local.list(SHARES)):
+        name = key.rsplit("/", 1)[-1]
+        if name.endswith(".json") and name[: -len(".json")] not in keep:
+            local.delete(key)
     for key in list(local.list("manifests")):
         name = key.rsplit("/", 1)[-1]
         if name.endswith(".json") and name[: -len(".json")] not in keep:

@@ -82,6 +82,11 @@ def _rank_main(rank: int, root: str) -> None:
                 torch.equal(shared_state["model"][k], v) for k, v in _state(2)["model"].items()
             )
             report["tiers_damaged"] = ckpt.last_load_tiers
+            # each rank prunes its own tier to the local-only checkpoint: rank 0 keeps every
+            # object of its manifest, rank 1 (no manifest on its tier) its own share
+            ckpt.prune_local([report["local_id"]])
+            report["pruned_to"] = sorted(_objects_on(tier))
+            report["local_objects"] = sorted(ckpt.manifest(report["local_id"]).objects)
         report["ok"] = True
     finally:
         (tmp / f"report-{rank}.json").write_text(json.dumps(report))
@@ -123,6 +128,7 @@ def test_ranks_write_their_shares_locally_drain_together_and_restore_from_their_
         assert r["tiers"]["shared"] == 0 and r["tiers"]["local"] > 0 and r["tiers"]["peer"] > 0
         assert r["shared_exact"]
         assert r["tiers_damaged"]["shared"] > 0 or r is r1  # rank 1 counts its marker local
+        assert r["pruned_to"] == (r["local_objects"] if r is r0 else r1["tier_objects"])
         assert r["tiers_again"] == {
             "local": r["tiers"]["local"] + r["tiers"]["peer"],
             "peer": 0,
