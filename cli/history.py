@@ -34,7 +34,9 @@ from tlreg.registry import CheckpointRecord
 @pass_env
 def log(env: Env, branch: str, limit: int | None, as_json: bool) -> None:
     """Checkpoints reachable from BRANCH's head, newest first, with the branch heads and tags
-    that point at them (as git log --decorate) and those gc pruned.
+    that point at them (as git log --decorate) and those gc pruned. A checkpoint not in the
+    shared store (yet) says so: [local: NODES] (only on those nodes' local tiers), or
+    [lost: NODES] (a node holding a share is gone: never restored).
 
     \b
     Example:
@@ -48,10 +50,19 @@ def log(env: Env, branch: str, limit: int | None, as_json: bool) -> None:
     for r in records:
         when = r.created.strftime("%Y-%m-%d %H:%M:%S")
         line = f"{short(r.id)}  {r.branch}@{r.step}  {when}  {r.kind}"
+        if r.tier != "shared":
+            line += f"  {tier_mark(r)}"
         marks = names.get(r.id, []) + ([pruned_mark(r)] if r.pruned is not None else [])
         if marks:
             line += f"  ({', '.join(marks)})"
         click.echo(f"{line}  {fmt_metrics(r.metrics)}".rstrip())
+
+
+def tier_mark(r: CheckpointRecord) -> str:
+    """``[local: NODES]`` or ``[lost: NODES]`` for a checkpoint not in the shared store (long
+    node ids, as Ray's, shortened like checkpoint ids)."""
+    nodes = ",".join(short(n) if len(n) > 12 else n for n in r.nodes)
+    return f"[{r.tier}: {nodes}]" if nodes else f"[{r.tier}]"
 
 
 def render_tree(nodes: dict[str, CheckpointRecord], focus: str) -> list[str]:
@@ -166,8 +177,8 @@ def show(env: Env, ref: str, tensors: bool, as_json: bool) -> None:
       tlreg show base --tensors
     """
     r = env.registry.resolve(ref)
-    if r.pruned is not None:
-        _show_pruned(r, as_json)
+    if r.pruned is not None or r.tier != "shared":
+        _show_row(r, as_json)
         return
     manifest = read_manifest(env.store, r.manifest)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -195,6 +206,8 @@ def show(env: Env, ref: str, tensors: bool, as_json: bool) -> None:
     if r.metrics:
         click.echo(f"metrics     {fmt_metrics(r.metrics)}")
     click.echo(f"bytes       {fmt_bytes(r.logical_bytes)} logical, {fmt_bytes(r.new_bytes)} new")
+    click.echo(f"tier        {r.tier}")
+    click.echo(f"nodes       {', '.join(r.nodes) or '-'}")
     click.echo(f"objects     {len(manifest.objects)}")
     for name, (count, nbytes) in sorted(groups.items()):
         click.echo(f"  {name:<10}{count:>6} tensors  {fmt_bytes(nbytes)}")
@@ -203,8 +216,10 @@ def show(env: Env, ref: str, tensors: bool, as_json: bool) -> None:
             click.echo(f"  {path}  {e.dtype}  {list(e.shape)}")
 
 
-def _show_pruned(r: CheckpointRecord, as_json: bool) -> None:
-    """A pruned checkpoint's lineage row (its manifest and tensors may be deleted: not read)."""
+def _show_row(r: CheckpointRecord, as_json: bool) -> None:
+    """The lineage row of a pruned checkpoint (its manifest and tensors may be deleted) or of
+    one not in the shared store (its manifest is on a node-local tier, or lost): neither is
+    read from the store."""
     if as_json:
         echo_json(r.to_json())
         return
@@ -216,11 +231,19 @@ def _show_pruned(r: CheckpointRecord, as_json: bool) -> None:
     click.echo(f"parents     {', '.join(short(p) for p in r.parents) or '-'}")
     if r.metrics:
         click.echo(f"metrics     {fmt_metrics(r.metrics)}")
-    assert r.pruned is not None
-    click.echo(
-        f"pruned      {r.pruned:%Y-%m-%d %H:%M} UTC by garbage collection: its lineage stays, "
-        "its tensors may be gone"
-    )
+    click.echo(f"tier        {_TIER_SAYS.get(r.tier, r.tier)}")
+    click.echo(f"nodes       {', '.join(r.nodes) or '-'}")
+    if r.pruned is not None:
+        click.echo(
+            f"pruned      {r.pruned:%Y-%m-%d %H:%M} UTC by garbage collection: its lineage "
+            "stays, its tensors may be gone"
+        )
+
+
+_TIER_SAYS = {
+    "local": "local (on the node-local tiers of its nodes only, not drained to the store yet)",
+    "lost": "lost (a node holding a local-only share is gone: it is never restored)",
+}
 
 
 @click.command()
