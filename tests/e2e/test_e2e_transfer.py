@@ -1,5 +1,7 @@
 """The whole path through the real CLI: init -> import -> branch -> train on Ray -> lineage
--> export, on SQLite and on PostgreSQL."""
+-> export, on PostgreSQL: the other tests of tests/e2e train on Ray with SQLite, and the
+registry's own tests run every query on both backends, so a SQLite copy of this test (two
+more Ray training runs) would prove nothing new."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ UPPER = "tlreg.training.examples.digits:upper"
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("registry_url", ["postgres"], indirect=True)
 def test_branch_train_on_ray_then_resume_keeps_exact_lineage_and_frozen_weights(
     tmp_path: Path, make_cluster_shell: Callable[..., Any], registry_url: str
 ) -> None:
