@@ -6,10 +6,12 @@ The registry never touches the store; ``tlreg.training.gc`` runs the whole proto
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, or_, text
+from sqlalchemy import exists, func, insert, or_, text
 from sqlmodel import Session, col, delete, select, update
 
 from tlreg.registry import models as m
@@ -55,7 +57,12 @@ class GarbageCollection(Database):
         save still running): planning records when each was first seen, and an orphan is only
         due once that is ``grace`` before ``now`` — no file times involved. An orphan that got
         committed meanwhile, or left a listing, is forgotten; None (the default) skips that
-        kind's listing and keeps its record. Planning writes only those records.
+        kind's listing and keeps its record. Planning writes only those records, and one
+        more: when it finds nothing to prune and no object to delete, it remembers that
+        against the state of the refs (every branch's head and base, every tag, the newest
+        checkpoint's time, ``keep_last``); while that state is unchanged (and no apply_gc or
+        relocate ran), the next plan reads only the refs instead of walking the lineage, so
+        planning on an idle registry costs O(branches + tags), not O(checkpoints).
         """
         if keep_last is not None and keep_last < 1:
             raise ValueError(
@@ -71,8 +78,24 @@ class GarbageCollection(Database):
             "manifest": None if store_manifests is None else set(map(str, store_manifests)),
         }
         with self._session() as s:
-            prune, objects = self._gc_compute(s, keep_last)
+            state = self._gc_state(s, keep_last)
+            unchanged = s.exec(
+                select(m.GcCandidate.key).where(
+                    m.GcCandidate.kind == _PLAN_KIND, m.GcCandidate.key == state
+                )
+            ).first()
+            if unchanged is None:
+                prune, objects = self._gc_compute(s, keep_last)
+            else:
+                prune, objects = [], {}
         with self._session(write=True) as s:
+            if unchanged is None and not prune and not objects:
+                s.exec(delete(m.GcCandidate).where(m.GcCandidate.kind == _PLAN_KIND))
+                s.exec(
+                    self._insert(m.GcCandidate)
+                    .values(kind=_PLAN_KIND, key=state, first_seen=now, doomed=None)
+                    .on_conflict_do_nothing(index_elements=["kind", "key"])
+                )
             for kind, keys in listed.items():
                 self._track_orphans(s, kind, keys, now)
             orphans, waiting = self._due_orphans(s, now - grace)
@@ -105,6 +128,7 @@ class GarbageCollection(Database):
         """
         with self._session(write=True) as s:
             gc_lock(s, shared=False)
+            _new_epoch(s)
             prune, _ = self._gc_compute(s, plan.keep_last)
             prune = sorted(set(prune) & set(plan.prune))
             now = m.utcnow()
@@ -237,6 +261,7 @@ class GarbageCollection(Database):
         cand = m.GcCandidate
         with self._session(write=True) as s:
             gc_lock(s, shared=False)
+            _new_epoch(s)
             conn = s.connection()
             for old, read, targets in moves:
                 users = {
@@ -310,6 +335,30 @@ class GarbageCollection(Database):
                 objects[key] = int(nbytes)
         return sorted(prune), objects
 
+    @staticmethod
+    def _gc_state(s: Session, keep_last: int | None) -> str:
+        """A digest of what decides the kept set and the referenced objects, read without
+        walking the lineage: ``keep_last``, the gc epoch (:func:`_new_epoch`: pruning and
+        repacks), every branch's name, head and base, every tag, and the newest checkpoint's
+        time (an index lookup). A commit moves a head; branch and tag changes show here.
+        Read before the walk, so a change racing the walk leaves a digest that no later state
+        has."""
+        digest = hashlib.blake2b(digest_size=20)
+        cand = m.GcCandidate
+        epoch = s.exec(select(cand.key).where(cand.kind == _EPOCH_KIND)).first()
+        digest.update(f"keep_last={keep_last}\tepoch={epoch}\n".encode())
+        for name, head, base in s.exec(
+            select(m.Branch.name, m.Branch.head, m.Branch.base).order_by(col(m.Branch.name))
+        ).all():
+            digest.update(f"b\t{name}\t{head}\t{base}\n".encode())
+        for name, checkpoint in s.exec(
+            select(m.Tag.name, m.Tag.checkpoint).order_by(col(m.Tag.name))
+        ).all():
+            digest.update(f"t\t{name}\t{checkpoint}\n".encode())
+        newest = s.exec(select(func.max(m.Checkpoint.created))).one()
+        digest.update(f"c\t{newest}\n".encode())
+        return digest.hexdigest()
+
     def _track_orphans(self, s: Session, kind: str, listed: set[str] | None, now: datetime) -> None:
         """Record first sightings of unreferenced keys of ``kind`` and forget candidates that
         got referenced (or, with a listing, left the store)."""
@@ -350,6 +399,27 @@ class GarbageCollection(Database):
             due[kind] = [k for k, ready in rows if ready]
             waiting += sum(1 for _, ready in rows if not ready)
         return due, waiting
+
+
+# gc_candidate rows of this kind remember a state of the refs in which gc_plan found nothing
+# to prune and no object to delete; the one row of _EPOCH_KIND changes whenever apply_gc or
+# relocate changes what is kept or referenced behind the refs' back. Neither is a store key:
+# _due_orphans, forget_objects and commits look at kinds "object" and "manifest" only.
+_PLAN_KIND = "empty-plan"
+_EPOCH_KIND = "gc-epoch"
+
+
+def _new_epoch(s: Session) -> None:
+    """Start a new epoch (in the caller's transaction): every remembered empty plan is
+    forgotten, and one a concurrent gc_plan records from what it read before is keyed by the
+    old epoch, so it never matches again."""
+    cand = m.GcCandidate
+    s.exec(delete(cand).where(col(cand.kind).in_([_PLAN_KIND, _EPOCH_KIND])))
+    s.exec(
+        insert(cand).values(
+            kind=_EPOCH_KIND, key=uuid.uuid4().hex, first_seen=m.utcnow(), doomed=None
+        )
+    )
 
 
 # What garbage collection keeps: heads, bases and tags, and then every ancestor of those...
