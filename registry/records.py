@@ -8,7 +8,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, overload
 
@@ -52,14 +52,24 @@ R = TypeVar("R")
 
 def from_row(cls: type[R], row: object, **given: Any) -> R:
     """A ``cls`` record from a table row: each field not ``given`` is the row's attribute of
-    that name."""
-    names = _field_names(cls)  # type: ignore[arg-type]  # a class is hashable
-    return cls(**{name: getattr(row, name) for name in names if name not in given}, **given)
+    that name; a field with a default that the row lacks (one read from another table, as
+    ``Run.nodes``) takes its default."""
+    names, optional = _field_names(cls)  # type: ignore[arg-type]  # a class is hashable
+    taken = {
+        name: getattr(row, name)
+        for name in names
+        if name not in given and (name not in optional or hasattr(row, name))
+    }
+    return cls(**taken, **given)
 
 
 @functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+def _field_names(cls: type) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The fields' names, and those of the fields that have a default."""
+    have_default = frozenset(
+        f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING
+    )
+    return tuple(f.name for f in fields(cls)), have_default
 
 
 def _plain_json(record: Any) -> dict[str, Any]:
