@@ -96,6 +96,11 @@ class CheckpointPruned(RegistryError, LookupError):
     """The checkpoint was pruned by garbage collection: its lineage stays, its tensors may not."""
 
 
+class CheckpointLost(RegistryError, LookupError):
+    """The checkpoint is "lost": a node holding one of its local-only shares is gone and it
+    never reached the shared store, so it cannot be read."""
+
+
 class BeingCollected(RegistryError, FileNotFoundError):
     """A commit references store keys that garbage collection is deleting."""
 

@@ -20,6 +20,7 @@ from tlreg.registry.errors import (
     BranchExists,
     BranchHasDescendants,
     BranchNotFound,
+    CheckpointLost,
     CheckpointPruned,
     EmptyBranch,
     RefNotFound,
@@ -112,13 +113,19 @@ def resolve_row(s: Session, ref: str) -> m.Checkpoint:
 
 
 def live(row: m.Checkpoint, action: str) -> m.Checkpoint:
-    """``row``, unless garbage collection pruned it: then CheckpointPruned, saying that it
-    cannot ``action``."""
+    """``row``, unless garbage collection pruned it (CheckpointPruned) or it is lost
+    (CheckpointLost), saying that it cannot ``action``."""
     if row.pruned is not None:
         raise CheckpointPruned(
             f"checkpoint {row.id!r} was pruned by garbage collection on "
             f"{row.pruned:%Y-%m-%d %H:%M} UTC and its tensors may be gone: cannot {action}; "
             "pick a live checkpoint (see 'tlreg log')"
+        )
+    if row.tier == "lost":
+        raise CheckpointLost(
+            f"checkpoint {row.id!r} is lost: a node holding one of its local-only shares is "
+            f"gone and it never reached the shared store: cannot {action}; pick a restorable "
+            "checkpoint (see 'tlreg log')"
         )
     return row
 

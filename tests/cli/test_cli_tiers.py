@@ -104,3 +104,15 @@ def test_show_of_an_unknown_checkpoint_is_one_error_line(tlreg: Callable, base: 
     assert result.exit_code == 1
     (line,) = result.output.strip().splitlines()
     assert line.startswith("Error: no branch, tag or checkpoint matches 'ffffffff0000'")
+
+
+def test_export_and_verify_of_a_lost_checkpoint_say_lost_in_one_line(
+    tlreg: Callable, base: str, registry_url: str, tmp_path: Path
+) -> None:
+    _, _, lost = tiers(base, registry_url)
+    for args in (("export", lost, str(tmp_path / "out.safetensors")), ("verify", lost)):
+        result = tlreg(*args)
+        assert result.exit_code == 1, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith(f"Error: checkpoint '{lost}' is lost: "), line
+    assert not (tmp_path / "out.safetensors").exists()

@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 from sqlalchemy import text
 from test_registry_migrations import engine_for, make_v1, stored_version
 
-from tlreg.registry import RefNotFound, Registry, RunNotFound
+from tlreg.registry import CheckpointLost, RefNotFound, Registry, RunNotFound
 from tlreg.registry import migrations as mig
 from tlreg.registry.models import SCHEMA_VERSION
 
@@ -111,6 +111,27 @@ def test_a_lost_checkpoint_that_was_drained_after_all_becomes_shared(registry: R
     assert registry.mark_shared("a1").tier == "shared"
     restorable = registry.restorable_head("main")
     assert restorable is not None and restorable.id == "a1"
+
+
+def test_a_lost_checkpoint_is_refused_where_a_live_one_is_needed_in_one_line(
+    registry: Registry,
+) -> None:
+    registry.create_branch("main")
+    registry.commit("main", "a1", step=1, objects={})
+    registry.commit("main", "l2", step=2, objects={}, tier="local", nodes=["n1"])
+    assert registry.resolve_live("main", "restore it").id == "l2"  # local: restorable
+    registry.mark_nodes_lost(["n1"])
+    for call in (
+        lambda: registry.resolve_live("main", "restore it"),
+        lambda: registry.tag("l2", "v1"),
+        lambda: registry.create_branch("side", from_ref="l2"),
+    ):
+        with pytest.raises(CheckpointLost) as e:
+            call()
+        assert str(e.value).startswith("checkpoint 'l2' is lost: ")
+        assert "\n" not in str(e.value)
+    assert registry.tags() == [] and [b.name for b in registry.branches()] == ["main"]
+    assert registry.resolve("main").id == "l2"  # still in the lineage, as lost
 
 
 def test_mark_nodes_lost_loses_only_local_checkpoints_with_a_share_on_those_nodes(
