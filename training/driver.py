@@ -324,7 +324,28 @@ def _fit(
     _ensure_ray(max(2, config.workers))
     emit(RayStarted(elapsed_s=time.perf_counter() - started, workers=config.workers))
     with _stop_on_signals(config.registry_url, run_id, stopped):
-        _fit_on_ray(config, run_id, storage_path, summary, on_event)
+        try:
+            _fit_on_ray(config, run_id, storage_path, summary, on_event)
+        finally:
+            if config.local_tier is not None:
+                _mark_lost_nodes(config, summary)
+
+
+def _mark_lost_nodes(config: TrainConfig, summary: TrainSummary) -> None:
+    """Mark lost the local-only checkpoints on nodes Ray reports dead by the run's end (a
+    restart may have come before Ray saw the node go: it resumed from what the ranks could
+    read, and left the marking to here)."""
+    from tlreg.training.worker import dead_ray_nodes
+
+    try:
+        dead = dead_ray_nodes()
+        if not dead:
+            return
+        with Registry(config.registry_url) as registry:
+            lost = registry.mark_nodes_lost(dead)
+    except Exception:  # the next run's restore marks them as well
+        return
+    summary.lost += [c.id for c in lost if c.id not in summary.lost]
 
 
 def _fit_on_ray(

@@ -10,7 +10,7 @@ Only tlreg writes checkpoints; Ray's own checkpoint upload is never used.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -78,9 +78,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         if config.local_tier is not None:
             # a node that is gone took its local-only checkpoints with it: never serve them
             lost = tuple(c.id for c in registry.mark_nodes_lost(dead_ray_nodes()))
-            newest = registry.restorable_head(config.branch)
-            if newest is not None:
-                chosen = newest.id
+            chosen = restore_target(registry, config.branch, ckpt.nodes) or chosen
     # Every rank must restore the same checkpoint: rank 0 picks it, the others follow.
     head = _broadcast_str(chosen if rank == 0 else None, rank)
     extra: dict[str, Any] = {}
@@ -193,6 +191,22 @@ def _drain(
             if stop:
                 raise CheckpointCommitError(f"checkpoint at step {step} failed: {message}")
     return newest
+
+
+def restore_target(registry: Registry, branch: str, nodes: Sequence[str]) -> str | None:
+    """The checkpoint a run with ranks on ``nodes`` resumes ``branch`` from: the restorable
+    head (the newest not lost), unless it is local-only with a share on a node no rank runs
+    on now (a node just gone that Ray does not report dead yet, or one the group left): then
+    the newest checkpoint on the branch's line that is shared or local to these nodes."""
+    newest = registry.restorable_head(branch)
+    if newest is None or newest.tier != "local" or set(newest.nodes) <= set(nodes):
+        return newest.id if newest is not None else None
+    for record in registry.log(branch):
+        if record.pruned is None and (
+            record.tier == "shared" or (record.tier == "local" and set(record.nodes) <= set(nodes))
+        ):
+            return record.id
+    return newest.id
 
 
 def dead_ray_nodes() -> list[str]:
