@@ -71,9 +71,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     )
     lost: tuple[str, ...] = ()
     if rank == 0:
-        record_nodes = getattr(registry, "record_run_nodes", None)  # (registry schema v10)
-        if record_nodes is not None:
-            record_nodes(loop_config["run_id"], dict(enumerate(ckpt.nodes)))
+        registry.record_run_nodes(loop_config["run_id"], dict(enumerate(ckpt.nodes)))
         chosen = registry.get_branch(config.branch).head
         if config.local_tier is not None:
             # a node that is gone took its local-only checkpoints with it: never serve them
