@@ -211,14 +211,14 @@ class GarbageCollection(Database):
                     s.exec(delete(cand).where(cand.kind == kind, col(cand.key).in_(chunk)))
 
     def kept_manifests(self) -> list[str]:
-        """Manifest ids of every unpruned checkpoint (what ``tlreg verify --all`` checks),
-        oldest first."""
+        """Manifest ids of every unpruned checkpoint in the shared store (what ``tlreg verify
+        --all`` checks), oldest first: a local or lost checkpoint's manifest is not there."""
         with self._session() as s:
             return [
                 str(c)
                 for c in s.exec(
                     select(m.Checkpoint.manifest)
-                    .where(col(m.Checkpoint.pruned).is_(None))
+                    .where(col(m.Checkpoint.pruned).is_(None), m.Checkpoint.tier == "shared")
                     .order_by(col(m.Checkpoint.created), col(m.Checkpoint.id))
                 ).all()
             ]

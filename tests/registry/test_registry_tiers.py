@@ -103,6 +103,17 @@ def test_mark_shared_makes_a_local_checkpoint_shared_once_and_forgets_its_nodes(
     assert registry.mark_nodes_lost(["n1"]) == []  # a shared checkpoint is never lost
 
 
+def test_verify_all_checks_only_checkpoints_in_the_shared_store(registry: Registry) -> None:
+    registry.create_branch("main")
+    registry.commit("main", "a1", step=1, objects={})
+    registry.commit("main", "a2", step=2, objects={}, tier="local", nodes=["n1"])
+    registry.commit("main", "a3", step=3, objects={}, tier="local", nodes=["n2"])
+    registry.mark_nodes_lost(["n2"])
+    assert registry.kept_manifests() == ["a1"]  # a local or lost one's manifest is not there
+    registry.mark_shared("a2")
+    assert registry.kept_manifests() == ["a1", "a2"]
+
+
 def test_a_lost_checkpoint_that_was_drained_after_all_becomes_shared(registry: Registry) -> None:
     registry.create_branch("main")
     registry.commit("main", "a1", step=1, objects={}, tier="local", nodes=["n1"])
