@@ -39,7 +39,7 @@ Every method of tables 1 and 2 runs in a fresh Python process (same seed, so the
 the memory it adds is its own and no method inherits another's buffers. A cold restore
 reads the disk: ``posix_fadvise(DONTNEED)`` drops the method's (fsynced, so clean) files
 from the page cache first, as on a node that did not write them; tlreg's direct-I/O writes
-leave nothing there anyway. ``--quick`` (a ~0.1 GiB
+leave nothing there anyway. ``--quick`` (a ~0.05 GiB
 state, 1 rep, a short loop) runs everything in this process in well under a minute: a smoke
 test, not a measurement.
 """
@@ -1094,8 +1094,9 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     if args.quick:
-        args.size, args.reps, args.train_size, args.steps, args.every = 0.1, 1, 0.05, 6, 2
+        args.size, args.reps, args.train_size, args.steps, args.every = 0.05, 1, 0.02, 6, 2
         args.t2_rounds = args.restore_rounds = 1
+        args.writer_rounds = min(args.writer_rounds, 2)
         args.step_s, args.frozen_size = 0.15, 0.05
     if args.every < 1 or args.steps < 2 * args.every:
         # a checkpoint is taken only where `every` more steps follow it, inside the timed loop
