@@ -4,8 +4,8 @@ With a node-local tier, each rank wrote only its share of a checkpoint to its ow
 and rank 0 its manifest. A collective load (every rank, in the same order) first makes every
 rank's local tier whole, from the nearest place that has each object:
 
-1. rank 0 reads the manifest (its tier, else the shared store) and broadcasts its bytes;
-   every rank parses and checks it as a reader of the store would;
+1. the lowest rank that can read the manifest (its tier, else the shared store) broadcasts
+   its bytes; every rank parses and checks it as a reader of the store would;
 2. every rank says which of the manifest's objects its own tier holds (rank 0 gathers);
 3. each object some rank lacks is sent by the lowest rank that holds it, chunk by chunk, as
    uint8 tensors on the checkpointer's private gloo group (nothing is pickled), and written to
@@ -39,21 +39,38 @@ TIERS = ("local", "peer", "shared")
 def broadcast_manifest(
     collective: Collective, read: Store, manifest_id: str, manifest: Manifest | None
 ) -> Manifest:
-    """Rank 0's manifest ``manifest_id`` on every rank (``manifest``: rank 0's copy if it
-    holds one). A failure on rank 0 raises on every rank, with rank 0's reason."""
-    payload: bytes | None = None
-    if collective.rank == 0:
+    """Manifest ``manifest_id`` on every rank, sent by the lowest rank that can read it
+    (``manifest``: this rank's copy if it holds one). After a restart, rank 0 may run on
+    another node than the rank 0 that wrote a local checkpoint, whose tier alone holds the
+    manifest. When no rank can read it, every rank raises with its own reason."""
+    found, why = manifest, ""
+    if found is None:
         try:
-            found = manifest if manifest is not None else read_manifest(read, manifest_id)
-            payload = b"M" + found.to_bytes()
+            found = read_manifest(read, manifest_id)
         except CheckpointError as e:
-            payload = b"E" + str(e).encode()
-    raw = collective.broadcast(payload)
-    if raw[:1] != b"M":
-        raise CheckpointError(f"rank 0 could not read the manifest: {raw[1:].decode()}")
-    if collective.rank == 0 and manifest is not None:
-        return manifest
-    return Manifest.from_json(raw[1:], name=f"manifest {manifest_id} (from rank 0)")
+            why = str(e)
+    flags = collective.gather(json.dumps(found is not None).encode())
+    if flags is not None:
+        holders = [rank for rank, flag in enumerate(flags) if json.loads(flag)]
+        raw = collective.broadcast(json.dumps(holders[0] if holders else -1).encode())
+    else:
+        raw = collective.broadcast(None)
+    source = int(json.loads(raw))
+    if source < 0:
+        raise CheckpointError(f"no rank can read the manifest: {why}")
+    payload = found.to_bytes() if collective.rank == source and found is not None else b""
+    length = torch.tensor([len(payload)], dtype=torch.int64)
+    dist.broadcast(length, group=collective.group, group_src=source)
+    if collective.rank == source:
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    else:
+        buf = torch.empty(int(length.item()), dtype=torch.uint8)
+    dist.broadcast(buf, group=collective.group, group_src=source)
+    if collective.rank == source and found is not None:
+        return found
+    return Manifest.from_json(
+        buf.numpy().tobytes(), name=f"manifest {manifest_id} (from rank {source})"
+    )
 
 
 def objects_under(manifest: Manifest, prefix: str | None) -> set[str]:

@@ -67,9 +67,20 @@ def _rank_main(rank: int, root: str) -> None:
                 torch.equal(restored["model"][k], v) for k, v in _state(1)["model"].items()
             )
             report["tiers"] = ckpt.last_load_tiers
+            report["local_objects"] = sorted(ckpt.manifest(report["local_id"]).objects)
             again = ckpt.load(report["local_id"])  # now every object is on this rank's tier
             report["tiers_again"] = ckpt.last_load_tiers
             report["again_exact"] = torch.equal(again["model"]["w0"], _state(1)["model"]["w0"])
+        # a restart that puts each rank on the other's node: rank 0's tier now holds no
+        # manifest of the local-only checkpoint, rank 1's does
+        swapped = LocalStore(str(tmp / f"tier-{1 - rank}"))
+        with AsyncCheckpointer(shared, local_tier=swapped, process_group=dist.group.WORLD) as c:
+            moved = c.load(report["local_id"])
+            report["swapped_exact"] = all(
+                torch.equal(moved["model"][k], v) for k, v in _state(1)["model"].items()
+            )
+            report["swapped_tiers"] = c.last_load_tiers
+        with AsyncCheckpointer(shared, local_tier=tier, process_group=dist.group.WORLD) as ckpt:
             # rank 1 lost a chunk of its share of the shared checkpoint (its marker stays):
             # it cannot send it, so both ranks read that object from the shared store
             if rank == 1:
@@ -86,7 +97,6 @@ def _rank_main(rank: int, root: str) -> None:
             # object of its manifest, rank 1 (no manifest on its tier) its own share
             ckpt.prune_local([report["local_id"]])
             report["pruned_to"] = sorted(_objects_on(tier))
-            report["local_objects"] = sorted(ckpt.manifest(report["local_id"]).objects)
         report["ok"] = True
     finally:
         (tmp / f"report-{rank}.json").write_text(json.dumps(report))
@@ -125,6 +135,7 @@ def test_ranks_write_their_shares_locally_drain_together_and_restore_from_their_
     # from the peer; a second restore is all local
     for r in reports:
         assert r["restored_exact"] and r["again_exact"]
+        assert r["swapped_exact"] and r["swapped_tiers"]["shared"] == 0
         assert r["tiers"]["shared"] == 0 and r["tiers"]["local"] > 0 and r["tiers"]["peer"] > 0
         assert r["shared_exact"]
         assert r["tiers_damaged"]["shared"] > 0 or r is r1  # rank 1 counts its marker local
